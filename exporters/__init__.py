@@ -1,0 +1,1 @@
+"""Exporters: folded VFPT models to ONNX, ONNX to TensorRT engines."""

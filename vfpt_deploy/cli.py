@@ -1,0 +1,174 @@
+"""The vfpt-deploy command line: parse, call a library function, print. Errors are one line, exit 1."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import VFPTError
+
+app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+
+
+def cli_errors(fn):
+    """Known problems become one red line on stderr and exit code 1 -- never a traceback."""
+    from vfpt_deploy.runtime.preprocess import ImageError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (VFPTError, ImageError) as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def parse_model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise VFPTError(f"--model-arg takes KEY=VALUE (e.g. img_size=384), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+class Location(str, Enum):
+    prepend = "prepend"
+    append = "append"
+    random = "random"  # accepted by the parser so the refusal can say why
+
+
+@app.command()
+@cli_errors
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the best-by-val run.pt is written.")] = Path("run.pt"),
+    data: Annotated[str, typer.Option(help="'builtin' (offline digits, shifted domain), 'builtin:digits', or a folder with train/ and val/ (a subfolder per class).")] = "builtin",
+    model: Annotated[str, typer.Option(help="timm ViT name.")] = "vit_base_patch16_224",
+    model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", help="timm keyword argument KEY=VALUE, repeatable (e.g. img_size=384).")] = None,
+    weights: Annotated[str, typer.Option(help="Backbone weights: 'pretrained' (timm hub), a local .pth/.safetensors/.npz, or 'random' (tests only).")] = "pretrained",
+    prompts: Annotated[int, typer.Option(help="Prompt tokens per layer (M).")] = 10,
+    alpha: Annotated[float, typer.Option(help="Fourier fraction: the first floor(M*alpha) prompts go through the 2-D FFT.")] = 0.5,
+    deep: Annotated[bool, typer.Option("--deep/--shallow", help="Prompts before every block, or only before block 0.")] = True,
+    location: Annotated[Location, typer.Option(help="Where Fourier prompts sit in a layer's prompt block.")] = Location.prepend,
+    project: Annotated[int, typer.Option(help="Learn prompts at this width and project them (0 = off).")] = 0,
+    dropout: Annotated[float, typer.Option(help="Prompt dropout.")] = 0.0,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    lr: Annotated[float, typer.Option(help="Base learning rate (SGD, momentum 0.9).")] = 0.1,
+    weight_decay: Annotated[float, typer.Option()] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    warmup_epochs: Annotated[int, typer.Option(min=0)] = 10,
+    crop_pct: Annotated[float, typer.Option(help="1.0: resize to the model size (VTAB); <1: resize shorter side to size/crop_pct, center crop (FGVC: 0.875).")] = 1.0,
+    prompts_only: Annotated[bool, typer.Option("--prompts-only", help="Store prompts and head without the backbone weights (loading then needs --backbone and checks its hash).")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: CUDA when present).")] = None,
+) -> None:
+    """Train VFPT prompts and a linear head on a frozen timm ViT."""
+    import torch
+
+    from .config import VFPTConfig
+    from .runs import train_run
+    from .train import TrainSettings
+
+    config = VFPTConfig(num_prompts=prompts, deep=deep, alpha=alpha, location=location.value, project=project, dropout=dropout)
+    settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                             warmup_epochs=warmup_epochs, seed=seed)
+    with progress() as bar:
+        task = bar.add_task("training", total=None)
+
+        def on_epoch(r, best):
+            bar.console.print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val top-1 {r.val_top1:6.2f}%"
+                              + ("  [green]best, saved[/]" if best else ""))
+
+        result = train_run(out, data=data, model_name=model, model_kwargs=parse_model_args(model_arg or []),
+                           weights=weights, config=config, settings=settings, crop_pct=crop_pct,
+                           include_backbone=not prompts_only, device=torch.device(device) if device else None,
+                           on_epoch=on_epoch, on_step=lambda s, t: bar.update(task, completed=s, total=t))
+    h = result.history
+    console.print(f"best val top-1 {h.best_val_top1:.2f}% at epoch {h.best_epoch}; wrote {result.out}")
+
+
+@app.command()
+@cli_errors
+def info(ckpt: Annotated[Path, typer.Argument(help="A run.pt.")],
+         backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None) -> None:
+    """Show a run.pt: VFPT config, parameter counts, classes, preprocessing and provenance."""
+    from .checkpoint import load_run
+
+    run = load_run(ckpt, backbone_weights=backbone)
+    t = Table(title=str(ckpt), show_header=False)
+    cfg = run.config
+    tuned = sum(p.numel() for p in run.model.tuned_parameters().values())
+    total = sum(p.numel() for p in run.model.parameters())
+    t.add_row("prompts", f"M={cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}, alpha={cfg.alpha} "
+              f"(m={cfg.num_fourier} Fourier), location={cfg.location}, project={cfg.project}, dropout={cfg.dropout}")
+    t.add_row("backbone", f"{run.backbone.name} {json.dumps(run.backbone.kwargs)}")
+    t.add_row("  weights", run.backbone.source)
+    t.add_row("  sha256", run.backbone.sha256)
+    t.add_row("  image size", "x".join(map(str, run.model.img_size)))
+    t.add_row("parameters", f"tuned {tuned:,} / total {total:,} ({100.0 * tuned / total:.3f}%)")
+    t.add_row("classes", f"{len(run.classes)}: {', '.join(run.classes[:10])}{' ...' if len(run.classes) > 10 else ''}")
+    p = run.preprocess
+    t.add_row("preprocess", f"resize {p.resize}, crop {p.crop}, mean {p.mean}, std {p.std}, {p.interpolation}")
+    train_meta = run.meta.get("train", {})
+    if train_meta:
+        t.add_row("training", ", ".join(f"{k}={v}" for k, v in train_meta.items()))
+    t.add_row("written by", f"vfpt-deploy {run.meta.get('tool_version', '?')} at {run.meta.get('created', '?')}")
+    t.add_row("file sha256", run.sha256)
+    console.print(t)
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/demo"),
+    pretrain_epochs: Annotated[int, typer.Option(min=1)] = 60,
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    lr: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """The built-in offline main job: pretrain a small ViT on clean digits, then compare linear probe,
+    VPT and VFPT on a shifted domain, and write the VFPT run.pt."""
+    from .demo import run_demo
+
+    with progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_step(name, s, t):
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=t)
+            bar.update(tasks[name], completed=s)
+
+        rows, clean = run_demo(out, pretrain_epochs=pretrain_epochs, epochs=epochs, lr=lr, seed=seed,
+                               status=lambda s: bar.console.print(f"[cyan]{s}[/]"), on_step=on_step)
+    console.print(f"frozen backbone, clean-domain val top-1 (nearest class mean): {clean:.1f}%")
+    t = Table(title="shifted-domain val top-1 (built-in digits-shifted, 397 images)")
+    for col in ("method", "prompts", "tuned params", "best epoch", "val top-1", "checkpoint"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
+                  str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
+    console.print(t)

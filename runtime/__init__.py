@@ -2,6 +2,9 @@
 
 Runs on edge devices: imports numpy, PIL and onnxruntime only -- never torch or timm.
 """
-from .preprocess import IMAGE_EXTENSIONS, Preprocess, find_images, load_image
+from .onnx_runner import OnnxPredictor, RuntimeSetupError, make_session, open_predictor
+from .predictor import Prediction, Predictor
+from .preprocess import IMAGE_EXTENSIONS, ImageError, Preprocess, find_images, load_image
 
-__all__ = ["IMAGE_EXTENSIONS", "Preprocess", "find_images", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageError", "OnnxPredictor", "Prediction", "Predictor", "Preprocess",
+           "RuntimeSetupError", "find_images", "load_image", "make_session", "open_predictor"]

@@ -114,7 +114,7 @@ def read_run_dict(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
+        if "Unsupported global" in str(e):
             why = "it holds pickled Python objects, which are never loaded (weights_only=True)"
         else:
             why = f"it is truncated or not a torch checkpoint ({first[:120]})"

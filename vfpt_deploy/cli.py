@@ -172,3 +172,163 @@ def demo(
         t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
                   str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
     console.print(t)
+
+
+class Fold(str, Enum):
+    auto = "auto"
+    tokens = "tokens"
+    kv = "kv"
+    none = "none"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+
+
+def tolerances_from(precision: str, atol, rtol, min_cosine, min_agreement):
+    from .verify import Tolerances
+
+    base = Tolerances.for_precision(precision)
+    if all(v is None for v in (atol, rtol, min_cosine, min_agreement)):
+        return None
+    return Tolerances(atol=atol if atol is not None else base.atol, rtol=rtol if rtol is not None else base.rtol,
+                      min_cosine=min_cosine if min_cosine is not None else base.min_cosine,
+                      min_agreement=min_agreement if min_agreement is not None else base.min_agreement)
+
+
+def print_verify(report) -> None:
+    console.print(f"verify [bold]{report.artifact}[/] against the unfolded PyTorch model of {report.checkpoint}")
+    console.print(f"backend: {report.backend}; precision {report.precision}; pass if {report.tolerances}")
+    t = Table()
+    for col in ("inputs", "max |diff|", "mean |diff|", "max rel", "min cosine", "top-1 agree", "top-1 ref / artifact", "result"):
+        t.add_column(col, overflow="fold")
+    for c in report.comparisons:
+        acc = f"{c.ref_top1:.2f}% / {c.artifact_top1:.2f}%" if c.ref_top1 is not None else "-"
+        result = "[green]pass[/]" if not c.failures else "[red]FAIL: " + "; ".join(c.failures) + "[/]"
+        t.add_row(c.inputs, f"{c.max_abs:.3g}", f"{c.mean_abs:.3g}", f"{c.max_rel:.3g}", f"{c.min_cosine:.7f}",
+                  f"{c.agreement:.2f}%", acc, result)
+    console.print(t)
+
+
+@app.command()
+@cli_errors
+def export(
+    ckpt: Annotated[Path, typer.Option(help="The run.pt to export.")],
+    format: Annotated[Format, typer.Option("--format", "-f", help="Artifact format.")] = Format.onnx,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: beside the checkpoint).")] = None,
+    fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; none: keep the live FFT; auto: kv where exact.")] = Fold.auto,
+    precision: Annotated[Precision, typer.Option(help="fp16 writes a typed fp16 graph (LayerNorm/Softmax/reductions in fp32).")] = Precision.fp32,
+    opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
+    fold_dtype: Annotated[str, typer.Option(help="Precision the constants are folded in: float32 or float64.")] = "float32",
+    data: Annotated[Optional[str], typer.Option(help="Real images for the verification: a folder (class subfolders give top-1) or 'builtin'.")] = None,
+    num_random: Annotated[int, typer.Option(min=1, help="Random inputs in the verification.")] = 16,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
+) -> None:
+    """Fold a run.pt, export it to ONNX, and verify the artifact against the PyTorch model."""
+    import torch
+
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    from .checkpoint import load_run
+    from .verify import verify_artifact
+
+    if fold_dtype not in ("float32", "float64"):
+        raise VFPTError(f"--fold-dtype must be float32 or float64, got {fold_dtype!r}")
+    out = out or ckpt.with_name(f"{ckpt.stem}{'' if precision == Precision.fp32 else '.fp16'}.onnx")
+    with progress() as bar:
+        task = bar.add_task("loading checkpoint", total=3)
+        run = load_run(ckpt, backbone_weights=backbone)
+        bar.update(task, advance=1, description=f"folding ({fold.value}) + exporting ONNX")
+        result = export_onnx(run, out, fold=fold.value, precision=precision.value, opset=opset,
+                             fold_dtype=getattr(torch, fold_dtype))
+        bar.update(task, advance=1, description="verifying against PyTorch")
+        report = verify_artifact(result.path, run, data=data, num_random=num_random)
+        bar.update(task, advance=1, description="done")
+    t = Table(title="export", show_header=False)
+    t.add_row("artifact", str(result.path))
+    t.add_row("size", f"{result.size_bytes / 2**20:.2f} MiB")
+    t.add_row("fold", result.fold_mode)
+    t.add_row("precision / opset", f"{result.precision} / {result.opset}")
+    t.add_row("ops", f"{result.op_count} ({', '.join(f'{k} {v}' for k, v in result.ops.most_common(6))}, ...)")
+    t.add_row("FFT ops", str(sum(v for k, v in result.ops.items() if k in ('DFT', 'STFT'))))
+    t.add_row("verification", "[green]pass[/]" if report.passed else "[red]FAIL[/]")
+    console.print(t)
+    print_verify(report)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@cli_errors
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="An exported .onnx (or TensorRT engine).")],
+    ckpt: Annotated[Path, typer.Option(help="The run.pt it was exported from.")],
+    data: Annotated[Optional[str], typer.Option(help="Real images too: a folder (class subfolders give top-1), image files' folder, or 'builtin'.")] = None,
+    num_random: Annotated[int, typer.Option(min=1)] = 16,
+    atol: Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(help="Min per-sample cosine similarity (fp16 default 0.999).")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Min top-1 agreement in % (fp32 100, fp16 99).")] = None,
+    providers: Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated (cpu,cuda,tensorrt).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="JSON report path (default: ARTIFACT.verify.json).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
+) -> None:
+    """Compare an artifact with the unfolded PyTorch model on random inputs (and real images)."""
+    from vfpt_deploy.runtime.onnx_runner import open_predictor
+
+    from .checkpoint import load_run
+    from .verify import verify_artifact
+
+    run = load_run(ckpt, backbone_weights=backbone)
+    precision = "fp32"
+    if artifact.suffix == ".onnx" and artifact.is_file():
+        precision = str(open_predictor(artifact, ["cpu"]).metadata.get("precision", "fp32"))
+    tol = tolerances_from(precision, atol, rtol, min_cosine, min_agreement)
+    rep = verify_artifact(artifact, run, data=data, num_random=num_random, tolerances=tol,
+                          providers=providers.split(",") if providers else None, report_path=report)
+    print_verify(rep)
+    if not rep.passed:
+        err_console.print("[bold red]error:[/] the artifact is outside tolerance (see the table above)")
+        raise typer.Exit(1)
+
+
+@app.command()
+@cli_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="An exported .onnx (or TensorRT engine).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    top_k: Annotated[int, typer.Option(min=1)] = 3,
+    batch: Annotated[int, typer.Option(min=1)] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    providers: Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated (cpu,cuda,tensorrt).")] = None,
+) -> None:
+    """Classify images with an exported model (no torch needed)."""
+    from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError, open_predictor
+    from vfpt_deploy.runtime.preprocess import find_images
+
+    try:
+        predictor = open_predictor(model, providers.split(",") if providers else None)
+    except RuntimeSetupError as e:
+        raise VFPTError(str(e)) from None
+    predictor.max_batch = batch
+    preds = predictor.predict(find_images(images), top_k=top_k)
+    used = list(getattr(predictor, "providers", ["TensorRT"]))
+    if as_json:
+        print(json.dumps({"model": str(model), "providers": used,
+                          "predictions": [{"image": p.source, "top": [{"class": c, "prob": s} for c, s in p.top]} for p in preds]},
+                         indent=2))
+        return
+    t = Table(title=f"{model} ({', '.join(used)})")
+    t.add_column("image", overflow="fold")
+    for i in range(min(top_k, len(preds[0].top) if preds else top_k)):
+        t.add_column(f"top-{i + 1}")
+    for p in preds:
+        t.add_row(p.source, *(f"{c} ({s:.1%})" for c, s in p.top))
+    console.print(t)
+
+

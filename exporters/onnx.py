@@ -1,0 +1,191 @@
+"""Folded VFPT models to ONNX: one file, dynamic batch, fixed image size, no FFT, TensorRT-parsable ops.
+
+Input `images` float32 [batch, 3, H, W] (normalized as the metadata's preprocess says); output `logits`
+float32 [batch, classes]. An fp16 graph keeps float32 I/O and computes in float16, with LayerNorm,
+Softmax and the reductions kept in float32 (casts at their edges), so strongly typed TensorRT builds it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from vfpt_deploy import __version__
+from vfpt_deploy.checkpoint import Run, atomic_write
+from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.fold import fold_model
+from vfpt_deploy.runtime.predictor import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata
+
+DEFAULT_OPSET = 17  # first opset with LayerNormalization: avoids TensorRT's fp16 LayerNorm overflow
+MAX_PROTOBUF = 2 * 1024**3
+# Ops the TensorRT 10 ONNX parser supports (onnx-tensorrt docs/operators.md), default domain only.
+TENSORRT_ONNX_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
+Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
+DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements
+GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GroupNormalization
+GRU HardSigmoid HardSwish Identity If InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less
+LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean Min Mish Mod Mul
+Neg NonMaxSuppression Not Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomUniform
+RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
+ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN Round ScaledTanh
+Scan Scatter ScatterElements ScatterND Selu Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
+Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu
+Unsqueeze Upsample Where Xor
+""".split())
+FFT_OPS = frozenset({"DFT", "STFT"})
+# Kept in float32 inside an fp16 graph: normalization statistics and softmax overflow in half.
+FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Exp"]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    fold_mode: str
+    precision: str
+    opset: int
+    size_bytes: int
+    ops: Counter = field(default_factory=Counter)
+
+    @property
+    def op_count(self) -> int:
+        return sum(self.ops.values())
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter:
+    """Op types of the whole graph, subgraphs included."""
+    ops: Counter = Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return ops
+
+
+def check_ops(ops: Counter, *, require_tensorrt: bool = True) -> None:
+    """Fail loudly on FFT ops (TensorRT and ORT-CUDA cannot run them) or ops TensorRT cannot parse."""
+    fft = sorted(set(ops) & FFT_OPS)
+    if fft and require_tensorrt:
+        raise VFPTError(f"the exported graph still has {', '.join(fft)} ops; fold the prompts (--fold tokens/kv)")
+    bad = sorted(set(ops) - TENSORRT_ONNX_OPS - FFT_OPS)
+    if bad and require_tensorrt:
+        raise VFPTError(f"the exported graph has ops TensorRT's ONNX parser does not support: {', '.join(bad)}")
+
+
+@contextlib.contextmanager
+def unfused_attention(module: torch.nn.Module):
+    """timm attention as explicit MatMul/Softmax instead of SDPA while exporting: the SDPA export
+    brings shape-dependent Casts that the fp16 converter cannot type, and plain ops suit every parser."""
+    saved = [(m, m.fused_attn) for m in module.modules() if hasattr(m, "fused_attn")]
+    for m, _ in saved:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, v in saved:
+            m.fused_attn = v
+
+
+def _torch_export(module: torch.nn.Module, tmp: str, image_size: tuple[int, int], opset: int, dynamo: bool) -> None:
+    x = torch.randn(2, 3, *image_size)
+    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    with warnings.catch_warnings(), torch.no_grad(), unfused_attention(module):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(module, (x,), tmp, dynamo=True, external_data=False, optimize=True,
+                              dynamic_shapes=({0: batch},), **kwargs)
+        else:
+            torch.onnx.export(module, (x,), tmp, dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 compute with float32 I/O; FP32_OPS stay float32 behind Cast nodes."""
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS,
+                                                disable_shape_infer=False)
+
+
+def export_module(module: torch.nn.Module, path: str | os.PathLike, *, image_size: tuple[int, int],
+                  opset: int = DEFAULT_OPSET, precision: str = "fp32", metadata: dict | None = None) -> ExportResult:
+    """Export a folded module (fold_model's output, or any images->logits module) to one ONNX file.
+
+    The live-FFT form (fold_mode 'none') needs torch's dynamo exporter; everything else uses the
+    TorchScript exporter, which is faster and gives the smaller graph.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise VFPTError(f"precision must be fp32 or fp16, got {precision!r}")
+    if opset < 17:
+        raise VFPTError(f"opset {opset} has no LayerNormalization op; use --opset 17 or newer")
+    path = Path(path)
+    fold_mode = getattr(module, "fold_mode", "custom")
+    module = module.eval().float()
+    result: dict = {}
+
+    def write(tmp: str) -> None:
+        try:
+            _torch_export(module, tmp, image_size, opset, dynamo=fold_mode == "none")
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            hint = " (the live FFT needs the dynamo exporter: pip install onnxscript)" if fold_mode == "none" else ""
+            raise VFPTError(f"ONNX export ({'dynamo' if fold_mode == 'none' else 'TorchScript'}) failed: {first}{hint}") from None
+        # Constant folding + dead-node removal (what the dynamo exporter's optimize=True does): a
+        # smaller graph, and one the fp16 converter can type-infer (the raw TorchScript graph's
+        # Identity nodes trip it).
+        import onnxscript.optimizer
+
+        model = onnxscript.optimizer.optimize(onnx.load(tmp))
+        if precision == "fp16":
+            model = to_fp16(model)
+        meta = {"format": ARTIFACT_FORMAT, "tool_version": __version__, "fold": fold_mode, "precision": precision,
+                "opset": opset, "image_size": list(image_size), **(metadata or {})}
+        del model.metadata_props[:]
+        for k, v in encode_metadata(meta).items():
+            model.metadata_props.add(key=k, value=v)
+        model.producer_name, model.producer_version = "vfpt-deploy", __version__
+        if model.ByteSize() >= MAX_PROTOBUF:
+            raise VFPTError(f"the model is {model.ByteSize() / 2**30:.1f} GB, over ONNX's 2 GB single-file limit")
+        onnx.save_model(model, tmp)
+        try:
+            onnx.checker.check_model(tmp, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise VFPTError(f"onnx.checker rejected the exported model: {str(e).splitlines()[0][:200]}") from None
+        ops = op_histogram(model)
+        check_ops(ops, require_tensorrt=fold_mode != "none")
+        result["ops"] = ops
+
+    atomic_write(path, write)
+    return ExportResult(path, fold_mode, precision, opset, path.stat().st_size, result["ops"])
+
+
+def run_metadata(run: Run) -> dict:
+    """What a runtime needs to serve a run's artifact without the checkpoint."""
+    return {"classes": run.classes, "preprocess": run.preprocess.to_dict(), "config": run.config.to_dict(),
+            "backbone": {"name": run.backbone.name, "kwargs": run.backbone.kwargs, "source": run.backbone.source,
+                         "sha256": run.backbone.sha256},
+            "checkpoint_sha256": run.sha256, "checkpoint": run.path.name if run.path else ""}
+
+
+def export_onnx(run: Run, path: str | os.PathLike, *, fold: str = "auto", precision: str = "fp32",
+                opset: int = DEFAULT_OPSET, fold_dtype: torch.dtype = torch.float32) -> ExportResult:
+    """run.pt -> folded module -> ONNX with the run's metadata."""
+    folded = fold_model(run.model, fold, fold_dtype)
+    return export_module(folded, path, image_size=run.model.img_size, opset=opset, precision=precision,
+                         metadata=run_metadata(run))

@@ -127,3 +127,26 @@ def test_bad_inputs(case, exported, tmp_path):
     assert res.exit_code == 1, res.output
     assert msg in res.output and "Traceback" not in res.output
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_trt_without_tensorrt_is_one_line(exported):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("full TensorRT is installed here")
+    except ImportError:
+        pass
+    res = invoke("export", "--ckpt", exported / "run.pt", "--format", "trt")
+    assert res.exit_code == 1 and "needs TensorRT" in res.output and "vfpt-deploy[tensorrt]" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_export_trt_rtx_builds_an_engine(exported, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 wheel not installed")
+    res = invoke("export", "--ckpt", exported / "run.pt", "--format", "trt-rtx", "--out", tmp_path / "m.engine",
+                 "--max-batch", 4, "--num-random", 4)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.engine").stat().st_size > 0 and (tmp_path / "m.onnx").is_file()
+    sidecar = json.loads((tmp_path / "m.engine.json").read_text())
+    assert sidecar["metadata"]["classes"] == ["cat", "dog", "eel"]

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -32,7 +33,7 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (VFPTError, ImageError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -152,7 +153,7 @@ def demo(
 ) -> None:
     """The built-in offline main job: pretrain a small ViT on clean digits, then compare linear probe,
     VPT and VFPT on a shifted domain, and write the VFPT run.pt."""
-    from .demo import run_demo
+    from .demo import export_demo, run_demo
 
     with progress() as bar:
         tasks: dict[str, int] = {}
@@ -172,6 +173,14 @@ def demo(
         t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
                   str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
     console.print(t)
+    with console.status("folding, exporting to ONNX and verifying the VFPT run"):
+        result, report = export_demo(out)
+    console.print(f"exported {result.path} ({result.fold_mode} fold, {result.size_bytes / 2**20:.2f} MiB, "
+                  f"{result.op_count} ops, no FFT op)")
+    print_verify(report)
+    if not report.passed:
+        raise typer.Exit(1)
+    console.print(f"next: vfpt-deploy predict {result.path} IMAGE...  |  vfpt-deploy info {out / 'run.pt'}")
 
 
 class Fold(str, Enum):
@@ -188,6 +197,8 @@ class Precision(str, Enum):
 
 class Format(str, Enum):
     onnx = "onnx"
+    trt = "trt"
+    trt_rtx = "trt-rtx"
 
 
 def tolerances_from(precision: str, atol, rtol, min_cosine, min_agreement):
@@ -205,12 +216,12 @@ def print_verify(report) -> None:
     console.print(f"verify [bold]{report.artifact}[/] against the unfolded PyTorch model of {report.checkpoint}")
     console.print(f"backend: {report.backend}; precision {report.precision}; pass if {report.tolerances}")
     t = Table()
-    for col in ("inputs", "max |diff|", "mean |diff|", "max rel", "min cosine", "top-1 agree", "top-1 ref / artifact", "result"):
+    for col in ("inputs", "max |diff|", "max rel", "min cosine", "top-1 agree", "top-1 ref / artifact", "result"):
         t.add_column(col, overflow="fold")
     for c in report.comparisons:
         acc = f"{c.ref_top1:.2f}% / {c.artifact_top1:.2f}%" if c.ref_top1 is not None else "-"
         result = "[green]pass[/]" if not c.failures else "[red]FAIL: " + "; ".join(c.failures) + "[/]"
-        t.add_row(c.inputs, f"{c.max_abs:.3g}", f"{c.mean_abs:.3g}", f"{c.max_rel:.3g}", f"{c.min_cosine:.7f}",
+        t.add_row(c.inputs, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.min_cosine:.7f}",
                   f"{c.agreement:.2f}%", acc, result)
     console.print(t)
 
@@ -228,8 +239,18 @@ def export(
     data: Annotated[Optional[str], typer.Option(help="Real images for the verification: a folder (class subfolders give top-1) or 'builtin'.")] = None,
     num_random: Annotated[int, typer.Option(min=1, help="Random inputs in the verification.")] = 16,
     backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="TensorRT: fixed batch size (else --min/--opt/--max-batch).")] = None,
+    min_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[Optional[int], typer.Option(min=1, help="TensorRT profile: batch to tune for (default: max).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: largest batch.")] = 8,
+    workspace_mb: Annotated[Optional[int], typer.Option(min=1, help="TensorRT builder workspace limit, MiB.")] = None,
+    opt_level: Annotated[int, typer.Option(min=0, max=5, help="TensorRT builder optimization level.")] = 3,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file (read and updated).")] = None,
+    version_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on later TensorRT versions.")] = False,
+    hardware_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on Ampere and newer GPUs.")] = False,
 ) -> None:
-    """Fold a run.pt, export it to ONNX, and verify the artifact against the PyTorch model."""
+    """Fold a run.pt, export it to ONNX (and a TensorRT engine), and verify the artifact against the
+    PyTorch model."""
     import torch
 
     from vfpt_deploy.exporters.onnx import export_onnx
@@ -239,19 +260,46 @@ def export(
 
     if fold_dtype not in ("float32", "float64"):
         raise VFPTError(f"--fold-dtype must be float32 or float64, got {fold_dtype!r}")
-    out = out or ckpt.with_name(f"{ckpt.stem}{'' if precision == Precision.fp32 else '.fp16'}.onnx")
+    stem = f"{ckpt.stem}{'' if precision == Precision.fp32 else '.fp16'}"
+    engine = None
+    if format != Format.onnx:
+        from vfpt_deploy.exporters.tensorrt import build_engine, check_trt_available
+
+        check_trt_available(format.value)  # fail in one line before any work
+        engine = out or ckpt.with_name(f"{stem}.engine")
+        out = engine.with_suffix(".onnx")
+    out = out or ckpt.with_name(f"{stem}.onnx")
     with progress() as bar:
-        task = bar.add_task("loading checkpoint", total=3)
+        task = bar.add_task("loading checkpoint", total=4 if engine else 3)
         run = load_run(ckpt, backbone_weights=backbone)
         bar.update(task, advance=1, description=f"folding ({fold.value}) + exporting ONNX")
         result = export_onnx(run, out, fold=fold.value, precision=precision.value, opset=opset,
                              fold_dtype=getattr(torch, fold_dtype))
+        artifact = result.path
+        if engine:
+            bar.update(task, advance=1, description=f"building the {format.value} engine")
+            built = build_engine(result.path, engine, flavor=format.value, precision=precision.value, batch=batch,
+                                 min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                                 workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
+                                 version_compatible=version_compatible, hardware_compatible=hardware_compatible)
+            artifact = built.engine_path
         bar.update(task, advance=1, description="verifying against PyTorch")
-        report = verify_artifact(result.path, run, data=data, num_random=num_random)
+        try:
+            report = verify_artifact(artifact, run, data=data, num_random=num_random)
+        except VFPTError as e:
+            if format != Format.trt_rtx:
+                raise
+            # TensorRT-RTX builds anywhere but its engines run only on RTX-class GPUs: say so, and
+            # verify the ONNX the engine was built from.
+            bar.console.print(f"[yellow]engine built but NOT verified here: {escape(str(e))}[/]")
+            report = verify_artifact(result.path, run, data=data, num_random=num_random)
         bar.update(task, advance=1, description="done")
     t = Table(title="export", show_header=False)
-    t.add_row("artifact", str(result.path))
-    t.add_row("size", f"{result.size_bytes / 2**20:.2f} MiB")
+    t.add_row("onnx", f"{result.path} ({result.size_bytes / 2**20:.2f} MiB)")
+    if engine:
+        t.add_row("engine", f"{built.engine_path} ({built.engine_bytes / 2**20:.2f} MiB), sidecar {built.sidecar_path}")
+        for note in built.notes:
+            t.add_row("note", note)
     t.add_row("fold", result.fold_mode)
     t.add_row("precision / opset", f"{result.precision} / {result.opset}")
     t.add_row("ops", f"{result.op_count} ({', '.join(f'{k} {v}' for k, v in result.ops.most_common(6))}, ...)")
@@ -332,3 +380,34 @@ def predict(
     console.print(t)
 
 
+class Arch(str, Enum):
+    vit = "vit"
+    mae = "mae"
+    moco = "moco"
+
+
+@app.command("import")
+@cli_errors
+def import_reference(
+    ckpt: Annotated[Path, typer.Argument(help="A reference VFPT/VPT checkpoint: {'model': state_dict} or a bare state dict.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run.pt to write.")] = Path("run.pt"),
+    alpha: Annotated[float, typer.Option(help="Fourier fraction the checkpoint was trained with (FOURIER_PERCENTAGE; not saved by the reference).")] = ...,
+    location: Annotated[Location, typer.Option(help="Where its Fourier prompts sit (FOURIER_LOCATION).")] = Location.prepend,
+    classes: Annotated[Optional[str], typer.Option(help="Class names: a comma list or a file with one a line (default 0..C-1).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads (default: the standard ViT value for the width: 192->3, 384->6, 768->12, 1024->16, 1280->16).")] = None,
+    arch: Annotated[Arch, typer.Option(help="vit: the reference ViT (enc.transformer.*); mae / moco: its MAE / MoCo-v3 ViTs (enc.blocks.*; MAE mean-pools).")] = Arch.vit,
+    crop_pct: Annotated[float, typer.Option(help="1.0: resize to the model size (VTAB); <1: resize shorter side to size/crop_pct, center crop (FGVC: 0.875).")] = 1.0,
+) -> None:
+    """Convert a reference VFPT/VPT ViT checkpoint into a run.pt (shapes give M, deep, width, depth, patch,
+    image size and classes; alpha, location, heads and class names come from the options)."""
+    from .reference import import_checkpoint
+
+    result = import_checkpoint(ckpt, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,
+                               heads=heads, crop_pct=crop_pct)
+    for k in result.unused:
+        console.print(f"unused key {k}", highlight=False, soft_wrap=True)
+    m, cfg = result.model, result.model.config
+    console.print(f"imported {result.backbone.name} {json.dumps(result.backbone.kwargs)}: M={cfg.num_prompts} "
+                  f"{'deep' if cfg.deep else 'shallow'}, alpha={cfg.alpha} (m={cfg.num_fourier} Fourier), "
+                  f"{cfg.location}, {m.num_classes} classes, {m.pool} pooling; {len(result.unused)} unused keys; "
+                  f"wrote {out}", highlight=False, soft_wrap=True)

@@ -5,7 +5,8 @@ linear probe on a shifted domain.
    backbone.safetensors in the output folder and reused).
 2. It is frozen and tuned on `digits-shifted` (inverted, tinted, striped) three ways, same recipe and
    seed: linear probe (no prompts), VPT (deep prompts, alpha 0) and VFPT (deep prompts, alpha 0.5).
-3. The VFPT run is written as run.pt; later steps export and verify it.
+3. The VFPT run is written as run.pt, folded (kv) and exported to run.onnx, and the ONNX model is
+   verified against the unfolded PyTorch model on random inputs and the shifted-domain val images.
 """
 from __future__ import annotations
 
@@ -93,3 +94,16 @@ def _clean_top1(backbone, preprocess) -> float:
     means = torch.stack([ft[yt == c].mean(0) for c in range(10)])
     pred = torch.cdist(fv, means).argmin(1)
     return 100.0 * float((pred == torch.tensor(val.images.labels)).float().mean())
+
+
+def export_demo(out: str | Path):
+    """Fold + export the demo's VFPT run to ONNX and verify it on the built-in val images."""
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    from .checkpoint import load_run
+    from .verify import verify_artifact
+
+    run = load_run(Path(out) / "run.pt")
+    result = export_onnx(run, Path(out) / "run.onnx", fold="auto")
+    report = verify_artifact(result.path, run, data="builtin:digits-shifted", num_random=16)
+    return result, report

@@ -66,6 +66,11 @@ class VFPTViT(nn.Module):
     def img_size(self) -> tuple[int, int]:
         return tuple(self.backbone.patch_embed.img_size)
 
+    @property
+    def pool(self) -> str:
+        """Pooling: "token" (the CLS row) or "avg" (mean of all rows after CLS, prompts included: MAE)."""
+        return self.backbone.global_pool
+
     def train(self, mode: bool = True) -> "VFPTViT":
         super().train(mode)
         self.backbone.eval()  # frozen: dropout / drop-path of the backbone never switch on
@@ -113,7 +118,10 @@ class VFPTViT(nn.Module):
         return self.backbone.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.backbone.fc_norm(x[:, 0])
+        # token: the CLS row. avg (MAE): the mean of every row after CLS, the last block's prompt
+        # outputs included, as the reference pools; then fc_norm (a LayerNorm there, Identity for token).
+        x = x[:, 0] if self.pool == "token" else x[:, 1:].mean(dim=1)
+        x = self.backbone.fc_norm(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

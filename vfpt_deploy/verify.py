@@ -100,7 +100,7 @@ def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0):
     """(description, float32 NCHW inputs, labels or None): random inputs always, plus real images."""
     h, w = run.model.img_size
     g = torch.Generator().manual_seed(seed)
-    yield f"{num_random} random N(0,1) inputs (seed {seed})", torch.randn(num_random, 3, h, w, generator=g).numpy(), None
+    yield f"random N(0,1) x{num_random}", torch.randn(num_random, 3, h, w, generator=g).numpy(), None
     if not data:
         return
     from .data import builtin_split, image_folder
@@ -110,21 +110,25 @@ def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0):
         name = data.partition(":")[2] or "digits-shifted"
         images = builtin_split(name, "val")
         pics, labels = [images.image(i) for i in range(len(images))], np.array(images.labels)
-        what = f"built-in {name} val"
+        what = f"builtin {name} val"
     elif Path(data).is_dir() and any(p.is_dir() for p in Path(data).iterdir()):
         images = image_folder(data, classes=run.classes)
         pics, labels = [images.image(i) for i in range(len(images))], np.array(images.labels)
-        what = f"image folder {data}"
+        what = f"folder {data}"
     else:
         files = find_images([data])
-        pics, labels, what = [load_image(f) for f in files], None, f"images in {data}"
-    yield f"{len(pics)} images ({what})", run.preprocess.batch(pics), labels
+        pics, labels, what = [load_image(f) for f in files], None, str(data)
+    yield f"{what}: {len(pics)} images", run.preprocess.batch(pics), labels
 
 
 @torch.inference_mode()
-def reference_logits(run: Run, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    model = run.model.eval().float()
-    return np.concatenate([model(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+def reference_logits(run: Run, x: np.ndarray, batch: int = 32, device: str = "cpu") -> np.ndarray:
+    model = run.model.eval().float().to(device)
+    try:
+        return np.concatenate([model(torch.from_numpy(x[i:i + batch]).to(device)).cpu().numpy()
+                               for i in range(0, len(x), batch)])
+    finally:
+        model.cpu()
 
 
 def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None = None, num_random: int = 16,
@@ -146,13 +150,17 @@ def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None =
                         f"{run.sha256[:12]}; verify it against the checkpoint it came from")
     precision = str(meta.get("precision", "fp32"))
     tol = tolerances or Tolerances.for_precision(precision)
+    # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.
+    engine = artifact.suffix.lower() in (".engine", ".plan", ".trt")
+    device = "cuda" if engine and torch.cuda.is_available() else "cpu"
     comparisons = []
     for what, x, labels in input_sets(run, data, num_random):
-        ref = reference_logits(run, x)
+        ref = reference_logits(run, x, device=device)
         out = np.concatenate([predictor.infer(x[i:i + 32]) for i in range(0, len(x), 32)])
         comparisons.append(compare(ref, out, tol, what, labels))
     backend = ", ".join(getattr(predictor, "providers", ["TensorRT"]))
-    report = VerifyReport(str(artifact), str(run.path), backend, precision, tol.describe(), comparisons)
+    report = VerifyReport(str(artifact), str(run.path), f"{backend}; reference on {device}", precision,
+                          tol.describe(), comparisons)
     out_path = Path(report_path) if report_path else artifact.with_name(artifact.name + ".verify.json")
     atomic_write(out_path, lambda tmp: Path(tmp).write_text(report.to_json()))
     return report

@@ -61,3 +61,23 @@ def test_bad_fold_arguments():
         fold_model(model, "magic")
     with pytest.raises(VFPTError, match="float32 or float64"):
         fold_model(model, "tokens", torch.float16)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@torch.no_grad()
+def test_mae_mean_pooling_kv_fold_is_exact(alpha, images):
+    from vfpt_deploy.config import VFPTConfig
+    from vfpt_deploy.model import VFPTViT
+
+    from conftest import tiny_backbone
+
+    bb = tiny_backbone(global_pool="avg")  # MAE: mean over x[:, 1:] (prompts included), then fc_norm
+    torch.manual_seed(1)
+    model = VFPTViT(bb, 4, VFPTConfig(num_prompts=6, alpha=alpha)).eval()
+    for p in model.tuned_parameters().values():
+        p.mul_(4.0)
+    assert model.pool == "avg"
+    folded = fold_model(model, "auto")
+    assert folded.fold_mode == "kv" and folded.num_kv == model.depth - 1  # last block keeps its prompt rows
+    assert folded.prompt_tokens.shape[0] == 1
+    assert (folded(images) - model(images)).abs().max() <= 1e-5

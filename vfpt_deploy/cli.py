@@ -380,6 +380,49 @@ def predict(
     console.print(t)
 
 
+@app.command()
+@cli_errors
+def bench(
+    ckpt: Annotated[Optional[Path], typer.Argument(help="A run.pt: gives the PyTorch backends, and is exported to ONNX for onnxruntime when no --onnx is given.")] = None,
+    onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="An exported .onnx for the ort-* backends (repeatable).")] = None,
+    engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="A TensorRT engine (with its .json sidecar) for the tensorrt backend (repeatable).")] = None,
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes to sweep, comma-separated.")] = "1,8,32",
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up calls per batch size (default 10).")] = None,
+    warmup_time: Annotated[Optional[float], typer.Option(help="Warm up for this many seconds instead of a count.")] = None,
+    iters: Annotated[Optional[int], typer.Option(help="Timed calls per batch size (default 50).")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Time calls for this many seconds instead of a count.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for torch and onnxruntime (default: theirs).")] = None,
+    fold: Annotated[Fold, typer.Option(help="Fold of torch-folded and of the ONNX exported from the run.pt.")] = Fold.auto,
+    device: Annotated[Optional[str], typer.Option(help="Device of the PyTorch backends: cpu, cuda, cuda:N (default: CUDA when present).")] = None,
+    e2e: Annotated[bool, typer.Option("--e2e", help="GPU backends: also time end to end, host<->device copies included.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every result and the machine to this JSON file.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per result (machine included) to this CSV file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of latency and throughput vs batch size per backend.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
+    export_dir: Annotated[Optional[Path], typer.Option(help="Keep the ONNX exported from the run.pt here (default: a temp folder).")] = None,
+) -> None:
+    """Benchmark a run.pt and/or exported artifacts: latency statistics, throughput and peak memory per
+    backend and batch size, with the machine they were measured on."""
+    from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
+    from vfpt_deploy.runtime.timing import LoopSpec
+
+    loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
+                    iters=iters if iters is not None or duration is not None else 50, duration_s=duration)
+    settings = BenchSettings(batches=parse_batches(batch), loop=loop, threads=threads, e2e=e2e, fold=fold.value,
+                             device=device)
+    report = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
+                       backbone_weights=backbone, export_dir=export_dir,
+                       on_status=lambda s: err_console.print(f"[cyan]{s}[/]", highlight=False))
+    # A console at least as wide as the table: a narrow terminal wraps lines instead of eliding numbers.
+    Console(width=max(console.width, table_width(report))).print(results_table(report))
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {s.reason}", highlight=False)
+    for path, write in ((json_out, report.write_json), (csv_out, report.write_csv), (plot, report.plot)):
+        if path is not None:
+            console.print(f"wrote {write(path)}")
+
+
 class Arch(str, Enum):
     vit = "vit"
     mae = "mae"

@@ -1,0 +1,212 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vfpt_deploy.bench import BenchSettings, OrtBackend, Unavailable, parse_batches, run_bench
+from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.cli import app
+from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.runtime.onnx_runner import gpu_present
+from vfpt_deploy.runtime.preprocess import Preprocess
+from vfpt_deploy.runtime.timing import LoopSpec, machine_info, measure, peak_rss_bytes, reset_peak_rss, summarize
+
+from conftest import TINY, TINY_KWARGS, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+FAST = ["--batch", "1,2", "--warmup", "1", "--iters", "3"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run_pt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "run.pt"
+    model = tiny_model(num_prompts=4, alpha=0.5, scale=10.0)
+    save_run(path, model, BackboneInfo(TINY, TINY_KWARGS), [str(i) for i in range(5)], Preprocess(resize=[32, 32]))
+    return path
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def test_percentiles_agree_with_numpy():
+    rng = np.random.default_rng(0)
+    t = rng.lognormal(-4, 0.5, size=1001)  # seconds, skewed like real latencies
+    s = summarize(t, batch=8)
+    ms = t * 1e3
+    for q, got in zip((50, 90, 95, 99), (s.p50_ms, s.p90_ms, s.p95_ms, s.p99_ms)):
+        assert got == pytest.approx(np.percentile(ms, q), rel=1e-12)
+    assert s.mean_ms == pytest.approx(ms.mean(), rel=1e-12)
+    assert s.std_ms == pytest.approx(ms.std(ddof=1), rel=1e-12)
+    assert (s.min_ms, s.max_ms, s.n) == (pytest.approx(ms.min()), pytest.approx(ms.max()), 1001)
+    assert s.throughput == pytest.approx(8 * 1001 / t.sum())
+
+
+def test_percentiles_on_known_values():
+    s = summarize(np.arange(1, 101) / 1e3)  # 1..100 ms: linear interpolation between order statistics
+    assert (s.p50_ms, s.p90_ms, s.p95_ms, s.p99_ms) == pytest.approx((50.5, 90.1, 95.05, 99.01))
+    one = summarize([0.004])
+    assert one.std_ms == 0.0 and one.p99_ms == pytest.approx(4.0)
+    with pytest.raises(VFPTError):
+        summarize([])
+
+
+def test_measure_by_count_and_by_time():
+    calls = []
+    times = measure(lambda: calls.append(1), LoopSpec(warmup=3, iters=7))
+    assert len(times) == 7 and len(calls) == 10 and (times >= 0).all()
+
+    calls.clear()
+    t0 = time.perf_counter()
+    times = measure(lambda: (calls.append(1), time.sleep(0.01)), LoopSpec(warmup=None, warmup_s=0.05, iters=None, duration_s=0.15))
+    elapsed = time.perf_counter() - t0
+    assert 0.19 < elapsed < 1.0
+    assert 5 <= len(times) <= 16 and len(calls) >= len(times) + 2  # warm-up ran for ~0.05 s too
+    assert np.all(times >= 0.009)
+    # a duration shorter than one call still yields min_iters calls
+    assert len(measure(lambda: time.sleep(0.01), LoopSpec(warmup=0, iters=None, duration_s=1e-6, min_iters=3))) == 3
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(warmup=1, warmup_s=1.0), "not both"),
+    (dict(warmup=None, warmup_s=None), "not both"),
+    (dict(warmup=-1), ">= 0"),
+    (dict(iters=5, duration_s=1.0), "not both"),
+    (dict(iters=0), ">= 1"),
+    (dict(iters=None, duration_s=0.0), "> 0"),
+])
+def test_loop_spec_rejects(kwargs, words):
+    with pytest.raises(VFPTError, match=words):
+        LoopSpec(**kwargs).check()
+
+
+def test_parse_batches():
+    assert parse_batches("1, 8,32") == (1, 8, 32)
+    for bad in ("", "0", "1,-2", "a", "1,1", "1.5"):
+        with pytest.raises(VFPTError):
+            parse_batches(bad)
+
+
+def test_peak_rss_sees_a_fresh_allocation():
+    before = peak_rss_bytes()
+    scoped = reset_peak_rss()
+    a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    peak = peak_rss_bytes()
+    del a
+    assert peak - (before if not scoped else 0) > 0
+    assert peak >= 64 * 2**20  # the process held at least the array at its peak
+
+
+def test_machine_info_and_timing_import_no_torch():
+    m = machine_info()
+    assert m["logical_cpus"] == os.cpu_count() and m["cpu_model"]
+    assert m["physical_cores"] is None or 1 <= m["physical_cores"] <= os.cpu_count()
+    assert "numpy" in m["versions"] and isinstance(m["gpus"], list)
+    code = "import sys, vfpt_deploy.runtime.timing as t; t.machine_info(); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# -- end to end --------------------------------------------------------------------------------------
+def test_bench_cli_end_to_end(run_pt, tmp_path):
+    out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    res = invoke("bench", run_pt, *FAST, "--json", out_json, "--csv", out_csv, "--plot", out_png)
+    assert res.exit_code == 0, res.output
+    assert "torch-folded" in res.output and "ort-cpu" in res.output and "p99" in res.output
+
+    report = json.loads(out_json.read_text())
+    assert report["format"] == "vfpt-deploy.bench"
+    assert {"cpu_model", "physical_cores", "logical_cpus", "usable_cpus", "gpus", "versions"} <= set(report["machine"])
+    assert {"torch", "onnxruntime-gpu"} & set(report["machine"]["versions"])
+    measured = {(r["backend"], r["batch"]) for r in report["results"]}
+    assert {(b, n) for b in ("torch", "torch-folded", "ort-cpu") for n in (1, 2)} <= measured
+    for r in report["results"]:
+        s = r["stats"]
+        assert s["n"] == 3 and 0 < s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert s["throughput"] > 0 and r["peak_rss_mib"] > 10
+    ort_row = next(r for r in report["results"] if r["backend"] == "ort-cpu")
+    assert ort_row["providers"] == ["CPUExecutionProvider"] and ort_row["detail"]["fold"] == "kv"
+    skipped = {s["backend"]: s["reason"] for s in report["skipped"]}
+    assert "engine" in skipped["tensorrt"]
+    if not gpu_present():  # onnxruntime-gpu lists CUDA here but cannot use it: it must be skipped, not faked
+        assert "fell back" in skipped["ort-cuda"] and "ort-cuda" not in {r["backend"] for r in report["results"]}
+
+    with open(out_csv) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(report["results"])
+    assert rows[0]["cpu_model"] == report["machine"]["cpu_model"] and float(rows[0]["p95_ms"]) > 0
+
+    import matplotlib.image
+
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(out_png).shape[0] > 100
+
+
+def test_bench_onnx_artifact_by_duration(run_pt, tmp_path):
+    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx", fold="tokens").path
+    settings = BenchSettings(batches=(1, 3), loop=LoopSpec(warmup=None, warmup_s=0.02, iters=None, duration_s=0.05), e2e=True)
+    report = run_bench(onnx=[onnx_path], backends=["ort-cpu"], settings=settings)
+    assert [(r.backend, r.batch, r.timing) for r in report.results] == [("ort-cpu", 1, "host"), ("ort-cpu", 3, "host")]
+    assert all(r.stats["n"] >= 3 for r in report.results)  # --e2e adds nothing on CPU: there are no copies
+    assert report.results[0].detail["artifact"] == "m.onnx"
+
+
+@pytest.mark.skipif(gpu_present(), reason="checks the CPU-only fallback")
+def test_ort_cuda_fallback_is_reported_not_timed(run_pt, tmp_path):
+    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx").path
+    with pytest.raises(Unavailable, match="fell back to CPUExecutionProvider"):
+        OrtBackend("ort-cuda", "ort-cuda", onnx_path, None, 0, {})
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch", "0"], "positive"),
+    (["--batch", "1,x"], "comma-separated"),
+    (["--iters", "5", "--duration", "1"], "not both"),
+    (["--warmup", "2", "--warmup-time", "1"], "not both"),
+    (["--iters", "0"], ">= 1"),
+    (["--threads", "0"], "threads"),
+    (["--backend", "openvino"], "unknown backend"),
+    (["--device", "tpu"], "device"),
+])
+def test_bad_arguments_are_rejected(run_pt, args, words):
+    res = invoke("bench", run_pt, "--backend", "torch", *args) if "--backend" not in args else invoke("bench", run_pt, *args)
+    assert res.exit_code == 1, res.output
+    assert words in res.output and "Traceback" not in res.output
+
+
+def test_bad_inputs_are_rejected(run_pt, tmp_path):
+    for args, words in [((), "nothing to benchmark"),
+                        (("--onnx", tmp_path / "missing.onnx"), "does not exist"),
+                        (("--onnx", run_pt, "--backend", "torch"), "pass the run.pt"),
+                        ((run_pt, "--backend", "tensorrt"), "engine"),
+                        ((tmp_path / "nope.pt",), "does not exist")]:
+        res = invoke("bench", *args)
+        assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+def test_prompt_cost_script_tiny(tmp_path):
+    """The prompt-cost benchmark end to end on a tiny ViT: three forms, ratios, JSON and PNG."""
+    res = subprocess.run([sys.executable, "benchmarks/prompt_cost.py", "--model", "tiny", "--prompts", "0,4",
+                          "--batches", "1,2", "--repeats", "2", "--iters", "2", "--out", tmp_path],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "prompt_cost_tiny.json").read_text())
+    forms = {(r["form"], r["M"], r["batch"]) for r in data["summary"]}
+    assert forms == {(f, m, b) for f, m in (("plain", 0), ("tokens", 4), ("kv", 4)) for b in (1, 2)}
+    assert all(r["ratio"] > 0 for r in data["summary"])
+    assert data["tokens_vs_kv_max_abs_diff"]["4"] < 1e-3  # the two folds compute the same logits
+    assert (tmp_path / "prompt_cost_tiny.png").read_bytes()[:4] == b"\x89PNG"

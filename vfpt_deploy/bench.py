@@ -1,0 +1,657 @@
+"""Latency benchmarks of a VFPT model across runtimes: what `vfpt-deploy bench` calls.
+
+Backends (each measured over a batch sweep, or skipped with the reason):
+  torch          PyTorch eager, the unfolded model (live FFT): the reference
+  torch-folded   PyTorch eager, prompts folded to constants (fold_model)
+  ort-cpu        onnxruntime, CPU execution provider
+  ort-cuda       onnxruntime, CUDA EP -- only when a session really runs on it (session.get_providers())
+  ort-trt        onnxruntime, TensorRT EP -- likewise
+  tensorrt       a TensorRT engine file (needs the tensorrt module and a CUDA GPU)
+
+Timing: perf_counter around each call on CPU; on GPU CUDA events on the stream the work runs on, with
+inputs and outputs already on the device (onnxruntime IO binding) so copies are not timed. `e2e` adds
+end-to-end rows on GPU backends that time host->device copy, inference and device->host copy with
+perf_counter. Statistics and machine facts come from vfpt_deploy.runtime.timing.
+
+The GPU paths (CUDA events, IO binding, TensorRT engines) follow the documented torch / onnxruntime /
+TensorRT APIs; they run only where a GPU is present.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import atomic_write
+from .errors import VFPTError
+from vfpt_deploy.runtime.timing import LoopSpec, PerfCounterTimer, Timer, machine_info, measure, peak_rss_bytes, \
+    reset_peak_rss, summarize
+
+log = logging.getLogger("vfpt_deploy")
+
+BACKENDS = ("torch", "torch-folded", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+FORMAT = "vfpt-deploy.bench"
+VERSION = 1
+MiB = 1024**2
+
+
+# -- settings and results ---------------------------------------------------------------------------
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); positive integers, no repeats."""
+    try:
+        batches = tuple(int(b) for b in text.replace(" ", "").split(",") if b)
+    except ValueError:
+        raise VFPTError(f"batch sizes are comma-separated positive integers (e.g. 1,8,32), got {text!r}") from None
+    if not batches or any(b < 1 for b in batches):
+        raise VFPTError(f"batch sizes must be positive integers (e.g. 1,8,32), got {text!r}")
+    if len(set(batches)) != len(batches):
+        raise VFPTError(f"batch sizes repeat in {text!r}")
+    return batches
+
+
+@dataclass
+class BenchSettings:
+    batches: tuple[int, ...] = (1, 8, 32)
+    loop: LoopSpec = field(default_factory=LoopSpec)
+    threads: int | None = None  # torch intra-op threads and onnxruntime intra-op threads; None: library default
+    e2e: bool = False  # GPU backends: also time with host<->device copies
+    fold: str = "auto"  # fold mode of torch-folded and of the ONNX exported from a checkpoint
+    device: str | None = None  # torch backends: "cpu", "cuda", "cuda:1"; None: CUDA when present
+    seed: int = 0
+
+    def check(self) -> "BenchSettings":
+        if not self.batches or any(int(b) < 1 for b in self.batches):
+            raise VFPTError(f"batch sizes must be positive integers, got {self.batches}")
+        if self.threads is not None and self.threads < 1:
+            raise VFPTError(f"threads must be >= 1 (or unset for the library default), got {self.threads}")
+        self.loop.check()
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["batches"] = list(self.batches)
+        return d
+
+
+@dataclass
+class Result:
+    backend: str
+    batch: int
+    timing: str  # "host" (perf_counter, CPU), "device" (CUDA events, data on device), "end-to-end"
+    stats: dict
+    peak_rss_mib: float  # peak resident memory of the process while this row ran (everything loaded)
+    cuda_peak_mib: float | None  # torch allocator's peak on the GPU (None: CPU, or memory torch cannot see)
+    device: str
+    providers: list[str] = field(default_factory=list)  # onnxruntime: what the session really uses
+    detail: dict = field(default_factory=dict)  # fold mode, artifact, ...
+
+    def flat(self) -> dict:
+        return {"backend": self.backend, "batch": self.batch, "timing": self.timing, **self.stats,
+                "peak_rss_mib": self.peak_rss_mib, "cuda_peak_mib": self.cuda_peak_mib, "device": self.device,
+                "providers": ";".join(self.providers),
+                "detail": json.dumps(self.detail, sort_keys=True) if self.detail else ""}
+
+
+@dataclass
+class Skipped:
+    backend: str
+    reason: str
+    batch: int | None = None
+
+
+@dataclass
+class BenchReport:
+    machine: dict
+    settings: dict
+    results: list[Result] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "machine": self.machine, "settings": self.settings,
+                "results": [asdict(r) for r in self.results], "skipped": [asdict(s) for s in self.skipped]}
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        text = json.dumps(self.to_dict(), indent=2)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+        return Path(path)
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """One row per result; every row carries the machine and the settings that produced it."""
+        m = self.machine
+        machine_cols = {"cpu_model": m.get("cpu_model"), "physical_cores": m.get("physical_cores"),
+                        "logical_cpus": m.get("logical_cpus"), "usable_cpus": m.get("usable_cpus"),
+                        "threads": self.settings.get("threads"), "gpus": ";".join(m.get("gpus") or []),
+                        "versions": json.dumps(m.get("versions", {}), sort_keys=True), "time_utc": m.get("time_utc")}
+        rows = [{**r.flat(), **machine_cols} for r in self.results]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                if not rows:
+                    f.write("")
+                    return
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+        atomic_write(path, write)
+        return Path(path)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """PNG: p50 latency (bars to p95) and throughput vs batch size, one line per backend and timing."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.results:
+            raise VFPTError("nothing was measured, so there is nothing to plot")
+        series: dict[str, list[Result]] = {}
+        for r in self.results:
+            label = r.backend if r.timing in ("host", "device") else f"{r.backend} ({r.timing})"
+            series.setdefault(label, []).append(r)
+        fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 4.8))
+        for label, rows in series.items():
+            rows = sorted(rows, key=lambda r: r.batch)
+            b = [r.batch for r in rows]
+            p50 = np.array([r.stats["p50_ms"] for r in rows])
+            p95 = np.array([r.stats["p95_ms"] for r in rows])
+            ax_lat.errorbar(b, p50, yerr=[np.zeros_like(p50), p95 - p50], marker="o", capsize=3, label=label)
+            ax_thr.plot(b, [r.stats["throughput"] for r in rows], marker="o", label=label)
+        batches = sorted({r.batch for r in self.results})
+        for ax, ylabel in ((ax_lat, "latency per call, ms (p50, bar to p95)"), (ax_thr, "throughput, images/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_lat.legend(fontsize=8)
+        fig.suptitle(machine_line(self.machine, self.settings.get("threads")), fontsize=9)
+        fig.tight_layout()
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        plt.close(fig)
+        return Path(path)
+
+
+def machine_line(machine: dict, threads: int | None = None) -> str:
+    gpu = ", ".join(machine.get("gpus") or []) or "no GPU"
+    v = machine.get("versions", {})
+    ort = v.get("onnxruntime-gpu") or v.get("onnxruntime")
+    return (f"{machine.get('cpu_model')}, {machine.get('physical_cores')} cores / {machine.get('usable_cpus')} usable CPUs"
+            f", threads {threads or 'default'}; {gpu}; torch {v.get('torch', '-')}, onnxruntime {ort or '-'}")
+
+
+# -- backends ----------------------------------------------------------------------------------------
+class Unavailable(Exception):
+    """A backend that cannot run here; the message is the reason shown to the user."""
+
+
+class Backend:
+    """One way of running the model. `runner(batch, e2e)` prepares inputs and returns a no-argument call
+    that runs one inference; `timer(e2e)` is what times it."""
+
+    name: str
+    device: str = "cpu"
+    providers: list[str] = []
+    detail: dict = {}
+
+    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+        raise NotImplementedError
+
+    def timer(self, e2e: bool) -> Timer:
+        return PerfCounterTimer()
+
+    def cuda_peak_reset(self) -> None:
+        pass
+
+    def cuda_peak_mib(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class CudaEventTimer:
+    """GPU time of one call between two CUDA events recorded on `stream` (torch's current stream)."""
+
+    name = "cuda_events"
+
+    def __init__(self, stream=None) -> None:
+        import torch
+
+        self.torch = torch
+        self.stream = stream or torch.cuda.current_stream()
+
+    def time(self, fn: Callable[[], object]) -> float:
+        start = self.torch.cuda.Event(enable_timing=True)
+        end = self.torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        fn()
+        end.record(self.stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def _torch_device(device: str | None):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise VFPTError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VFPTError(f"device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise VFPTError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+class TorchBackend(Backend):
+    """A torch module (eager), in inference mode, on CPU or one CUDA device."""
+
+    def __init__(self, name: str, module, image_size: tuple[int, int], device: str | None, seed: int, detail: dict):
+        import torch
+
+        self.torch = torch
+        self.name = name
+        self.dev = _torch_device(device)
+        self.device = str(self.dev)
+        self.module = module.eval().to(self.dev)
+        self.image_size = tuple(image_size)
+        self.seed = seed
+        self.detail = detail
+        self.providers = []
+
+    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+        torch, module = self.torch, self.module
+        host = torch.from_numpy(make_input(batch, self.image_size, self.seed))
+        if self.dev.type == "cuda" and e2e:
+            host = host.pin_memory()
+
+            def run():
+                with torch.inference_mode():
+                    return module(host.to(self.dev, non_blocking=True)).cpu()  # .cpu() waits for the result
+
+            return run
+        x = host.to(self.dev)
+
+        def run():
+            with torch.inference_mode():
+                return module(x)
+
+        return run
+
+    def timer(self, e2e: bool) -> Timer:
+        return CudaEventTimer() if self.dev.type == "cuda" and not e2e else PerfCounterTimer()
+
+    def cuda_peak_reset(self) -> None:
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize(self.dev)
+            self.torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def cuda_peak_mib(self) -> float | None:
+        if self.dev.type != "cuda":
+            return None
+        return self.torch.cuda.max_memory_allocated(self.dev) / MiB
+
+    def close(self) -> None:
+        self.module = None
+        if self.dev.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+                 "ort-trt": "TensorrtExecutionProvider"}
+
+
+class OrtBackend(Backend):
+    """An ONNX file in onnxruntime with one execution provider; refuses to run when the session silently
+    fell back to another provider."""
+
+    def __init__(self, name: str, kind: str, path: Path, threads: int | None, seed: int, detail: dict):
+        import onnxruntime as ort
+
+        from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError, make_session
+
+        self.ort = ort
+        self.name, self.kind, self.path, self.seed = name, kind, Path(path), seed
+        want = ORT_PROVIDERS[kind]
+        if want not in ort.get_available_providers():
+            raise Unavailable(f"this onnxruntime build ({ort.__version__}) has no {want}")
+        self.stream, self.device_id = None, 0
+        providers: list = ["CPUExecutionProvider"]
+        if kind == "ort-cuda":
+            providers = [("CUDAExecutionProvider", self._cuda_options()), "CPUExecutionProvider"]
+        elif kind == "ort-trt":
+            providers = ["TensorrtExecutionProvider", ("CUDAExecutionProvider", self._cuda_options()),
+                         "CPUExecutionProvider"]
+        try:
+            if kind == "ort-cpu":
+                self.session = make_session(self.path, ["CPUExecutionProvider"], threads=threads)
+            else:
+                # A GPU EP that cannot load its libraries logs an error and falls back to CPU: keep the
+                # log quiet while probing and judge by what the session really uses. make_session takes
+                # provider names only; the CUDA stream option needs the (name, options) form.
+                so = ort.SessionOptions()
+                so.log_severity_level = 4
+                if threads:
+                    so.intra_op_num_threads = threads
+                ort.set_default_logger_severity(4)  # provider-library load errors go to the default logger
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):  # and its Python wrapper prints "EP Error"
+                        self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+                finally:
+                    ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
+        except RuntimeSetupError as e:
+            raise VFPTError(str(e)) from None
+        except Exception as e:  # onnxruntime's own Fail / InvalidProtobuf types
+            raise VFPTError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0][:200]}") from None
+        self.providers = list(self.session.get_providers())
+        if self.providers[0] != want:
+            raise Unavailable(f"onnxruntime lists {want} as available, but the session fell back to "
+                              f"{', '.join(self.providers)} (no usable GPU / CUDA libraries here)")
+        self.device = "cpu" if kind == "ort-cpu" else f"cuda:{self.device_id}"
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        h, w = inp.shape[2:4]
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise VFPTError(f"{self.path}: input {inp.name} has a dynamic image size {inp.shape}; export with a fixed size")
+        self.image_size = (h, w)
+        self.num_classes = out.shape[1] if isinstance(out.shape[1], int) else None
+        from vfpt_deploy.runtime.predictor import decode_metadata
+
+        meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.detail = {**detail, "artifact": self.path.name, "threads": threads,
+                       **{k: meta[k] for k in ("fold", "precision") if k in meta}}
+
+    def _cuda_options(self) -> dict:
+        """Run onnxruntime's CUDA work on torch's current stream, so CUDA events recorded there time it."""
+        try:
+            import torch
+        except ImportError:
+            return {"device_id": 0}
+        if not torch.cuda.is_available():
+            return {"device_id": 0}
+        self.stream, self.device_id = torch.cuda.current_stream(), torch.cuda.current_device()
+        return {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream)}
+
+    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+        x = make_input(batch, self.image_size, self.seed)
+        sess, feed, outs = self.session, {self.input_name: x}, [self.output_name]
+        if self.kind == "ort-cpu" or e2e:
+            return lambda: sess.run(outs, feed)  # numpy in, numpy out: copies included on GPU EPs
+        # IO binding: input and output live on the GPU, so a timed run is inference only.
+        ort = self.ort
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
+        if self.num_classes:
+            y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.num_classes], np.float32, "cuda", self.device_id)
+            binding.bind_ortvalue_output(self.output_name, y)
+        else:
+            binding.bind_output(self.output_name, "cuda", self.device_id)
+        binding.synchronize_inputs()
+        return lambda: sess.run_with_iobinding(binding)
+
+    def timer(self, e2e: bool) -> Timer:
+        if self.kind != "ort-cpu" and not e2e and self.stream is not None:
+            return CudaEventTimer(self.stream)
+        return PerfCounterTimer()
+
+    def close(self) -> None:
+        self.session = None
+
+
+class CudartEventTimer:
+    """GPU time of one call between two CUDA events on a cuda-python stream (TensorRT's own stream)."""
+
+    name = "cuda_events"
+
+    def __init__(self, cudart, stream) -> None:
+        self.cudart, self.stream = cudart, stream
+
+    def time(self, fn: Callable[[], object]) -> float:
+        from vfpt_deploy.runtime.tensorrt_runner import _cuda_check
+
+        cudart = self.cudart
+        start = _cuda_check(cudart, cudart.cudaEventCreate(), "cudaEventCreate")
+        end = _cuda_check(cudart, cudart.cudaEventCreate(), "cudaEventCreate")
+        try:
+            _cuda_check(cudart, cudart.cudaEventRecord(start, self.stream), "cudaEventRecord")
+            fn()
+            _cuda_check(cudart, cudart.cudaEventRecord(end, self.stream), "cudaEventRecord")
+            _cuda_check(cudart, cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
+            ms = _cuda_check(cudart, cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")
+        finally:
+            cudart.cudaEventDestroy(start)
+            cudart.cudaEventDestroy(end)
+        return float(ms) / 1e3
+
+
+class TensorRTBackend(Backend):
+    """A TensorRT / TensorRT-RTX engine through runtime.tensorrt_runner.TensorRTPredictor (which checks the
+    sidecar, TensorRT version and GPU). Device timing runs execute_async_v3 on buffers already on the GPU;
+    end-to-end timing is the predictor's own infer() (copy in, run, copy out, synchronize)."""
+
+    def __init__(self, name: str, path: Path, seed: int):
+        from vfpt_deploy.runtime.tensorrt_runner import TensorRTPredictor
+
+        try:
+            self.predictor = TensorRTPredictor(path)
+        except VFPTError as e:
+            raise Unavailable(str(e)) from None
+        p = self.predictor
+        self.name, self.path, self.seed = name, Path(path), seed
+        self.device = f"cuda:{p.device.index}"
+        self.providers = []
+        self.detail = {"artifact": self.path.name, "flavor": p.flavor, "gpu": p.device.name,
+                       "max_batch": p.max_batch, **({"fold": p.metadata["fold"]} if "fold" in p.metadata else {})}
+
+    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+        p = self.predictor
+        if not p.min_batch <= batch <= p.max_batch:
+            raise Unavailable(f"batch {batch} is outside the engine's optimization profile "
+                              f"({p.min_batch}..{p.max_batch})")
+        x = make_input(batch, p.input_shape[1:], self.seed)
+        if e2e:
+            return lambda: p.infer(x)
+        p.infer(x)  # leaves this batch in the device input buffer
+        p.context.set_input_shape("images", (batch, *p.input_shape))
+        ctx, stream = p.context, p._stream
+        return lambda: ctx.execute_async_v3(int(stream))
+
+    def timer(self, e2e: bool) -> Timer:
+        p = self.predictor
+        return PerfCounterTimer() if e2e else CudartEventTimer(p.cudart, p._stream)
+
+    def close(self) -> None:
+        self.predictor.close()
+
+
+def make_input(batch: int, image_size: tuple[int, int], seed: int) -> np.ndarray:
+    """A normalized-image-like float32 batch; values do not change the timing of these models."""
+    return np.random.default_rng(seed).standard_normal((batch, 3, *image_size), dtype=np.float32)
+
+
+# -- running -----------------------------------------------------------------------------------------
+def measure_backend(backend: Backend, settings: BenchSettings, report: BenchReport,
+                    on_row: Callable[[Result], None] | None = None) -> None:
+    """The batch sweep of one backend; e2e rows on GPU backends when asked."""
+    modes = [False] + ([True] if settings.e2e and backend.device != "cpu" else [])
+    for batch in settings.batches:
+        for e2e in modes:
+            try:
+                fn = backend.runner(batch, e2e)
+            except Unavailable as e:
+                report.skipped.append(Skipped(backend.name, str(e), batch))
+                continue
+            backend.cuda_peak_reset()
+            scoped = reset_peak_rss()
+            seconds = measure(fn, settings.loop, backend.timer(e2e))
+            timing = "end-to-end" if e2e else ("host" if backend.device == "cpu" else "device")
+            row = Result(backend.name, batch, timing, summarize(seconds, batch).to_dict(),
+                         round(peak_rss_bytes() / MiB, 1), backend.cuda_peak_mib(), backend.device,
+                         list(backend.providers), {**backend.detail, "rss_scope": "row" if scoped else "process"})
+            report.results.append(row)
+            if on_row:
+                on_row(row)
+
+
+def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | os.PathLike] = (),
+              engines: list[str | os.PathLike] = (), backends: list[str] | None = None,
+              settings: BenchSettings | None = None, backbone_weights: str | None = None,
+              export_dir: str | os.PathLike | None = None,
+              on_row: Callable[[Result], None] | None = None,
+              on_status: Callable[[str], None] | None = None) -> BenchReport:
+    """Benchmark a run.pt and/or exported artifacts on every requested backend that can run here.
+
+    checkpoint: gives torch and torch-folded, and is exported to ONNX (settings.fold) for the ort-*
+      backends when no ONNX file is given.
+    onnx / engines: artifacts for the ort-* backends / the tensorrt backend.
+    backends: names from BACKENDS; None: all of them (the unusable ones are reported as skipped).
+    """
+    settings = (settings or BenchSettings()).check()
+    status = on_status or (lambda s: None)
+    wanted = list(backends) if backends else list(BACKENDS)
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise VFPTError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if checkpoint is None and not onnx and not engines:
+        raise VFPTError("nothing to benchmark: pass a run.pt and/or --onnx FILE / --engine FILE")
+    for p in [*onnx, *engines]:
+        if not Path(p).is_file():
+            raise VFPTError(f"artifact {p} does not exist")
+    needs_ckpt = [b for b in wanted if b in ("torch", "torch-folded")]
+    if backends and needs_ckpt and checkpoint is None:
+        raise VFPTError(f"backend {needs_ckpt[0]} runs the PyTorch model: pass the run.pt it comes from")
+    if backends and "tensorrt" in wanted and not engines:
+        raise VFPTError("backend tensorrt needs an engine file: pass --engine FILE")
+
+    report = BenchReport(machine_info(), {**settings.to_dict(), "backends": wanted,
+                                          "checkpoint": str(checkpoint) if checkpoint else None,
+                                          "onnx": [str(p) for p in onnx], "engines": [str(p) for p in engines]})
+    import torch
+
+    old_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    tmp = None
+    try:
+        run = None
+        if checkpoint is not None:
+            from .checkpoint import load_run
+
+            status(f"loading {checkpoint}")
+            run = load_run(checkpoint, backbone_weights=backbone_weights)
+        for name in [b for b in wanted if b in ("torch", "torch-folded")]:
+            if run is None:
+                report.skipped.append(Skipped(name, "no run.pt given (PyTorch backends run the checkpoint)"))
+                continue
+            from .fold import fold_model
+
+            if name == "torch":
+                module, detail = run.model, {"fold": "none (live FFT)"}
+            else:
+                module = fold_model(run.model, settings.fold)
+                detail = {"fold": module.fold_mode}
+            _run_one(lambda: TorchBackend(name, module, run.model.img_size, settings.device, settings.seed, detail),
+                     name, settings, report, on_row, status)
+
+        onnx_files = [Path(p) for p in onnx]
+        ort_wanted = [b for b in wanted if b.startswith("ort-")]
+        if ort_wanted and not onnx_files and run is not None:
+            from vfpt_deploy.exporters.onnx import export_onnx
+
+            if export_dir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="vfpt-bench-")
+                export_dir = tmp.name
+            out = Path(export_dir) / f"{Path(checkpoint).stem}.{settings.fold}.onnx"
+            status(f"exporting {checkpoint} to ONNX (fold {settings.fold})")
+            onnx_files = [export_onnx(run, out, fold=settings.fold).path]
+        if ort_wanted and not onnx_files:
+            report.skipped.extend(Skipped(k, "no ONNX file or run.pt given") for k in ort_wanted)
+        for kind in ort_wanted:
+            for path in onnx_files:
+                label = kind if len(onnx_files) == 1 else f"{kind}:{path.stem}"
+                _run_one(lambda: OrtBackend(label, kind, path, settings.threads, settings.seed, {}),
+                         label, settings, report, on_row, status)
+        if "tensorrt" in wanted and not engines:
+            report.skipped.append(Skipped("tensorrt", "no engine file given (--engine FILE, built by "
+                                                      "'vfpt-deploy export --format trt')"))
+        if "tensorrt" in wanted:
+            for path in [Path(p) for p in engines]:
+                label = "tensorrt" if len(engines) == 1 else f"tensorrt:{path.stem}"
+                _run_one(lambda: TensorRTBackend(label, path, settings.seed), label, settings, report, on_row, status)
+    finally:
+        torch.set_num_threads(old_threads)
+        if tmp is not None:
+            tmp.cleanup()
+    if not report.results:
+        reasons = "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped) or "no backend selected"
+        raise VFPTError(f"no backend could run here ({reasons})")
+    return report
+
+
+def _run_one(make: Callable[[], Backend], name: str, settings: BenchSettings, report: BenchReport,
+             on_row, status) -> None:
+    try:
+        backend = make()
+    except Unavailable as e:
+        report.skipped.append(Skipped(name, str(e)))
+        status(f"skipping {name}: {e}")
+        return
+    status(f"measuring {name} on {backend.device}")
+    try:
+        measure_backend(backend, settings, report, on_row)
+    finally:
+        backend.close()
+
+
+# -- presentation ------------------------------------------------------------------------------------
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 1000 else f"{v:.1f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+
+
+def results_table(report: BenchReport):
+    """A rich Table of every result row (the machine as its caption; print it with width=table_width so
+    narrow terminals wrap rather than elide numbers); columns that say nothing here
+    (timing when everything ran on the CPU, CUDA peak without a GPU) are left out."""
+    from rich import box
+    from rich.table import Table
+
+    rows = report.results
+    show_timing = any(r.timing != "host" for r in rows)
+    show_cuda = any(r.cuda_peak_mib is not None for r in rows)
+    t = Table(title="latency per call, ms", caption=machine_line(report.machine, report.settings.get("threads")),
+              box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left")
+    cols = ["backend", "batch"] + (["timing"] if show_timing else []) + \
+        ["n", "mean", "std", "p50", "p90", "p95", "p99", "img/s", "RSS MiB"] + (["CUDA MiB"] if show_cuda else [])
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("backend", "timing") else "right", no_wrap=True)
+    for r in rows:
+        s = r.stats
+        cells = [r.backend, str(r.batch)] + ([r.timing] if show_timing else []) + [str(s["n"])]
+        cells += [_ms(s[k]) for k in ("mean_ms", "std_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms")]
+        cells += [f"{s['throughput']:.0f}" if s["throughput"] >= 100 else f"{s['throughput']:.1f}", f"{r.peak_rss_mib:.0f}"]
+        if show_cuda:
+            cells.append("-" if r.cuda_peak_mib is None else f"{r.cuda_peak_mib:.0f}")
+        t.add_row(*cells)
+    return t
+
+
+def table_width(report: BenchReport) -> int:
+    """Characters the results table needs: every column at its widest cell, plus the gaps."""
+    t = results_table(report)
+    from rich.console import Console
+
+    return Console(width=1000).measure(t).maximum

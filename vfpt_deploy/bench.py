@@ -22,7 +22,6 @@ import contextlib
 import csv
 import io
 import json
-import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,8 +34,6 @@ from .checkpoint import atomic_write
 from .errors import VFPTError
 from vfpt_deploy.runtime.timing import LoopSpec, PerfCounterTimer, Timer, machine_info, measure, peak_rss_bytes, \
     reset_peak_rss, summarize
-
-log = logging.getLogger("vfpt_deploy")
 
 BACKENDS = ("torch", "torch-folded", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
 FORMAT = "vfpt-deploy.bench"
@@ -473,6 +470,13 @@ class TensorRTBackend(Backend):
     def timer(self, e2e: bool) -> Timer:
         p = self.predictor
         return PerfCounterTimer() if e2e else CudartEventTimer(p.cudart, p._stream)
+
+    def cuda_peak_mib(self) -> float | None:
+        """The engine's activation memory plus the predictor's I/O buffers (weights not counted)."""
+        engine = self.predictor.engine
+        act = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0)
+        io_bytes = sum(host.nbytes for host, _, _ in self.predictor._buffers.values())  # device twins, same size
+        return (int(act) + io_bytes) / MiB
 
     def close(self) -> None:
         self.predictor.close()

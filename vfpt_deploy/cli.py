@@ -26,13 +26,14 @@ logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichH
 
 def cli_errors(fn):
     """Known problems become one red line on stderr and exit code 1 -- never a traceback."""
+    from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError
     from vfpt_deploy.runtime.preprocess import ImageError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (VFPTError, ImageError) as e:
+        except (VFPTError, ImageError, RuntimeSetupError) as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -356,13 +357,10 @@ def predict(
     providers: Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated (cpu,cuda,tensorrt).")] = None,
 ) -> None:
     """Classify images with an exported model (no torch needed)."""
-    from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError, open_predictor
+    from vfpt_deploy.runtime.onnx_runner import open_predictor
     from vfpt_deploy.runtime.preprocess import find_images
 
-    try:
-        predictor = open_predictor(model, providers.split(",") if providers else None)
-    except RuntimeSetupError as e:
-        raise VFPTError(str(e)) from None
+    predictor = open_predictor(model, providers.split(",") if providers else None)
     predictor.max_batch = batch
     preds = predictor.predict(find_images(images), top_k=top_k)
     used = list(getattr(predictor, "providers", ["TensorRT"]))

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vfpt_deploy.bench import make_input  # noqa: E402
-from vfpt_deploy.checkpoint import atomic_write  # noqa: E402
+from vfpt_deploy.files import atomic_write  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import make_session  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info, physical_cores  # noqa: E402
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from vfpt_deploy.backbone import create_backbone  # noqa: E402
 from vfpt_deploy.bench import make_input  # noqa: E402
-from vfpt_deploy.checkpoint import atomic_write  # noqa: E402
+from vfpt_deploy.files import atomic_write  # noqa: E402
 from vfpt_deploy.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.exporters.onnx import export_module  # noqa: E402
 from vfpt_deploy.fold import fold_model  # noqa: E402

@@ -17,10 +17,11 @@ import onnx
 import torch
 
 from vfpt_deploy import __version__
-from vfpt_deploy.checkpoint import Run, atomic_write
+from vfpt_deploy.checkpoint import Run
 from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.files import atomic_write
 from vfpt_deploy.fold import fold_model
-from vfpt_deploy.runtime.predictor import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata
+from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization: avoids TensorRT's fp16 LayerNorm overflow
 MAX_PROTOBUF = 2 * 1024**3

@@ -24,11 +24,11 @@ from pathlib import Path
 import onnx
 
 from vfpt_deploy import __version__
-from vfpt_deploy.checkpoint import atomic_write
 from vfpt_deploy.errors import VFPTError
-from vfpt_deploy.runtime.predictor import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata
-from vfpt_deploy.runtime.tensorrt_runner import (FLAVORS, SIDECAR_FORMAT, SIDECAR_VERSION, CudaDevice, file_sha256,
-                                                 import_tensorrt, sidecar_path)
+from vfpt_deploy.files import atomic_write, dumps_json, file_sha256
+from vfpt_deploy.runtime.tensorrt_runner import FLAVORS, CudaDevice, import_tensorrt
+from vfpt_deploy.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION,
+                                decode_metadata, sidecar_path)
 
 PRECISIONS = ("fp32", "fp16")
 OPT_LEVELS = range(0, 6)  # TensorRT's builder optimization levels; 3 is its default
@@ -303,5 +303,5 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, flavor: str 
         "metadata": meta,  # the model: classes, preprocess, checkpoint_sha256, config, ... (what predictors read)
     }
     side = sidecar_path(engine_path)
-    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    atomic_write(side, lambda tmp: Path(tmp).write_text(dumps_json(sidecar, indent=2) + "\n"))
     return EngineResult(engine_path, side, sidecar, parse_seconds, build_seconds, notes)

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .predictor import INPUT_NAME, Predictor, decode_metadata
+from vfpt_deploy.errors import ArtifactError, RuntimeSetupError
+from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, check_metadata, check_output_width, decode_metadata, is_engine
+
+from .predictor import Predictor
 
 _ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
             "trt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-class RuntimeSetupError(RuntimeError):
-    """The artifact or the runtime cannot be used as asked (message names the fix)."""
 
 
 def gpu_present() -> bool:
@@ -82,8 +81,13 @@ class OnnxPredictor(Predictor):
         self.path = Path(path)
         self.session = make_session(path, providers, threads=threads, optimization=optimization)
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
-        if "preprocess" not in self.metadata:
-            raise RuntimeSetupError(f"{path} has no vfpt-deploy metadata (vfpt.preprocess); export it with 'vfpt-deploy export'")
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+            raise ArtifactError(f"{path} has inputs {[i.name for i in inputs]} and outputs {[o.name for o in outputs]}; "
+                                f"vfpt-deploy models take '{INPUT_NAME}' and give '{OUTPUT_NAME}'")
+        checked = check_metadata(self.metadata, str(path), inputs[0].shape)
+        check_output_width(outputs[0].shape[-1], checked["classes"], str(path))
+        self.preprocess = checked["preprocess"]
 
     @property
     def providers(self) -> list[str]:
@@ -91,13 +95,17 @@ class OnnxPredictor(Predictor):
         return self.session.get_providers()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeSetupError(f"the predictor for {self.path} is closed")
         return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def close(self) -> None:
+        self.session = None
 
 
 def open_predictor(path: str | os.PathLike, providers: list[str] | None = None, **kwargs) -> Predictor:
     """The right backend for an artifact: .onnx -> onnxruntime, .engine/.plan -> TensorRT."""
-    suffix = Path(path).suffix.lower()
-    if suffix in (".engine", ".plan", ".trt"):
+    if is_engine(path):
         from .tensorrt_runner import TensorRTPredictor
 
         return TensorRTPredictor(path, **kwargs)

@@ -1,70 +1,50 @@
 """The predictor interface every runtime backend shares: metadata -> preprocessing -> logits -> top-k.
 
 A backend (onnxruntime, TensorRT) implements `infer` on a preprocessed float32 NCHW batch; everything
-else -- preprocessing from the artifact's own metadata, batching, softmax, top-k with class names --
-lives here once.
-
-Artifact metadata (ONNX metadata_props, or a TensorRT engine's JSON sidecar), keys and JSON values:
-  vfpt.format          "vfpt-deploy.artifact"
-  vfpt.classes         list of class names
-  vfpt.preprocess      Preprocess as a dict
-  vfpt.config          VFPT config dict
-  vfpt.backbone        backbone identity dict
-  vfpt.checkpoint_sha256, vfpt.tool_version, vfpt.fold, vfpt.precision (strings), vfpt.opset (int)
+else -- preprocessing from the artifact's own (checked) metadata, batching, softmax, top-k with class
+names, per-file errors -- lives here once. The metadata schema is vfpt_deploy.schema.
+Predictors hold sessions or GPU buffers: close() them, or use them as context managers.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from vfpt_deploy.errors import ImageError
+from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata  # noqa: F401
+
 from .preprocess import Preprocess, load_image
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
-ARTIFACT_FORMAT = "vfpt-deploy.artifact"
-
-
-def encode_metadata(meta: dict) -> dict[str, str]:
-    """Plain dict -> string props, 'vfpt.' prefixed, every value JSON (so decoding is lossless)."""
-    return {f"vfpt.{k}": json.dumps(v) for k, v in meta.items()}
-
-
-def decode_metadata(props: dict[str, str]) -> dict:
-    """String props -> plain dict (JSON values decoded where they parse); non-vfpt keys dropped."""
-    out = {}
-    for k, v in props.items():
-        if not k.startswith("vfpt."):
-            continue
-        try:
-            out[k[5:]] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            out[k[5:]] = v
-    return out
 
 
 @dataclass
 class Prediction:
     source: str
-    top: list[tuple[str, float]]  # (class name, probability), best first
+    top: list[tuple[str, float]]  # (class name, probability), best first; empty when error is set
+    error: str | None = None  # why this input could not be classified (the others still are)
 
 
 class Predictor:
     """Base class. Subclasses set self.metadata (decoded) and implement infer()."""
 
-    metadata: dict
+    metadata: dict  # decoded, as stored
+    preprocess: Preprocess  # checked (schema.check_metadata) when the predictor opens
     max_batch: int = 32
 
     @property
     def classes(self) -> list[str]:
         return list(self.metadata.get("classes") or [])
 
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess.from_dict(self.metadata["preprocess"])
+    def close(self) -> None:
+        """Release the session / device memory. Safe to call twice."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """float32 [B, 3, H, W] -> float32 logits [B, C]."""
@@ -76,15 +56,25 @@ class Predictor:
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, sources: list[str | Path | Image.Image], top_k: int = 5) -> list[Prediction]:
-        images = [s if isinstance(s, Image.Image) else load_image(s) for s in sources]
+        """Top-k per input, in input order. An unreadable image, or an input whose logits are not
+        finite, gets a Prediction with `error` set; the others are still classified."""
+        names = [str(s) if not isinstance(s, Image.Image) else "<image>" for s in sources]
+        images, errors = [], {}
+        for i, s in enumerate(sources):
+            try:
+                images.append(s if isinstance(s, Image.Image) else load_image(s))
+            except ImageError as e:
+                errors[i] = str(e)
+        ok = [i for i in range(len(sources)) if i not in errors]
         logits = self.logits(images).astype(np.float64)
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = z / z.sum(axis=1, keepdims=True)
-        names = self.classes or [str(i) for i in range(probs.shape[1])]
-        k = min(top_k, probs.shape[1])
-        out = []
-        for src, p in zip(sources, probs):
-            idx = np.argsort(-p, kind="stable")[:k]
-            out.append(Prediction(str(src) if not isinstance(src, Image.Image) else "<image>",
-                                  [(names[i], float(p[i])) for i in idx]))
-        return out
+        out = {i: Prediction(names[i], [], err) for i, err in errors.items()}
+        classes = self.classes or [str(c) for c in range(logits.shape[1])]
+        for i, row in zip(ok, logits):
+            if not np.isfinite(row).all():
+                out[i] = Prediction(names[i], [], "the model's logits are not finite (NaN or Inf) for this input")
+                continue
+            z = np.exp(row - row.max())
+            p = z / z.sum()
+            idx = np.argsort(-p, kind="stable")[:min(top_k, len(p))]
+            out[i] = Prediction(names[i], [(classes[j], float(p[j])) for j in idx])
+        return [out[i] for i in range(len(sources))]

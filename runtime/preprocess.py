@@ -4,35 +4,51 @@ One implementation on both sides means a deployed model sees exactly the pixels 
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vfpt_deploy.errors import ArtifactError, ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
            "nearest": Image.Resampling.NEAREST}
-
-
-class ImageError(ValueError):
-    """A file that cannot be read as an image (message names the file)."""
+# Refuse images above this many pixels before decoding them (a 20000x20000 PNG is a few KB on disk and
+# 1.2 GB decoded): 40 megapixels is well above any camera photo a classifier is fed.
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_SIDE = 8192  # largest resize / crop side the metadata may ask for
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any common image as 8-bit RGB.
+    """Open any common image as 8-bit RGB, upright (EXIF orientation applied, as PIL's exif_transpose).
 
     Grayscale, palette, CMYK and alpha images are converted (alpha is dropped, as timm's loader does);
     16-bit and float images are scaled to 8 bits by their type's range instead of being clipped.
+    Images over MAX_IMAGE_PIXELS are refused before they are decoded.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"{path} is {w}x{h} pixels, over the {MAX_IMAGE_PIXELS // 10**6} megapixel "
+                                     "limit (a decompression bomb or a huge scan); resize it first")
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path} declares more pixels than PIL allows (a decompression bomb); resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{path} is not a readable image ({type(e).__name__}); pass PNG/JPEG/... files") from None
 
 
@@ -72,10 +88,29 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        d = dict(d)
-        if isinstance(d.get("resize"), (list, tuple)):
-            d["resize"] = [int(v) for v in d["resize"]]
-        return cls(**d)
+        """Checked: a crafted file gets a one-line ArtifactError, never a huge allocation later."""
+        if not isinstance(d, dict):
+            raise ArtifactError(f"preprocess must be an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"resize", "crop", "mean", "std", "interpolation"})
+        if unknown:
+            raise ArtifactError(f"preprocess has unknown keys {unknown}")
+        resize = d.get("resize", [224, 224])
+        resize = _side(resize, "resize") if isinstance(resize, int) else _hw(resize, "resize")
+        crop = None if d.get("crop") is None else _hw(d["crop"], "crop")
+        if crop is None and isinstance(resize, int):
+            raise ArtifactError("preprocess resizes the shorter side (an integer resize) but has no crop; "
+                                "the output size would depend on the image")
+        if crop is not None:
+            room = [resize, resize] if isinstance(resize, int) else resize
+            if crop[0] > room[0] or crop[1] > room[1]:
+                raise ArtifactError(f"preprocess crop {crop} does not fit in resize {resize}")
+        mean, std = _triple(d.get("mean", IMAGENET_MEAN), "mean"), _triple(d.get("std", IMAGENET_STD), "std")
+        if any(s <= 0 for s in std):
+            raise ArtifactError(f"preprocess std must be positive, got {std}")
+        interp = d.get("interpolation", "bilinear")
+        if interp not in _INTERP:
+            raise ArtifactError(f"preprocess interpolation must be one of {', '.join(_INTERP)}, got {interp!r}")
+        return cls(resize=resize, crop=crop, mean=mean, std=std, interpolation=interp)
 
     def __call__(self, im: Image.Image) -> np.ndarray:
         im = to_rgb(im)
@@ -83,7 +118,11 @@ class Preprocess:
         if isinstance(self.resize, int):
             w, h = im.size
             s = self.resize / min(w, h)
-            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), interp)
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            if max(size) > 4 * MAX_SIDE:  # a 1 x 40000 strip would become gigapixels
+                raise ImageError(f"an image of {w}x{h} pixels is too elongated to resize its shorter side to "
+                                 f"{self.resize}; crop it first")
+            im = im.resize(size, interp)
         else:
             im = im.resize((self.resize[1], self.resize[0]), interp)
         if self.crop is not None:
@@ -97,6 +136,25 @@ class Preprocess:
 
     def batch(self, images: list[Image.Image]) -> np.ndarray:
         return np.stack([self(im) for im in images]) if images else np.zeros((0, 3, *self.size), np.float32)
+
+
+def _side(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SIDE:
+        raise ArtifactError(f"preprocess {what} must be an integer in [1, {MAX_SIDE}], got {v!r}")
+    return v
+
+
+def _hw(v, what: str) -> list[int]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ArtifactError(f"preprocess {what} must be [height, width], got {v!r}")
+    return [_side(x, what) for x in v]
+
+
+def _triple(v, what: str) -> list[float]:
+    if (not isinstance(v, (list, tuple)) or len(v) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+        raise ArtifactError(f"preprocess {what} must be 3 finite numbers (one per RGB channel), got {v!r}")
+    return [float(x) for x in v]
 
 
 def find_images(paths: list[str | os.PathLike]) -> list[Path]:

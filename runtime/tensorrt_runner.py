@@ -13,7 +13,6 @@ opened. Never torch or timm.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib
 import json
 from dataclasses import dataclass
@@ -22,11 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.files import file_sha256
+from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, check_metadata, check_sidecar, sidecar_path  # noqa: F401
 
-from .predictor import INPUT_NAME, OUTPUT_NAME, Predictor
-
-SIDECAR_FORMAT = "vfpt-deploy.trt-engine"
-SIDECAR_VERSION = 1
+from .predictor import Predictor
 
 # flavor -> (Python module, what the user installs to get it)
 FLAVORS = {
@@ -37,20 +35,6 @@ FLAVORS = {
 CUDA_PYTHON_HINT = "cuda-python (pip install 'cuda-python>=12', part of the 'tensorrt' and 'trt-rtx' extras)"
 # TensorRT-RTX engines built without an explicit target run on these (TensorRT-RTX docs, "CPU-only AOT").
 RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    """The JSON that describes an engine: `model.engine` -> `model.engine.json`."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def import_tensorrt(flavor: str):
@@ -134,15 +118,7 @@ def read_sidecar(engine_path: str | Path) -> dict:
         meta = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VFPTError(f"sidecar {side} is not valid JSON ({e}); rebuild the engine") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
-        raise VFPTError(f"{side} is not a vfpt-deploy engine sidecar (format {SIDECAR_FORMAT!r} expected)")
-    if meta.get("version", 0) > SIDECAR_VERSION:
-        raise VFPTError(f"{side} has sidecar version {meta.get('version')}; this vfpt-deploy reads up to "
-                        f"{SIDECAR_VERSION}: upgrade vfpt-deploy")
-    for key in ("tensorrt", "build", "profile", "metadata", "engine"):
-        if key not in meta:
-            raise VFPTError(f"sidecar {side} lacks '{key}'; rebuild the engine")
-    return meta
+    return check_sidecar(meta, str(side))
 
 
 def check_compatible(sidecar: dict, trt_version: str, device: CudaDevice | None) -> list[str]:
@@ -218,6 +194,7 @@ class TensorRTPredictor(Predictor):
         self.engine_path = Path(engine_path)
         self.sidecar = read_sidecar(self.engine_path)
         self.metadata = dict(self.sidecar["metadata"])
+        self.preprocess = check_metadata(self.metadata, str(sidecar_path(self.engine_path)))["preprocess"]
         self.flavor = self.sidecar["tensorrt"].get("flavor", "trt")
         trt = self.trt = import_tensorrt(self.flavor)
         check_compatible(self.sidecar, trt.__version__, None)  # version first: cheapest, no GPU needed

@@ -32,14 +32,6 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def create_backbone(name: str, **kwargs) -> VisionTransformer:
     """A timm ViT with random init and no classifier (VFPT brings its own head)."""
     import timm

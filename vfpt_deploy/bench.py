@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .files import atomic_write, dumps_json
 from .errors import VFPTError
 from vfpt_deploy.runtime.timing import LoopSpec, PerfCounterTimer, Timer, machine_info, measure, peak_rss_bytes, \
     reset_peak_rss, summarize

@@ -13,7 +13,6 @@ Layout (plain dicts, lists, strings, numbers and tensors only -- nothing pickled
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backbone import build_backbone, file_sha256, load_state_strict, state_sha256
+from .backbone import build_backbone, load_state_strict, state_sha256
 from .config import VFPTConfig
 from .errors import VFPTError
+from .files import atomic_write, file_sha256
 from .model import VFPTViT
 from vfpt_deploy.runtime.preprocess import Preprocess
 
@@ -61,24 +61,6 @@ class Run:
     @property
     def config(self) -> VFPTConfig:
         return self.model.config
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path), then rename onto path: readers never see a half-written file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise VFPTError(f"cannot write {path} ({e.strerror}); choose a writable output path") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_run(path: str | os.PathLike, model: VFPTViT, backbone: BackboneInfo, classes: list[str],

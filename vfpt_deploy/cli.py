@@ -26,14 +26,11 @@ logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichH
 
 def cli_errors(fn):
     """Known problems become one red line on stderr and exit code 1 -- never a traceback."""
-    from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError
-    from vfpt_deploy.runtime.preprocess import ImageError
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (VFPTError, ImageError, RuntimeSetupError) as e:
+        except VFPTError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -371,11 +368,16 @@ def predict(
         return
     t = Table(title=f"{model} ({', '.join(used)})")
     t.add_column("image", overflow="fold")
-    for i in range(min(top_k, len(preds[0].top) if preds else top_k)):
+    for i in range(max((len(p.top) for p in preds), default=0)):
         t.add_column(f"top-{i + 1}")
     for p in preds:
         t.add_row(p.source, *(f"{c} ({s:.1%})" for c, s in p.top))
     console.print(t)
+    failed = [p for p in preds if p.error]
+    for p in failed:
+        err_console.print(f"[bold red]error:[/] {escape(p.error)}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

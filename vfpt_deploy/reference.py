@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .backbone import create_backbone, file_sha256
+from .backbone import create_backbone
+from .files import file_sha256
 from .checkpoint import FORMAT, BackboneInfo, save_run
 from .config import VFPTConfig
 from .errors import VFPTError

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Run, atomic_write
+from .checkpoint import Run
+from .files import atomic_write, dumps_json
 from .errors import VFPTError
 
 

@@ -1,0 +1,178 @@
+"""File helpers every writer and reader shares: hashes, atomic writes with the umask's mode, the output
+policy (an output never names an input), staging of new artifacts until they pass verification, strict
+JSON, and SIGTERM cleanup. Torch-free: the exporters and the runtime use it alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import OutputError
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def umask_mode() -> int:
+    """The mode a plain open() would give a new file: 0o666 less the umask (0o644 under umask 022).
+    mkstemp creates files 0o600, which a serving container running as another user cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it onto `path`: readers never
+    see a half-written file, and a failed write leaves the old file as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; name a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path} ({e.strerror}); choose a writable output path") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return Path(path)
+
+
+# -- strict JSON -------------------------------------------------------------------------------------
+def finite_or_none(obj):
+    """obj with every non-finite float replaced by None, recursively (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kwargs) -> str:
+    """Strict JSON (allow_nan=False): a non-finite number is written as null, never as a bare NaN."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+# -- the output policy -------------------------------------------------------------------------------
+def _same(a: Path, b: Path) -> bool:
+    """Same file: equal resolved paths (symlinks followed), or, where both exist, the same inode."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, in one line, an output that is one of the command's inputs, an existing folder, or the
+    same file as another output. Keys are what the user calls them (e.g. '--out', '--ckpt')."""
+    outs = {k: Path(v) for k, v in outputs.items() if v is not None}
+    ins = {k: Path(v) for k, v in inputs.items() if v is not None and str(v) not in ("", "builtin", "random", "pretrained")}
+    for oname, o in outs.items():
+        if o.is_dir():
+            raise OutputError(f"{oname} {o} is an existing folder; name a file to write")
+        for iname, i in ins.items():
+            if _same(o, i):
+                raise OutputError(f"{oname} {o} is the same file as {iname}; writing it would destroy the input: "
+                                  "choose another output path")
+    names = list(outs)
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1:]:
+            if _same(outs[a], outs[b]):
+                raise OutputError(f"{a} and {b} both name {outs[a]}; give them different paths")
+
+
+def check_suffix(path: str | os.PathLike, suffixes: Iterable[str], what: str, option: str = "--out") -> Path:
+    path = Path(path)
+    suffixes = tuple(suffixes)
+    if path.suffix.lower() not in suffixes:
+        raise OutputError(f"{option} {path}: {what} files end in {' or '.join(suffixes)}; "
+                          f"e.g. {path.with_suffix(suffixes[0]).name}")
+    return path
+
+
+class Staging:
+    """New artifacts are written into a private folder beside their final place, under their final
+    names (so suffix-based readers and sidecars work there), verified, and only then moved into place.
+    Leaving the block without commit() removes everything staged: the old artifacts stay untouched.
+
+        with Staging(out.parent) as stage:
+            tmp = stage.path(out)        # write here
+            ...verify tmp...
+            stage.commit()               # os.replace each staged file onto its final path
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.dir: Path | None = None
+        self.finals: dict[Path, Path] = {}  # staged -> final
+
+    def __enter__(self) -> "Staging":
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=".vfpt-stage-", dir=self.folder))
+        except OSError as e:
+            raise OutputError(f"cannot write in {self.folder} ({e.strerror}); choose a writable output folder") from None
+        return self
+
+    def path(self, final: str | os.PathLike) -> Path:
+        """Where to write the file that will become `final` (same name, so same suffix)."""
+        final = Path(final)
+        staged = self.dir / final.name
+        if staged in self.finals and self.finals[staged] != final:
+            raise OutputError(f"two outputs are named {final.name}; give them different names")
+        self.finals[staged] = final
+        return staged
+
+    def commit(self) -> list[Path]:
+        """Move every staged file that exists onto its final path (same file system: atomic renames)."""
+        done = []
+        mode = umask_mode()
+        for staged, final in self.finals.items():
+            if staged.is_file():
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(staged, mode)
+                os.replace(staged, final)
+                done.append(final)
+        return done
+
+    def __exit__(self, *exc) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- signals -----------------------------------------------------------------------------------------
+def sigterm_as_interrupt() -> None:
+    """SIGTERM raises KeyboardInterrupt, like SIGINT, so `finally` blocks remove temporary files."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, handler)
+

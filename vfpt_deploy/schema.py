@@ -1,0 +1,174 @@
+"""The artifact schema, read and written in one place: tensor names, file suffixes, the `vfpt.*` metadata
+an ONNX file carries, and the JSON sidecar beside a TensorRT engine. Writers (exporters) and readers
+(runtime) both use it; every field a reader takes from a file is type- and range-checked here first.
+
+ONNX metadata_props (JSON values):
+  vfpt.format            "vfpt-deploy.artifact"
+  vfpt.classes           list of class names (index order)
+  vfpt.preprocess        Preprocess as a dict (resize, crop, mean, std, interpolation)
+  vfpt.image_size        [H, W] of the `images` input
+  vfpt.fold, vfpt.precision, vfpt.opset, vfpt.tool_version, vfpt.checkpoint_sha256, vfpt.checkpoint
+  vfpt.config, vfpt.backbone   the VFPT config and backbone identity (informative)
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import ArtifactError, VFPTError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+ARTIFACT_FORMAT = "vfpt-deploy.artifact"
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan")
+SIDECAR_FORMAT = "vfpt-deploy.trt-engine"
+SIDECAR_VERSION = 1
+REPORT_SUFFIX = ".verify.json"
+PRECISIONS = ("fp32", "fp16")
+FOLDS = ("tokens", "kv", "none", "custom")
+TRT_FLAVORS = ("trt", "trt-rtx")
+MAX_CLASSES = 1_000_000
+MAX_SIDE = 8192  # largest image side an artifact may ask for (resize, crop, input size)
+MAX_BATCH = 65536
+
+
+def is_engine(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in ENGINE_SUFFIXES
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """The JSON that describes an engine: `model.engine` -> `model.engine.json`."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def report_path(artifact: str | Path) -> Path:
+    """Where verification writes its JSON report: `model.onnx` -> `model.onnx.verify.json`."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + REPORT_SUFFIX)
+
+
+def encode_metadata(meta: dict) -> dict[str, str]:
+    """Plain dict -> string props, 'vfpt.' prefixed, every value JSON (so decoding is lossless)."""
+    return {f"vfpt.{k}": json.dumps(v, allow_nan=False) for k, v in meta.items()}
+
+
+def decode_metadata(props: dict[str, str]) -> dict:
+    """String props -> plain dict (JSON values decoded where they parse); non-vfpt keys dropped."""
+    out = {}
+    for k, v in props.items():
+        if not k.startswith("vfpt."):
+            continue
+        try:
+            out[k[5:]] = json.loads(v)
+        except (json.JSONDecodeError, TypeError, ValueError):
+            out[k[5:]] = v
+    return out
+
+
+# -- checks ------------------------------------------------------------------------------------------
+def _int(v, what: str, lo: int, hi: int, source: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ArtifactError(f"{source}: {what} must be an integer in [{lo}, {hi}], got {v!r}; re-export the artifact")
+    return v
+
+
+def _str(v, what: str, source: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(v, str) or (choices is not None and v not in choices):
+        want = f"one of {', '.join(choices)}" if choices else "a string"
+        raise ArtifactError(f"{source}: {what} must be {want}, got {v!r}; re-export the artifact")
+    return v
+
+
+def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = None) -> dict:
+    """What a runtime needs from an artifact's metadata, checked: class names, preprocessing (sizes
+    bounded), precision, fold and, where the input shape is known, that preprocessing makes that shape.
+    Returns the metadata with `preprocess` as a Preprocess."""
+    from vfpt_deploy.runtime.preprocess import Preprocess
+
+    if not isinstance(meta, dict) or "preprocess" not in meta:
+        raise ArtifactError(f"{source} has no vfpt-deploy metadata (vfpt.preprocess); export it with 'vfpt-deploy export'")
+    classes = meta.get("classes")
+    if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
+            or not all(isinstance(c, str) for c in classes)):
+        raise ArtifactError(f"{source}: classes must be a non-empty list of names; re-export the artifact")
+    try:
+        pre = Preprocess.from_dict(meta["preprocess"])
+    except VFPTError as e:
+        raise ArtifactError(f"{source}: {e}") from None
+    out = {**meta, "preprocess": pre}
+    out["precision"] = _str(meta.get("precision", "fp32"), "precision", source, PRECISIONS)
+    if "fold" in meta:
+        _str(meta["fold"], "fold", source, FOLDS)
+    if "opset" in meta:
+        _int(meta["opset"], "opset", 1, 1000, source)
+    if "checkpoint_sha256" in meta:
+        sha = meta["checkpoint_sha256"]
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}|", sha):
+            raise ArtifactError(f"{source}: checkpoint_sha256 must be a sha256 hex digest, got {sha!r}")
+    if input_shape is not None:
+        hw = tuple(input_shape[-2:])
+        if len(input_shape) != 4 or hw != pre.size:
+            raise ArtifactError(f"{source}: preprocessing makes {list(pre.size)} images but the model input is "
+                                f"{list(input_shape)}; the metadata does not belong to this model: re-export it")
+    return out
+
+
+def check_output_width(num_outputs, classes: list, source: str) -> None:
+    """The logits width must match the class names the metadata gives."""
+    if isinstance(num_outputs, int) and num_outputs != len(classes):
+        raise ArtifactError(f"{source}: the model outputs {num_outputs} logits but the metadata names "
+                            f"{len(classes)} classes; re-export the artifact")
+
+
+def _profile_dims(v, source: str) -> list[int]:
+    if not isinstance(v, list) or len(v) != 4:
+        raise ArtifactError(f"{source}: profile shapes must be [batch, 3, H, W], got {v!r}; rebuild the engine")
+    _int(v[0], "profile batch", 1, MAX_BATCH, source)
+    for d in v[1:]:
+        _int(d, "profile image dimension", 1, MAX_SIDE, source)
+    return v
+
+
+def check_sidecar(side: dict, source: str) -> dict:
+    """An engine sidecar, every field the runtime reads checked for type and range."""
+    if not isinstance(side, dict) or side.get("format") != SIDECAR_FORMAT:
+        raise ArtifactError(f"{source} is not a vfpt-deploy engine sidecar (format {SIDECAR_FORMAT!r} expected)")
+    version = side.get("version")
+    _int(version, "sidecar version", 1, 1_000_000, source)
+    if version > SIDECAR_VERSION:
+        raise ArtifactError(f"{source} has sidecar version {version}; this vfpt-deploy reads up to "
+                            f"{SIDECAR_VERSION}: upgrade vfpt-deploy")
+    for key in ("tensorrt", "build", "profile", "metadata", "engine"):
+        if not isinstance(side.get(key), dict):
+            raise ArtifactError(f"sidecar {source} lacks '{key}' (or it is not an object); rebuild the engine")
+    trt, build, engine = side["tensorrt"], side["build"], side["engine"]
+    _str(trt.get("flavor", "trt"), "tensorrt.flavor", source, TRT_FLAVORS)
+    _str(trt.get("module"), "tensorrt.module", source)
+    if not re.fullmatch(r"\d+(\.\d+){0,3}", str(trt.get("version")) if isinstance(trt.get("version"), str) else ""):
+        raise ArtifactError(f"{source}: tensorrt.version must be a version string like '10.3.0', got "
+                            f"{trt.get('version')!r}; rebuild the engine")
+    for flag in ("version_compatible",):
+        if not isinstance(build.get(flag, False), bool):
+            raise ArtifactError(f"{source}: build.{flag} must be true or false; rebuild the engine")
+    _str(build.get("hardware_compatibility", "none"), "build.hardware_compatibility", source, ("none", "ampere_plus"))
+    ccs = build.get("compute_capabilities", [])
+    if not isinstance(ccs, list) or not all(isinstance(c, str) and re.fullmatch(r"\d+\.\d+", c) for c in ccs):
+        raise ArtifactError(f"{source}: build.compute_capabilities must be a list like ['8.6']; rebuild the engine")
+    gpu = side.get("gpu")
+    if gpu is not None and (not isinstance(gpu, dict) or not isinstance(gpu.get("name", ""), str)
+                            or not re.fullmatch(r"\d+\.\d+", str(gpu.get("compute_capability", "0.0")))):
+        raise ArtifactError(f"{source}: gpu must be null or {{name, compute_capability}}; rebuild the engine")
+    sha = engine.get("sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ArtifactError(f"{source}: engine.sha256 must be a sha256 hex digest; rebuild the engine")
+    prof = side["profile"]
+    mins, opts, maxs = (_profile_dims(prof.get(k), source) for k in ("min", "opt", "max"))
+    if not mins[0] <= opts[0] <= maxs[0] or mins[1:] != maxs[1:] or opts[1:] != maxs[1:]:
+        raise ArtifactError(f"{source}: profile min/opt/max are inconsistent ({mins}, {opts}, {maxs}); rebuild the engine")
+    check_metadata(side["metadata"], source, maxs)
+    return side

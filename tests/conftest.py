@@ -33,3 +33,18 @@ def tiny_model(num_classes: int = 5, seed: int = 0, scale: float = 1.0, **cfg) -
 def images():
     torch.manual_seed(123)
     return torch.randn(4, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """A tiny deep VFPT run.pt (classes a..d) and its verified kv ONNX export."""
+    from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+    from vfpt_deploy.exporters.onnx import export_onnx
+    from vfpt_deploy.runtime.preprocess import Preprocess
+
+    d = tmp_path_factory.mktemp("exported")
+    model = tiny_model(num_classes=4, scale=4.0, num_prompts=6, alpha=0.5)
+    pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+    save_run(d / "run.pt", model, BackboneInfo(TINY, dict(TINY_KWARGS)), ["a", "b", "c", "d"], pre)
+    run = load_run(d / "run.pt")
+    return run, export_onnx(run, d / "run.onnx").path

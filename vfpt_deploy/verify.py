@@ -1,9 +1,17 @@
 """Verify an exported artifact against the unfolded PyTorch model, Polygraphy-comparator style:
 tolerances stated up front, then a report of what was compared, on what inputs, and by how much it
-differed. The reference is always the unfolded model from the checkpoint (live FFT), in float32."""
+differed. The reference is always the unfolded model from the checkpoint (live FFT), in float32.
+
+The gate: a comparison fails on any non-finite logit (reference or artifact), on max |diff| > atol,
+max relative diff > rtol, a per-sample cosine < min_cosine, top-1 agreement < min_agreement, or a
+top-k order that differs where the reference's own logits are not tied. The artifact's metadata must
+be usable by the runtime (the predictor checks it when it opens) and must describe the checkpoint
+(classes, preprocessing, source hash).
+"""
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,26 +20,46 @@ import numpy as np
 import torch
 
 from .checkpoint import Run
+from .errors import UsageError, VerificationError
 from .files import atomic_write, dumps_json
-from .errors import VFPTError
+from .schema import is_engine, report_path as default_report_path
+
+TOP_K = 5
 
 
 @dataclass(frozen=True)
 class Tolerances:
     """Pass criteria. atol / rtol gate the max abs / max rel difference of the logits when set;
-    min_cosine gates the smallest per-sample cosine similarity of the logits; min_agreement the top-1
-    agreement with the reference, in percent."""
+    min_cosine gates the smallest per-sample cosine similarity; min_agreement the top-1 agreement with
+    the reference, in percent; topk_order (needs atol) the order of the top-5 classes wherever the
+    reference's logits differ by more than atol (closer ones are ties and may swap). An order change
+    needs two logits to move by more than atol together, so this catches what atol alone lets through:
+    two differences each within atol that still reorder the top classes."""
 
     atol: float | None = None
     rtol: float | None = None
     min_cosine: float | None = None
     min_agreement: float = 100.0
+    topk_order: bool = False
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("atol", 0.0, 1e6), ("rtol", 0.0, 1e6), ("min_cosine", -1.0, 1.0),
+                             ("min_agreement", 0.0, 100.0)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number in [{lo:g}, {hi:g}], got {v!r}")
 
     @classmethod
     def for_precision(cls, precision: str) -> "Tolerances":
         if precision == "fp16":
             return cls(atol=None, min_cosine=0.999, min_agreement=99.0)
-        return cls(atol=1e-4, min_agreement=100.0)
+        return cls(atol=1e-4, min_agreement=100.0, topk_order=True)
+
+    def override(self, **values) -> "Tolerances":
+        """These tolerances with the given (non-None) values replaced, checked again."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
     def describe(self) -> str:
         parts = []
@@ -42,6 +70,9 @@ class Tolerances:
         if self.min_cosine is not None:
             parts.append(f"min cosine >= {self.min_cosine:g}")
         parts.append(f"top-1 agreement >= {self.min_agreement:g}%")
+        if self.topk_order and self.atol is not None:
+            parts.append(f"top-{TOP_K} order kept (ties within {self.atol:g} may swap)")
+        parts.append("all logits finite")
         return ", ".join(parts)
 
 
@@ -54,6 +85,7 @@ class Comparison:
     max_rel: float
     min_cosine: float
     agreement: float  # top-1 agreement, percent
+    topk_order: float = 100.0  # percent of samples whose top-k order is kept (ties allowed)
     ref_top1: float | None = None  # dataset top-1 when labels are known
     artifact_top1: float | None = None
     failures: list[str] = field(default_factory=list)
@@ -67,25 +99,54 @@ class VerifyReport:
     precision: str
     tolerances: str
     comparisons: list[Comparison]
+    problems: list[str] = field(default_factory=list)  # failures not tied to one input set (metadata)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(not c.failures for c in self.comparisons)
+        return not self.problems and bool(self.comparisons) and all(not c.failures for c in self.comparisons)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
+        return dumps_json({**asdict(self), "passed": self.passed}, indent=2)
+
+
+def _nonfinite(a: np.ndarray, who: str) -> str | None:
+    bad = np.argwhere(~np.isfinite(a))
+    if not len(bad):
+        return None
+    i, j = (int(v) for v in bad[0])
+    return f"{who} logits are not finite: {len(bad)} values, first at sample {i}, class {j} ({a[i, j]})"
+
+
+def _topk_kept(ref: np.ndarray, out: np.ndarray, tie: float) -> np.ndarray:
+    """Per sample: the artifact's top-k classes are the reference's, in order, up to reference ties."""
+    k = min(TOP_K, ref.shape[1])
+    r_idx = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    o_idx = np.argsort(-out, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(ref))[:, None]
+    gap = np.abs(ref[rows, r_idx] - ref[rows, o_idx])  # 0 where the same class sits at that rank
+    return (gap <= tie).all(axis=1)
 
 
 def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None = None) -> Comparison:
     ref, out = ref.astype(np.float64), out.astype(np.float64)
-    diff = np.abs(out - ref)
-    rel = diff / np.maximum(np.abs(ref), 1e-12)
-    cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
+    if ref.shape != out.shape:
+        raise VerificationError(f"the artifact gives logits of shape {list(out.shape)}, the checkpoint "
+                                f"{list(ref.shape)}; they are not the same model")
+    with np.errstate(all="ignore"):
+        diff = np.abs(out - ref)
+        rel = diff / np.maximum(np.abs(ref), 1e-12)
+        cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
     agree = 100.0 * float((ref.argmax(1) == out.argmax(1)).mean())
-    c = Comparison(inputs, len(ref), float(diff.max()), float(diff.mean()), float(rel.max()), float(cos.min()), agree)
+    kept = _topk_kept(ref, out, tol.atol) if tol.atol is not None else np.ones(len(ref), bool)
+    c = Comparison(inputs, len(ref), float(diff.max()), float(diff.mean()), float(rel.max()), float(cos.min()),
+                   agree, 100.0 * float(kept.mean()))
     if labels is not None:
         c.ref_top1 = 100.0 * float((ref.argmax(1) == labels).mean())
         c.artifact_top1 = 100.0 * float((out.argmax(1) == labels).mean())
+    c.failures = [f for f in (_nonfinite(ref, "the PyTorch reference's"), _nonfinite(out, "the artifact's")) if f]
+    if c.failures:  # nothing else is meaningful, and NaN compares False with every bound
+        return c
     if tol.atol is not None and c.max_abs > tol.atol:
         c.failures.append(f"max |diff| {c.max_abs:.3g} > atol {tol.atol:g}")
     if tol.rtol is not None and c.max_rel > tol.rtol:
@@ -94,32 +155,49 @@ def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labe
         c.failures.append(f"min cosine {c.min_cosine:.6f} < {tol.min_cosine:g}")
     if c.agreement < tol.min_agreement:
         c.failures.append(f"top-1 agreement {c.agreement:.2f}% < {tol.min_agreement:g}%")
+    if tol.topk_order and tol.atol is not None and not kept.all():
+        c.failures.append(f"top-{TOP_K} order differs on {int((~kept).sum())} of {len(kept)} samples")
     return c
 
 
-def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0):
-    """(description, float32 NCHW inputs, labels or None): random inputs always, plus real images."""
+@dataclass
+class InputSet:
+    what: str
+    x: np.ndarray  # float32 NCHW, preprocessed
+    labels: np.ndarray | None
+
+
+MAX_RANDOM = 4096
+
+
+def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0) -> list[InputSet]:
+    """Random inputs always, plus real images from `data` ('builtin[:name]', a folder with class
+    subfolders (gives top-1), or image files). Loaded up front, so a bad --data fails before any work."""
+    if isinstance(num_random, bool) or not isinstance(num_random, int) or not 1 <= num_random <= MAX_RANDOM:
+        raise UsageError(f"--num-random must be an integer in [1, {MAX_RANDOM}], got {num_random!r}")
     h, w = run.model.img_size
     g = torch.Generator().manual_seed(seed)
-    yield f"random N(0,1) x{num_random}", torch.randn(num_random, 3, h, w, generator=g).numpy(), None
-    if not data:
-        return
+    sets = [InputSet(f"random N(0,1) x{num_random}", torch.randn(num_random, 3, h, w, generator=g).numpy(), None)]
+    if data:
+        sets.append(_image_set(run, data))
+    return sets
+
+
+def _image_set(run: Run, data: str) -> InputSet:
     from .data import builtin_split, image_folder
     from vfpt_deploy.runtime.preprocess import find_images, load_image
 
     if data == "builtin" or data.startswith("builtin:"):
         name = data.partition(":")[2] or "digits-shifted"
-        images = builtin_split(name, "val")
-        pics, labels = [images.image(i) for i in range(len(images))], np.array(images.labels)
-        what = f"builtin {name} val"
+        images, what = builtin_split(name, "val"), f"builtin {name} val"
     elif Path(data).is_dir() and any(p.is_dir() for p in Path(data).iterdir()):
-        images = image_folder(data, classes=run.classes)
-        pics, labels = [images.image(i) for i in range(len(images))], np.array(images.labels)
-        what = f"folder {data}"
+        images, what = image_folder(data, classes=run.classes), f"folder {data}"
     else:
         files = find_images([data])
-        pics, labels, what = [load_image(f) for f in files], None, str(data)
-    yield f"{what}: {len(pics)} images", run.preprocess.batch(pics), labels
+        pics = [load_image(f) for f in files]
+        return InputSet(f"{data}: {len(pics)} images", run.preprocess.batch(pics), None)
+    pics = [images.image(i) for i in range(len(images))]
+    return InputSet(f"{what}: {len(pics)} images", run.preprocess.batch(pics), np.array(images.labels))
 
 
 @torch.inference_mode()
@@ -132,36 +210,48 @@ def reference_logits(run: Run, x: np.ndarray, batch: int = 32, device: str = "cp
         model.cpu()
 
 
-def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None = None, num_random: int = 16,
-                    tolerances: Tolerances | None = None, providers: list[str] | None = None,
-                    report_path: str | os.PathLike | None = None) -> VerifyReport:
-    """Compare an artifact (.onnx, or a TensorRT engine) with the checkpoint's unfolded model; write the
-    JSON report beside the artifact (or to report_path)."""
-    from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError, open_predictor
-
-    artifact = Path(artifact)
-    try:
-        predictor = open_predictor(artifact, providers)
-    except RuntimeSetupError as e:
-        raise VFPTError(str(e)) from None
-    meta = predictor.metadata
+def metadata_problems(meta: dict, run: Run) -> list[str]:
+    """Where the artifact's metadata does not describe this checkpoint (the runtime would then
+    preprocess or name classes differently from the model that was verified)."""
+    problems = []
     recorded = meta.get("checkpoint_sha256", "")
     if recorded and recorded != run.sha256:
-        raise VFPTError(f"{artifact} was exported from checkpoint sha256 {recorded[:12]}, but {run.path} is "
-                        f"{run.sha256[:12]}; verify it against the checkpoint it came from")
-    precision = str(meta.get("precision", "fp32"))
-    tol = tolerances or Tolerances.for_precision(precision)
-    # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.
-    engine = artifact.suffix.lower() in (".engine", ".plan", ".trt")
-    device = "cuda" if engine and torch.cuda.is_available() else "cpu"
-    comparisons = []
-    for what, x, labels in input_sets(run, data, num_random):
-        ref = reference_logits(run, x, device=device)
-        out = np.concatenate([predictor.infer(x[i:i + 32]) for i in range(0, len(x), 32)])
-        comparisons.append(compare(ref, out, tol, what, labels))
-    backend = ", ".join(getattr(predictor, "providers", ["TensorRT"]))
-    report = VerifyReport(str(artifact), str(run.path), f"{backend}; reference on {device}", precision,
-                          tol.describe(), comparisons)
-    out_path = Path(report_path) if report_path else artifact.with_name(artifact.name + ".verify.json")
-    atomic_write(out_path, lambda tmp: Path(tmp).write_text(report.to_json()))
+        problems.append(f"the artifact was exported from checkpoint sha256 {recorded[:12]}, but the checkpoint is "
+                        f"{run.sha256[:12]}: verify it against the checkpoint it came from")
+    if list(meta.get("classes") or []) != list(run.classes):
+        problems.append("the artifact's class names differ from the checkpoint's: re-export it")
+    if meta.get("preprocess") != run.preprocess:
+        problems.append("the artifact's preprocessing differs from the checkpoint's: re-export it")
+    return problems
+
+
+def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None = None, num_random: int = 16,
+                    overrides: dict | None = None, providers: list[str] | None = None,
+                    report_path: str | os.PathLike | None = None, inputs: list[InputSet] | None = None,
+                    name: str | None = None, threads: int | None = None,
+                    allow_fallback: bool = False) -> VerifyReport:
+    """Compare an artifact (.onnx, or a TensorRT engine) with the checkpoint's unfolded model and write
+    the JSON report (default: beside the artifact). overrides: atol / rtol / min_cosine / min_agreement
+    replacing the precision's defaults. name: how the report names the artifact (default: its path)."""
+    from vfpt_deploy.runtime.onnx_runner import open_predictor
+
+    artifact = Path(artifact)
+    inputs = inputs if inputs is not None else input_sets(run, data, num_random)
+    kwargs = {"threads": threads, "allow_fallback": allow_fallback} if not is_engine(artifact) else {}
+    with open_predictor(artifact, providers, **kwargs) as predictor:
+        precision = predictor.metadata.get("precision", "fp32")
+        tol = Tolerances.for_precision(precision).override(**(overrides or {}))
+        # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.
+        device = "cuda" if is_engine(artifact) and torch.cuda.is_available() else "cpu"
+        comparisons = []
+        for s in inputs:
+            ref = reference_logits(run, s.x, device=device)
+            out = np.concatenate([predictor.infer(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
+            comparisons.append(compare(ref, out, tol, s.what, s.labels))
+        meta = {**predictor.metadata, "preprocess": predictor.preprocess}
+        backend = ", ".join(getattr(predictor, "providers", None) or ["TensorRT"])
+    report = VerifyReport(name or str(artifact), str(run.path), f"{backend}; reference on {device}", precision,
+                          tol.describe(), comparisons, metadata_problems(meta, run))
+    out_path = Path(report_path) if report_path else default_report_path(artifact)
+    atomic_write(out_path, lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
     return report

@@ -4,10 +4,13 @@ TensorRT-RTX's builder runs without a GPU, so these tests really parse our ONNX 
 parser and build engines (fp32 and fp16, tokens and kv folds). Running engines needs a GPU: the checks
 before that (sidecar, versions, GPU, sha256) are tested here, execution only in the gpu-marked tests.
 """
+import ctypes
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -16,16 +19,20 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import TINY, TINY_KWARGS, tiny_model
-from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, UsageError, VFPTError
 from vfpt_deploy.exporters import tensorrt as trt_export
 from vfpt_deploy.exporters.onnx import export_module
-from vfpt_deploy.exporters.tensorrt import build_engine, check_trt_available
+from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine, check_trt_available
 from vfpt_deploy.fold import fold_model
 from vfpt_deploy.runtime import tensorrt_runner as runner
 from vfpt_deploy.runtime.tensorrt_runner import (CudaDevice, TensorRTPredictor, check_compatible, file_sha256,
                                                  read_sidecar, sidecar_path)
 
 META = {"classes": ["a", "b", "c", "d", "e"], "preprocess": {"resize": [32, 32]}, "checkpoint_sha256": "c" * 64}
+
+
+def RTX(**kwargs) -> BuildSettings:
+    return BuildSettings(flavor="trt-rtx", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,8 @@ def gpu_visible() -> bool:
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_rtx_builds_our_onnx(rtx, onnx_files, tmp_path, fold, precision):
     onnx_path = onnx_files[fold, precision]
-    res = build_engine(onnx_path, tmp_path / "m.engine", flavor="trt-rtx", precision=precision,
-                       min_batch=1, opt_batch=4, max_batch=16)
+    settings = RTX(precision=precision, min_batch=1, opt_batch=4, max_batch=16)
+    res = build_engine(onnx_path, tmp_path / "m.engine", settings)
     blob = res.engine_path.read_bytes()
     assert len(blob) == res.engine_bytes > 10_000
     # A well-formed TensorRT-RTX engine: TensorRT's pre-load check finds nothing wrong with the file
@@ -90,9 +97,9 @@ def test_rtx_builds_our_onnx(rtx, onnx_files, tmp_path, fold, precision):
 
 
 def test_fixed_batch_and_settings(rtx, onnx_files, tmp_path):
-    res = build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", flavor="trt-rtx", batch=3, opt_level=1,
-                       workspace_mb=64, compute_capabilities=["8.6", "8.9"], timing_cache=tmp_path / "tc.bin",
-                       hardware_compatible=True)
+    settings = RTX(batch=3, opt_level=1, workspace_mb=64, compute_capabilities=["8.6", "8.9"],
+                   timing_cache=tmp_path / "tc.bin", hardware_compatible=True)
+    res = build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", settings)
     side = res.sidecar
     assert side["profile"]["min"] == side["profile"]["opt"] == side["profile"]["max"] == [3, 3, 32, 32]
     assert side["build"]["opt_level"] == 1 and side["build"]["workspace_mb"] == 64
@@ -104,17 +111,16 @@ def test_fixed_batch_and_settings(rtx, onnx_files, tmp_path):
 
 
 def test_metadata_argument_overrides_onnx(rtx, onnx_files, tmp_path):
-    res = build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", flavor="trt-rtx",
-                       metadata={"classes": list("vwxyz")})
+    res = build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", RTX(), metadata={"classes": list("vwxyz")})
     assert res.sidecar["metadata"]["classes"] == list("vwxyz")
     assert res.sidecar["metadata"]["preprocess"] == META["preprocess"]  # the rest still from the ONNX
 
 
 def test_precision_must_match_a_strongly_typed_builder(rtx, onnx_files, tmp_path):
     with pytest.raises(VFPTError, match="strongly typed.*export it with --precision fp16"):
-        build_engine(onnx_files["kv", "fp32"], tmp_path / "a.engine", flavor="trt-rtx", precision="fp16")
+        build_engine(onnx_files["kv", "fp32"], tmp_path / "a.engine", RTX(precision="fp16"))
     with pytest.raises(VFPTError, match="is an fp16 graph"):
-        build_engine(onnx_files["kv", "fp16"], tmp_path / "b.engine", flavor="trt-rtx", precision="fp32")
+        build_engine(onnx_files["kv", "fp16"], tmp_path / "b.engine", RTX(precision="fp32"))
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
@@ -138,30 +144,94 @@ def _dft_onnx(path: Path) -> Path:
 
 def test_unsupported_op_is_reported_per_node(rtx, tmp_path):
     with pytest.raises(VFPTError) as e:
-        build_engine(_dft_onnx(tmp_path / "dft.onnx"), tmp_path / "dft.engine", flavor="trt-rtx")
+        build_engine(_dft_onnx(tmp_path / "dft.onnx"), tmp_path / "dft.engine", RTX())
     msg = str(e.value)
     assert "ONNX parser" in msg and "'live_fft' (DFT): unsupported op" in msg and "--fold tokens or kv" in msg
     assert "\n" not in msg
     assert not (tmp_path / "dft.engine").exists()
 
 
-def test_bad_inputs_are_one_line_errors(rtx, onnx_files, tmp_path):
+BAD_SETTINGS = [
+    (dict(min_batch=4, max_batch=2), "1 <= min <= opt <= max"),
+    (dict(opt_batch=9), "1 <= min <= opt <= max"),  # max_batch defaults to 8
+    (dict(batch=0), r"--batch must be an integer in 1\.\.65536, got 0"),
+    (dict(batch=65537), r"--batch must be an integer in 1\.\.65536"),
+    (dict(min_batch=0), "--min-batch must be"),
+    (dict(opt_batch=-1), "--opt-batch must be"),
+    (dict(max_batch=100_000), "--max-batch must be"),
+    (dict(max_batch=True), "--max-batch must be"),
+    (dict(max_batch=4.0), "--max-batch must be"),
+    (dict(opt_level=7), "optimization level must be 0..5"),
+    (dict(opt_level=-1), "optimization level must be 0..5"),
+    (dict(opt_level=True), "optimization level"),
+    (dict(precision="int8"), "precision must be"),
+    (dict(workspace_mb=0), "workspace"),
+    (dict(workspace_mb=(1 << 20) + 1), r"workspace.*1\.\.1048576"),
+    (dict(workspace_mb=1.5), "workspace"),
+    (dict(flavor="onnx"), "--format must be one of trt, trt-rtx"),
+    (dict(flavor="trt-rtx", compute_capabilities=["9.0"]), "unknown compute capability '9.0'"),
+    (dict(flavor="trt-rtx", version_compatible=True), "TensorRT-RTX cannot build them"),
+    (dict(flavor="trt", compute_capabilities=["8.9"]), "TensorRT-RTX setting"),
+    (dict(hardware_compatible="yes"), "--hardware-compatible is a flag"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_SETTINGS, ids=[str(k) for k, _ in BAD_SETTINGS])
+def test_bad_settings_are_one_line_usage_errors(kwargs, match):
+    with pytest.raises(UsageError, match=match) as e:
+        BuildSettings(**kwargs).check()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch=1), dict(batch=65536), dict(min_batch=1, opt_batch=1, max_batch=65536),
+                                    dict(opt_level=0), dict(opt_level=5), dict(workspace_mb=1),
+                                    dict(workspace_mb=1 << 20), dict(flavor="trt-rtx", compute_capabilities=("8.6",))])
+def test_settings_at_the_limits_pass(kwargs):
+    settings = BuildSettings(**kwargs)
+    assert settings.check() is settings
+
+
+def test_settings_are_frozen_and_normalized(tmp_path):
+    s = BuildSettings(flavor="trt-rtx", timing_cache=str(tmp_path / "tc"), compute_capabilities=["8.6"], max_batch=4)
+    assert s.timing_cache == tmp_path / "tc" and s.compute_capabilities == ("8.6",)
+    assert s.profile_batches == (1, 4, 4) and BuildSettings(batch=3).profile_batches == (3, 3, 3)
+    hash(s)
+    with pytest.raises(AttributeError):
+        s.max_batch = 8
+
+
+def test_build_engine_checks_settings_and_paths(rtx, onnx_files, tmp_path):
     onnx_path = onnx_files["kv", "fp32"]
-    cases = [
-        (dict(min_batch=4, max_batch=2), "1 <= min <= opt <= max"),
-        (dict(opt_level=7), "optimization level"),
-        (dict(precision="int8"), "precision must be"),
-        (dict(workspace_mb=0), "workspace"),
-        (dict(compute_capabilities=["9.0"]), "unknown compute capability '9.0'"),
-        (dict(version_compatible=True), "TensorRT-RTX cannot build them"),
-    ]
-    for kwargs, match in cases:
-        with pytest.raises(VFPTError, match=match):
-            build_engine(onnx_path, tmp_path / "m.engine", flavor="trt-rtx", **kwargs)
+    with pytest.raises(UsageError, match="1 <= min <= opt <= max"):
+        build_engine(onnx_path, tmp_path / "m.engine", RTX(min_batch=4, max_batch=2))
     with pytest.raises(VFPTError, match="does not exist"):
-        build_engine(tmp_path / "missing.onnx", tmp_path / "m.engine", flavor="trt-rtx")
-    with pytest.raises(VFPTError, match="TensorRT-RTX setting"):
-        build_engine(onnx_path, tmp_path / "m.engine", flavor="trt", compute_capabilities=["8.9"])
+        build_engine(tmp_path / "missing.onnx", tmp_path / "m.engine", RTX())
+    with pytest.raises(UsageError, match="TensorRT-RTX setting"):
+        build_engine(onnx_path, tmp_path / "m.engine", BuildSettings(flavor="trt", compute_capabilities=["8.9"]))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["m.onnx", "m", "m.engine.json", "m.trt"])
+def test_engine_path_needs_an_engine_suffix(rtx, onnx_files, tmp_path, name):
+    with pytest.raises(OutputError, match=r"engine files end in \.engine or \.plan") as e:
+        build_engine(onnx_files["kv", "fp32"], tmp_path / name, RTX())
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_engine_path_may_not_be_the_onnx(rtx, onnx_files, tmp_path):
+    onnx_path = tmp_path / "m.plan"
+    shutil.copy(onnx_files["kv", "fp32"], onnx_path)
+    before = onnx_path.read_bytes()
+    with pytest.raises(OutputError, match="same file as the ONNX"):
+        build_engine(onnx_path, onnx_path, RTX())
+    assert onnx_path.read_bytes() == before
+
+
+def test_plan_suffix_builds(rtx, onnx_files, tmp_path):
+    res = build_engine(onnx_files["kv", "fp32"], tmp_path / "m.plan", RTX(max_batch=2))
+    assert res.sidecar_path == tmp_path / "m.plan.json" and read_sidecar(res.engine_path) == res.sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.plan", "m.plan.json"]  # no staging folder left
 
 
 def test_fixed_batch_onnx_needs_matching_profile(rtx, tmp_path):
@@ -170,8 +240,8 @@ def test_fixed_batch_onnx_needs_matching_profile(rtx, tmp_path):
         torch.onnx.export(fold_model(tiny_model(alpha=0.0), "tokens"), torch.randn(2, 3, 32, 32), path, dynamo=False,
                           opset_version=17, input_names=["images"], output_names=["logits"])
     with pytest.raises(VFPTError, match="fixed batch of 2; build with --batch 2"):
-        build_engine(path, tmp_path / "m.engine", flavor="trt-rtx", metadata=META)
-    assert build_engine(path, tmp_path / "m.engine", flavor="trt-rtx", batch=2, metadata=META).sidecar["profile"]["max"][0] == 2
+        build_engine(path, tmp_path / "m.engine", RTX(), metadata=META)
+    assert build_engine(path, tmp_path / "m.engine", RTX(batch=2), metadata=META).sidecar["profile"]["max"][0] == 2
 
 
 # ---------------------------------------------------------------- missing TensorRT / GPU
@@ -207,14 +277,23 @@ def test_build_trt_without_tensorrt_or_gpu_fails_in_one_line(onnx_files, tmp_pat
     except ImportError:
         pass
     with pytest.raises(VFPTError, match=r"^--format trt needs TensorRT \(Python module 'tensorrt'\) and a CUDA GPU"):
-        build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", flavor="trt")
+        build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", BuildSettings(flavor="trt"))
 
 
 # ---------------------------------------------------------------- loading engines: checks before the GPU
 
+@pytest.fixture(scope="module")
+def built_engine(rtx, onnx_files, tmp_path_factory):
+    return build_engine(onnx_files["kv", "fp32"], tmp_path_factory.mktemp("engine") / "m.engine",
+                        RTX(max_batch=4)).engine_path
+
+
 @pytest.fixture
-def engine(rtx, onnx_files, tmp_path):
-    return build_engine(onnx_files["kv", "fp32"], tmp_path / "m.engine", flavor="trt-rtx", max_batch=4).engine_path
+def engine(built_engine, tmp_path):
+    """A fresh copy of one built engine and its sidecar, free to tamper with."""
+    shutil.copy(built_engine, tmp_path / "m.engine")
+    shutil.copy(sidecar_path(built_engine), tmp_path / "m.engine.json")
+    return tmp_path / "m.engine"
 
 
 def _edit_sidecar(engine_path, fn):
@@ -236,6 +315,32 @@ def test_sidecar_problems(engine, tmp_path):
     sidecar_path(engine).unlink()
     with pytest.raises(VFPTError, match="has no sidecar m.engine.json"):
         TensorRTPredictor(engine)
+
+
+TAMPERED = {
+    "tensorrt.version a number": (lambda s: s["tensorrt"].update(version=10.3), "tensorrt.version must be a version"),
+    "tensorrt.version missing": (lambda s: s["tensorrt"].pop("version"), "tensorrt.version must be a version"),
+    "version a string": (lambda s: s.update(version="1"), "sidecar version must be an integer"),
+    "profile negative batch": (lambda s: s["profile"].update(min=[-1, 3, 32, 32]), "profile batch must be an integer"),
+    "profile huge batch": (lambda s: s["profile"].update(max=[10**12, 3, 32, 32]), r"profile batch .*\[1, 65536\]"),
+    "resize 60000": (lambda s: s["metadata"]["preprocess"].update(resize=[60000, 60000]), "preprocess resize"),
+    "classes not a list": (lambda s: s["metadata"].update(classes="a,b,c,d,e"), "classes must be a non-empty list"),
+    "engine.sha256 not hex": (lambda s: s["engine"].update(sha256="z" * 64), "engine.sha256 must be a sha256"),
+    "gpu a string": (lambda s: s.update(gpu="NVIDIA GeForce RTX 4090"), "gpu must be null or"),
+    "version_compatible yes": (lambda s: s["build"].update(version_compatible="yes"),
+                               "build.version_compatible must be true or false"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_sidecar_is_one_artifact_error(engine, case):
+    edit, match = TAMPERED[case]
+    _edit_sidecar(engine, edit)
+    for load in (read_sidecar, TensorRTPredictor):
+        with pytest.raises(VFPTError, match=match) as e:
+            load(engine)
+        assert type(e.value) is ArtifactError, (load, type(e.value))
+        assert "\n" not in str(e.value) and "m.engine.json" in str(e.value)
 
 
 def test_engine_from_another_tensorrt_version(engine):
@@ -272,6 +377,169 @@ def test_engine_that_does_not_match_its_sidecar(engine, monkeypatch):
         TensorRTPredictor(engine)
 
 
+# ---------------------------------------------------------------- the predictor's CUDA plumbing, on fakes
+
+class FakeCudart:
+    """cuda-python's runtime API on host memory: pointers are ctypes buffers, copies are memmove."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = 1, 2
+
+    def __init__(self, fail_malloc_at: int | None = None):
+        self.mem, self.streams, self.mallocs, self.fail_malloc_at = {}, set(), 0, fail_malloc_at
+
+    def _alloc(self, n):
+        buf = ctypes.create_string_buffer(n)
+        self.mem[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    def cudaSetDevice(self, index):
+        return (0,)
+
+    def cudaStreamCreate(self):
+        self.streams.add(7)
+        return 0, 7
+
+    def cudaMallocHost(self, n):
+        return self._alloc(n)
+
+    def cudaMalloc(self, n):
+        self.mallocs += 1
+        return (2, None) if self.mallocs == self.fail_malloc_at else self._alloc(n)
+
+    def cudaGetErrorName(self, err):
+        return 0, b"cudaErrorMemoryAllocation"
+
+    def cudaGetErrorString(self, err):
+        return 0, b"out of memory"
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        assert stream in self.streams
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaFree(self, ptr):
+        del self.mem[ptr]
+        return (0,)
+
+    cudaFreeHost = cudaFree
+
+    def cudaStreamDestroy(self, stream):
+        self.streams.remove(stream)
+        return (0,)
+
+
+class FakeContext:
+    """execute_async_v3 writes logits = 2 * the first 5 input values of each image."""
+
+    def __init__(self):
+        self.addresses, self.shape, self.runs = {}, None, 0
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def set_input_shape(self, name, shape):
+        self.shape = shape
+        return True
+
+    def execute_async_v3(self, stream):
+        b, n_in = self.shape[0], int(np.prod(self.shape[1:]))
+        x = np.ctypeslib.as_array(ctypes.cast(self.addresses["images"], ctypes.POINTER(ctypes.c_float)), (b, n_in))
+        out = np.ctypeslib.as_array(ctypes.cast(self.addresses["logits"], ctypes.POINTER(ctypes.c_float)), (b, 5))
+        out[:] = 2 * x[:, :5]
+        self.runs += 1
+        return True
+
+
+class FakeEngine:
+    num_io_tensors, device_memory_size_v2 = 2, 12345
+
+    def get_tensor_name(self, i):
+        return ["images", "logits"][i]
+
+    def get_tensor_profile_shape(self, name, profile):
+        return (2, 3, 32, 32), (4, 3, 32, 32), (4, 3, 32, 32)  # min batch 2: a single image is padded
+
+    def get_tensor_dtype(self, name):
+        return np.float32
+
+    def get_tensor_shape(self, name):
+        return (-1, 5)
+
+    def create_execution_context(self):
+        return FakeContext()
+
+
+@pytest.fixture
+def fake_gpu(engine, rtx, monkeypatch):
+    """The real sidecar checks on a real engine file, then a fake TensorRT runtime and CUDA."""
+    class Logger:
+        ERROR = 0
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:  # no get_engine_validity: as in older TensorRT
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return FakeEngine()
+
+    cudart = FakeCudart()
+    fake_trt = SimpleNamespace(__version__=rtx.__version__, nptype=lambda d: d, Logger=Logger, Runtime=Runtime)
+    monkeypatch.setattr(runner, "import_tensorrt", lambda flavor: fake_trt)
+    monkeypatch.setattr(runner, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(runner, "cuda_device", lambda index=0: CudaDevice(0, "NVIDIA GeForce RTX 4090", "8.9"))
+    return engine, cudart
+
+
+def test_predictor_public_api(fake_gpu):
+    engine, cudart = fake_gpu
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)
+    with TensorRTPredictor(engine) as p:
+        assert p.stream == 7 and p.activation_bytes == 12345
+        assert p.io_bytes == 4 * 3 * 32 * 32 * 4 + 4 * 5 * 4  # input + output buffers for the largest batch
+        with pytest.raises(UsageError, match=r"call load\(batch\) first"):
+            p.execute()
+        np.testing.assert_array_equal(p.infer(x), 2 * x.reshape(5, -1)[:, :5])  # 4 + 1 (padded to 2)
+        assert p.load(x[:1]) == 2 and p.context.shape == (2, 3, 32, 32)
+        runs = p.context.runs
+        p.execute()
+        p.execute()
+        assert p.context.runs == runs + 2
+        assert p.load(x[:3]) == 3
+        with pytest.raises(UsageError, match="1..4 images"):
+            p.load(x)
+        with pytest.raises(UsageError, match=r"engine input is \[N, 3, 32, 32\]"):
+            p.infer(x[:, :, :16])
+    assert not cudart.mem and not cudart.streams  # every buffer and the stream freed
+    p.close()  # idempotent
+    with pytest.raises(UsageError, match="closed"):
+        p.execute()
+    with pytest.raises(UsageError, match="closed"):
+        p.infer(x)
+    assert p.io_bytes == 0
+
+
+def test_predictor_frees_what_it_allocated_when_opening_fails(fake_gpu, monkeypatch):
+    engine, _ = fake_gpu
+    cudart = FakeCudart(fail_malloc_at=2)  # the output buffer's device allocation fails
+    monkeypatch.setattr(runner, "import_cudart", lambda: cudart)
+    with pytest.raises(RuntimeSetupError, match="CUDA error during cudaMalloc: cudaErrorMemoryAllocation"):
+        TensorRTPredictor(engine)
+    assert not cudart.mem and not cudart.streams
+
+
+def test_cuda_check_is_public():
+    assert runner.cuda_check(FakeCudart(), (0, 5), "x") == 5
+    with pytest.raises(RuntimeSetupError, match="CUDA error during x: cudaErrorMemoryAllocation"):
+        runner.cuda_check(FakeCudart(), (2, None), "x")
+
+
 def _trt_sidecar(version="10.3.0", cc="8.9", name="NVIDIA L4", **build):
     return {"tensorrt": {"flavor": "trt", "module": "tensorrt", "version": version},
             "gpu": {"name": name, "compute_capability": cc},
@@ -306,6 +574,15 @@ def test_runtime_module_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_exporter_module_imports_no_torch():
+    code = "import sys, vfpt_deploy.exporters.tensorrt; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # nor does asking for the build GPU (cuda-python's runtime answers; torch only if already loaded)
+    code = ("import sys; from vfpt_deploy.exporters.tensorrt import builder_gpu; builder_gpu(); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ---------------------------------------------------------------- ViT-B/16 (slow)
 
 @pytest.mark.slow
@@ -321,7 +598,7 @@ def test_rtx_builds_vit_b16(rtx, tmp_path):
     meta = {"classes": [str(i) for i in range(10)], "preprocess": {"resize": [224, 224]}}
     onnx_path = export_module(fold_model(model, "kv"), tmp_path / "b16.onnx", image_size=(224, 224),
                               precision="fp16", metadata=meta).path
-    res = build_engine(onnx_path, tmp_path / "b16.engine", flavor="trt-rtx", precision="fp16", max_batch=8)
+    res = build_engine(onnx_path, tmp_path / "b16.engine", RTX(precision="fp16", max_batch=8))
     assert res.sidecar["profile"]["max"] == [8, 3, 224, 224]
     assert res.sidecar["build"]["precision_mode"] == "strongly-typed"
     assert res.engine_bytes > 150e6  # the fp16 weights (86M parameters) live in the engine
@@ -359,8 +636,9 @@ def test_gpu_export_and_verify(flavor, precision, tmp_path):
              Preprocess(resize=[32, 32]))
     run = load_run(tmp_path / "run.pt")
     onnx_path = export_onnx(run, tmp_path / "m.onnx", fold="kv", precision=precision).path
-    res = build_engine(onnx_path, tmp_path / "m.engine", flavor=flavor, precision=precision, max_batch=8,
-                       timing_cache=tmp_path / "tc.bin" if flavor == "trt" else None)
+    settings = BuildSettings(flavor=flavor, precision=precision, max_batch=8,
+                             timing_cache=tmp_path / "tc.bin" if flavor == "trt" else None)
+    res = build_engine(onnx_path, tmp_path / "m.engine", settings)
     assert res.sidecar["gpu"]["compute_capability"] == "%d.%d" % torch.cuda.get_device_capability(0)
     pred = TensorRTPredictor(res.engine_path)
     x = torch.randn(11, 3, 32, 32)  # more than max_batch, and not a multiple of it

@@ -1,19 +1,36 @@
-"""onnxruntime backend: providers chosen by what really works here, metadata from the model itself."""
+"""onnxruntime backend: providers chosen by what really works here, metadata from the model itself.
+
+`make_session` is the one place an InferenceSession is made (OnnxPredictor, the benchmarks). A GPU
+provider that cannot load its libraries makes onnxruntime log errors, print "EP Error" and quietly run on
+the CPU: the noise is kept from the user, and asking for a GPU provider that fell back is refused in one
+line unless allow_fallback.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from vfpt_deploy.errors import ArtifactError, RuntimeSetupError
+from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, check_metadata, check_output_width, decode_metadata, is_engine
+from vfpt_deploy.threads import resolve_threads
 
 from .predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 _ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
             "trt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider"}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+# Providers that run on a GPU: asking for one and getting the CPU is a fallback the user must accept.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider",
+                 "MIGraphXExecutionProvider")
+_ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level: warnings and up
+_QUIET_SEVERITY = 4  # fatal only: hides the provider-library load errors
 
 
 def gpu_present() -> bool:
@@ -31,6 +48,11 @@ def default_providers() -> list[str]:
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
+def provider_name(name: str) -> str:
+    """'cuda' -> 'CUDAExecutionProvider'; full names pass through."""
+    return _ALIASES.get(name.lower(), name)
+
+
 def resolve_providers(names: list[str] | None) -> list[str]:
     import onnxruntime as ort
 
@@ -39,7 +61,7 @@ def resolve_providers(names: list[str] | None) -> list[str]:
     out = []
     available = ort.get_available_providers()
     for n in names:
-        full = _ALIASES.get(n.lower(), n)
+        full = provider_name(n)
         if full not in available:
             raise RuntimeSetupError(f"execution provider {n!r} is not available in this onnxruntime "
                                     f"(available: {', '.join(available)})")
@@ -47,13 +69,52 @@ def resolve_providers(names: list[str] | None) -> list[str]:
     return out
 
 
-def make_session(path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None,
-                 optimization: str = "all", optimized_model_path: str | None = None):
-    """An InferenceSession. threads: intra-op threads (None = onnxruntime's default, one per core)."""
+def check_threads(threads) -> int | None:
+    """None (onnxruntime's default: one per core) or an integer 1..MAX_THREADS (vfpt_deploy.threads' check)."""
+    return None if threads is None else resolve_threads(threads)
+
+
+def _with_options(providers: list[str], provider_options: dict[str, dict] | None) -> list:
+    """Provider names, each paired with its options where some are given: [(name, {key: str}), ...]."""
+    opts = {provider_name(k): v for k, v in (provider_options or {}).items()}
+    unknown = [k for k in opts if k not in providers]
+    if unknown:
+        raise UsageError(f"provider options for {unknown[0]}, which is not among the providers "
+                         f"({', '.join(providers)})")
+    return [(p, {str(k): str(v) for k, v in opts[p].items()}) if p in opts else p for p in providers]
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """Keep onnxruntime's own noise off the terminal while a session is made: provider-library load errors
+    (its default logger, raised to fatal-only here) and the 'EP Error ... Falling back' text its Python
+    wrapper prints. Both are restored afterwards; what was printed goes to this module's debug log."""
     import onnxruntime as ort
 
+    out, err = io.StringIO(), io.StringIO()
+    ort.set_default_logger_severity(_QUIET_SEVERITY)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+        noise = (out.getvalue() + err.getvalue()).strip()
+        if noise:
+            log.debug("onnxruntime, while creating a session:\n%s", noise)
+
+
+def check_fallback(asked: list[str], used: list[str]) -> None:
+    """Refuse a session that was asked for GPU providers and runs on none of them."""
+    gpu = [p for p in asked if p in GPU_PROVIDERS]
+    if gpu and not any(p in used for p in gpu):
+        where = "CPU" if set(used) <= {"CPUExecutionProvider"} else ", ".join(used)
+        raise RuntimeSetupError(f"asked for {' and '.join(gpu)} but onnxruntime fell back to {where} (no usable "
+                                "GPU/CUDA libraries); use --providers cpu, or --allow-fallback to accept the CPU")
+
+
+def _session_options(ort, threads: int | None, optimization: str, optimized_model_path):
     if optimization not in _OPT_LEVELS:
-        raise RuntimeSetupError(f"optimization must be one of {', '.join(_OPT_LEVELS)}")
+        raise UsageError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -64,22 +125,53 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     if optimized_model_path:
         so.optimized_model_filepath = str(optimized_model_path)
     so.log_severity_level = 3
+    return so
+
+
+def make_session(path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None,
+                 optimization: str = "all", optimized_model_path: str | None = None,
+                 provider_options: dict[str, dict] | None = None, allow_fallback: bool = False):
+    """An InferenceSession. threads: intra-op threads (None = onnxruntime's default, one per core).
+    providers: names or aliases (cpu, cuda, tensorrt); None: the best that can really run here.
+    provider_options: {provider: {option: value}}, e.g. {'cuda': {'device_id': 0}}.
+    allow_fallback: accept a session that asked for a GPU provider and runs on the CPU."""
+    import onnxruntime as ort
+
+    threads = check_threads(threads)
+    so = _session_options(ort, threads, optimization, optimized_model_path)
     path = Path(path)
     if not path.is_file():
-        raise RuntimeSetupError(f"model {path} does not exist; export one with 'vfpt-deploy export'")
+        raise ArtifactError(f"model {path} does not exist; export one with 'vfpt-deploy export'")
+    asked = resolve_providers(providers)
+    wanted = _with_options(asked, provider_options)
     try:
-        return ort.InferenceSession(str(path), so, providers=resolve_providers(providers))
+        with quiet_onnxruntime():
+            session = ort.InferenceSession(str(path), so, providers=wanted)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise RuntimeSetupError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
+        raise ArtifactError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0][:200]}") from None
+    if not allow_fallback:
+        check_fallback(asked, session.get_providers())
+    return session
 
 
 class OnnxPredictor(Predictor):
-    """Serve an exported VFPT ONNX model with onnxruntime."""
+    """Serve an exported VFPT ONNX model with onnxruntime. `session` is the InferenceSession (None once
+    closed); `providers` what it really runs on."""
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", allow_fallback: bool = False,
+                 provider_options: dict[str, dict] | None = None) -> None:
         self.path = Path(path)
-        self.session = make_session(path, providers, threads=threads, optimization=optimization)
+        self.session = make_session(path, providers, threads=threads, optimization=optimization,
+                                    provider_options=provider_options, allow_fallback=allow_fallback)
+        try:
+            self._check_model()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_model(self) -> None:
+        path = self.path
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
@@ -91,15 +183,16 @@ class OnnxPredictor(Predictor):
 
     @property
     def providers(self) -> list[str]:
-        """The providers the session really uses (not the ones asked for)."""
-        return self.session.get_providers()
+        """The providers the session really uses (not the ones asked for); empty once closed."""
+        return list(self.session.get_providers()) if self.session is not None else []
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self.session is None:
-            raise RuntimeSetupError(f"the predictor for {self.path} is closed")
+            raise RuntimeSetupError(f"the predictor for {self.path} is closed; open a new one")
         return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def close(self) -> None:
+        """Release the session (its memory goes when nothing else holds it). Safe to call twice."""
         self.session = None
 
 

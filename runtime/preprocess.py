@@ -47,7 +47,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path} declares more pixels than PIL allows (a decompression bomb); resize it first") from None
+        raise ImageError(f"{path} declares more pixels than the {MAX_IMAGE_PIXELS // 10**6} megapixel limit (a "
+                         "decompression bomb or a huge scan); resize it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{path} is not a readable image ({type(e).__name__}); pass PNG/JPEG/... files") from None
 

@@ -7,6 +7,7 @@ with its default linear interpolation, std with ddof=1).
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -21,10 +22,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.errors import UsageError
 
 PERCENTILES = (50, 90, 95, 99)
-MAX_ITERS = 1_000_000  # a duration-bound loop stops here even if each call takes nanoseconds
+MAX_ITERS = 1_000_000  # most calls a loop makes (a duration-bound loop stops here even at nanoseconds a call)
+MAX_SECONDS = 3600.0  # longest warm-up or measurement of one loop
 
 
 class Timer(Protocol):
@@ -48,7 +50,8 @@ class PerfCounterTimer:
 @dataclass(frozen=True)
 class LoopSpec:
     """How long to warm up and how long to measure. Exactly one of warmup / warmup_s and one of
-    iters / duration_s is set; check() says what is wrong with anything else."""
+    iters / duration_s is set; check() says, in one line, what is wrong with anything else. Seconds are
+    finite, > 0 and at most MAX_SECONDS; counts are integers of at most MAX_ITERS."""
 
     warmup: int | None = 10
     warmup_s: float | None = None
@@ -58,42 +61,58 @@ class LoopSpec:
 
     def check(self) -> "LoopSpec":
         if (self.warmup is None) == (self.warmup_s is None):
-            raise VFPTError("give the warm-up as a count or as seconds, not both and not neither")
-        if self.warmup is not None and self.warmup < 0:
-            raise VFPTError(f"warm-up count must be >= 0, got {self.warmup}")
-        if self.warmup_s is not None and not self.warmup_s > 0:
-            raise VFPTError(f"warm-up seconds must be > 0, got {self.warmup_s}")
+            raise UsageError("give the warm-up as a count or as seconds, not both and not neither")
         if (self.iters is None) == (self.duration_s is None):
-            raise VFPTError("give the measurement as iterations or as a duration in seconds, not both and not neither")
-        if self.iters is not None and self.iters < 1:
-            raise VFPTError(f"iterations must be >= 1, got {self.iters}")
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise VFPTError(f"duration must be > 0 seconds, got {self.duration_s}")
-        if self.min_iters < 1:
-            raise VFPTError(f"min_iters must be >= 1, got {self.min_iters}")
+            raise UsageError("give the measurement as iterations or as a duration in seconds, not both and not neither")
+        if self.warmup is not None:
+            _count(self.warmup, "warm-up count", 0)
+        if self.warmup_s is not None:
+            _seconds(self.warmup_s, "warm-up time")
+        if self.iters is not None:
+            _count(self.iters, "iterations", 1)
+        if self.duration_s is not None:
+            _seconds(self.duration_s, "duration")
+        _count(self.min_iters, "min_iters", 1)
         return self
 
 
-def measure(fn: Callable[[], object], spec: LoopSpec, timer: Timer | None = None) -> np.ndarray:
-    """Warm up, then time fn call by call. Returns the per-call durations in seconds (float64)."""
+def _count(v, what: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= MAX_ITERS:
+        raise UsageError(f"{what} must be an integer >= {lo} and <= {MAX_ITERS}, got {v!r}")
+    return int(v)
+
+
+def _seconds(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(v) and 0 < v <= MAX_SECONDS):
+        raise UsageError(f"{what} must be a finite number of seconds > 0 and <= {MAX_SECONDS:g}, got {v!r}")
+    return float(v)
+
+
+def measure(fn: Callable[[], object], spec: LoopSpec, timer: Timer | None = None,
+            clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
+    """Warm up, then time fn call by call. Returns the per-call durations in seconds (float64).
+    clock bounds the warm-up and a duration-bound loop (tests pass a fake one); timer times each call."""
     spec.check()
     timer = timer or PerfCounterTimer()
     if spec.warmup is not None:
         for _ in range(spec.warmup):
             fn()
     else:
-        t_end = time.perf_counter() + spec.warmup_s
+        t_end = clock() + spec.warmup_s
         fn()  # at least once: the first call is where lazy initialisation happens
-        while time.perf_counter() < t_end:
+        calls = 1
+        while clock() < t_end and calls < MAX_ITERS:
             fn()
+            calls += 1
     times: list[float] = []
     if spec.iters is not None:
         for _ in range(spec.iters):
             times.append(timer.time(fn))
     else:
-        # Bound by the wall clock (not by the sum of timed durations) so slow untimed work still ends it.
-        t_end = time.perf_counter() + spec.duration_s
-        while (time.perf_counter() < t_end or len(times) < spec.min_iters) and len(times) < MAX_ITERS:
+        # Bound by the clock (not by the sum of timed durations) so slow untimed work still ends it.
+        t_end = clock() + spec.duration_s
+        while (clock() < t_end or len(times) < spec.min_iters) and len(times) < MAX_ITERS:
             times.append(timer.time(fn))
     return np.asarray(times, dtype=np.float64)
 
@@ -121,9 +140,9 @@ def summarize(seconds: np.ndarray | list[float], batch: int = 1) -> Stats:
     """Stats of per-call durations (seconds). std uses ddof=1 (0 for a single call)."""
     t = np.asarray(seconds, dtype=np.float64)
     if t.ndim != 1 or t.size == 0:
-        raise VFPTError("summarize needs a non-empty 1-D sequence of durations")
+        raise UsageError("summarize needs a non-empty 1-D sequence of durations")
     if batch < 1:
-        raise VFPTError(f"batch must be >= 1, got {batch}")
+        raise UsageError(f"batch must be >= 1, got {batch}")
     ms = t * 1e3
     p50, p90, p95, p99 = np.percentile(ms, PERCENTILES)
     total = float(t.sum())
@@ -193,6 +212,15 @@ def physical_cores() -> int | None:
     return len(pairs) or None
 
 
+def physical_memory_bytes() -> int | None:
+    """Physical RAM of this machine (sysconf pages x page size); None where the OS does not say."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+    return int(pages * size) if pages > 0 and size > 0 else None
+
+
 def gpus() -> list[str]:
     """GPU names from nvidia-smi (no CUDA library needed); empty where there is none."""
     exe = shutil.which("nvidia-smi")
@@ -227,6 +255,7 @@ def machine_info() -> dict:
         "physical_cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,  # CPU affinity (containers / taskset)
+        "physical_memory_bytes": physical_memory_bytes(),
         "gpus": gpus(),
         "os": platform.platform(),
         "python": platform.python_version(),

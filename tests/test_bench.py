@@ -1,16 +1,17 @@
 import csv
 import json
 import os
+import math
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from vfpt_deploy.bench import BenchSettings, OrtBackend, Unavailable, parse_batches, run_bench
+from vfpt_deploy.bench import BenchReport, BenchSettings, OrtBackend, Result, Unavailable, parse_batches, run_bench
 from vfpt_deploy.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
@@ -38,17 +39,19 @@ def run_pt(tmp_path_factory):
 
 
 # -- statistics --------------------------------------------------------------------------------------
-def test_percentiles_agree_with_numpy():
-    rng = np.random.default_rng(0)
-    t = rng.lognormal(-4, 0.5, size=1001)  # seconds, skewed like real latencies
-    s = summarize(t, batch=8)
-    ms = t * 1e3
-    for q, got in zip((50, 90, 95, 99), (s.p50_ms, s.p90_ms, s.p95_ms, s.p99_ms)):
-        assert got == pytest.approx(np.percentile(ms, q), rel=1e-12)
-    assert s.mean_ms == pytest.approx(ms.mean(), rel=1e-12)
-    assert s.std_ms == pytest.approx(ms.std(ddof=1), rel=1e-12)
-    assert (s.min_ms, s.max_ms, s.n) == (pytest.approx(ms.min()), pytest.approx(ms.max()), 1001)
-    assert s.throughput == pytest.approx(8 * 1001 / t.sum())
+def test_summary_against_hand_computed_values():
+    # 1, 2, 3, 4, 10 ms. Linear interpolation between order statistics at rank q/100 * (n - 1):
+    #   p50 -> rank 2.0  -> 3
+    #   p90 -> rank 3.6  -> 4 + 0.6 * (10 - 4) = 7.6
+    #   p95 -> rank 3.8  -> 4 + 0.8 * 6       = 8.8
+    #   p99 -> rank 3.96 -> 4 + 0.96 * 6      = 9.76
+    # mean 20 / 5 = 4; std (ddof=1): squared deviations 9 + 4 + 1 + 0 + 36 = 50, / 4 = 12.5 -> sqrt(12.5)
+    # throughput at batch 2: 2 images * 5 calls / 0.020 s = 500 images/s
+    s = summarize([0.003, 0.010, 0.001, 0.004, 0.002], batch=2)  # order must not matter
+    assert s.n == 5 and (s.min_ms, s.max_ms) == pytest.approx((1.0, 10.0))
+    assert (s.p50_ms, s.p90_ms, s.p95_ms, s.p99_ms) == pytest.approx((3.0, 7.6, 8.8, 9.76))
+    assert s.mean_ms == pytest.approx(4.0) and s.std_ms == pytest.approx(12.5 ** 0.5)
+    assert s.throughput == pytest.approx(500.0)
 
 
 def test_percentiles_on_known_values():
@@ -60,20 +63,49 @@ def test_percentiles_on_known_values():
         summarize([])
 
 
-def test_measure_by_count_and_by_time():
+class FakeTime:
+    """A clock that moves only when the measured function runs: one call takes `step` seconds."""
+
+    def __init__(self, step: float = 1.0):
+        self.now, self.step, self.calls = 0.0, step, 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def fn(self) -> None:
+        self.calls += 1
+        self.now += self.step
+
+    def time(self, fn) -> float:  # a Timer reading the same clock
+        t0 = self.now
+        fn()
+        return self.now - t0
+
+
+def test_measure_by_count():
     calls = []
     times = measure(lambda: calls.append(1), LoopSpec(warmup=3, iters=7))
     assert len(times) == 7 and len(calls) == 10 and (times >= 0).all()
 
-    calls.clear()
-    t0 = time.perf_counter()
-    times = measure(lambda: (calls.append(1), time.sleep(0.01)), LoopSpec(warmup=None, warmup_s=0.05, iters=None, duration_s=0.15))
-    elapsed = time.perf_counter() - t0
-    assert 0.19 < elapsed < 1.0
-    assert 5 <= len(times) <= 16 and len(calls) >= len(times) + 2  # warm-up ran for ~0.05 s too
-    assert np.all(times >= 0.009)
+
+def test_measure_by_time_counts_calls_on_a_fake_clock():
+    ft = FakeTime(step=1.0)
+    times = measure(ft.fn, LoopSpec(warmup=None, warmup_s=5, iters=None, duration_s=15), timer=ft, clock=ft.clock)
+    # warm-up: calls at t = 0, 1, 2, 3, 4 (the clock reaches 5); measurement: t = 5 .. 19 (reaches 20)
+    assert ft.calls == 20 and len(times) == 15 and np.all(times == 1.0)
     # a duration shorter than one call still yields min_iters calls
-    assert len(measure(lambda: time.sleep(0.01), LoopSpec(warmup=0, iters=None, duration_s=1e-6, min_iters=3))) == 3
+    ft = FakeTime(step=1.0)
+    times = measure(ft.fn, LoopSpec(warmup=0, iters=None, duration_s=0.5, min_iters=3), timer=ft, clock=ft.clock)
+    assert len(times) == 3 and ft.calls == 3
+
+
+def test_measure_by_time_stops_at_max_iters(monkeypatch):
+    import vfpt_deploy.runtime.timing as timing
+
+    monkeypatch.setattr(timing, "MAX_ITERS", 40)
+    ft = FakeTime(step=0.0)  # a clock that never moves: only the call bound ends the loops
+    times = measure(ft.fn, LoopSpec(warmup=None, warmup_s=1, iters=None, duration_s=1), timer=ft, clock=ft.clock)
+    assert len(times) == 40 and ft.calls == 80
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -122,7 +154,7 @@ def test_machine_info_and_timing_import_no_torch():
 # -- end to end --------------------------------------------------------------------------------------
 def test_bench_cli_end_to_end(run_pt, tmp_path):
     out_json, out_csv, out_png = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    res = invoke("bench", run_pt, *FAST, "--json", out_json, "--csv", out_csv, "--plot", out_png)
+    res = invoke("bench", run_pt, *FAST, "--report", out_json, "--csv", out_csv, "--plot", out_png)
     assert res.exit_code == 0, res.output
     assert "torch-folded" in res.output and "ort-cpu" in res.output and "p99" in res.output
 
@@ -166,6 +198,24 @@ def test_bench_onnx_artifact_by_duration(run_pt, tmp_path):
     assert report.results[0].detail["artifact"] == "m.onnx"
 
 
+def test_json_report_is_strict(tmp_path):
+    """A non-finite number (a zero-duration loop's throughput, say) is written as null, never as NaN."""
+    stats = summarize([0.0, 0.0]).to_dict()
+    assert math.isinf(stats["throughput"])
+    stats["p99_ms"] = float("nan")
+    report = BenchReport({"cpu_model": "x", "versions": {}}, {"threads": None},
+                         [Result("ort-cpu", 1, "host", stats, 1.0, None, "cpu", detail={"x": float("inf")})])
+    text = report.write_json(tmp_path / "r.json").read_text()
+
+    def refuse(name):
+        raise AssertionError(f"{name} written to strict JSON")
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data["results"][0]["stats"]["throughput"] is None and data["results"][0]["stats"]["p99_ms"] is None
+    with open(report.write_csv(tmp_path / "r.csv")) as f:
+        assert json.loads(next(csv.DictReader(f))["detail"], parse_constant=refuse) == {"x": None}
+
+
 @pytest.mark.skipif(gpu_present(), reason="checks the CPU-only fallback")
 def test_ort_cuda_fallback_is_reported_not_timed(run_pt, tmp_path):
     from vfpt_deploy.checkpoint import load_run
@@ -176,20 +226,36 @@ def test_ort_cuda_fallback_is_reported_not_timed(run_pt, tmp_path):
         OrtBackend("ort-cuda", "ort-cuda", onnx_path, None, 0, {})
 
 
+def flat(output: str) -> str:
+    """CLI output on one line: rich's error box (borders, wrapping) removed."""
+    return " ".join(output.replace("│", " ").replace("╭", " ").replace("╰", " ").split())
+
+
+# words: a regex; range errors come from the library (">= 1") or from the CLI's own option ranges
 @pytest.mark.parametrize("args, words", [
     (["--batch", "0"], "positive"),
     (["--batch", "1,x"], "comma-separated"),
     (["--iters", "5", "--duration", "1"], "not both"),
     (["--warmup", "2", "--warmup-time", "1"], "not both"),
-    (["--iters", "0"], ">= 1"),
+    (["--iters", "0"], ">= 1|greater than or equal to 1"),
+    (["--iters", "2000000"], "<= 1000000|less than or equal to 1000000"),
+    (["--warmup", "2000000"], "<= 1000000|less than or equal to 1000000"),
+    (["--duration", "inf"], "finite"),
+    (["--warmup-time", "inf"], "finite"),  # refused at once, never an endless warm-up
+    (["--duration", "nan"], "finite"),
+    (["--duration", "-1"], "> 0"),
+    (["--duration", "3601"], "<= 3600"),
+    (["--batch", "4097"], "4096"),
     (["--threads", "0"], "threads"),
+    (["--threads", "1025"], "threads"),
     (["--backend", "openvino"], "unknown backend"),
     (["--device", "tpu"], "device"),
 ])
 def test_bad_arguments_are_rejected(run_pt, args, words):
     res = invoke("bench", run_pt, "--backend", "torch", *args) if "--backend" not in args else invoke("bench", run_pt, *args)
-    assert res.exit_code == 1, res.output
-    assert words in res.output and "Traceback" not in res.output
+    assert res.exit_code in (1, 2) and isinstance(res.exception, SystemExit), res.output  # a one-line error, no crash
+    assert re.search(words, flat(res.output)) and "Traceback" not in res.output, res.output
+    assert "measuring" not in res.output  # refused before any backend ran
 
 
 def test_bad_inputs_are_rejected(run_pt, tmp_path):
@@ -199,7 +265,8 @@ def test_bad_inputs_are_rejected(run_pt, tmp_path):
                         ((run_pt, "--backend", "tensorrt"), "engine"),
                         ((tmp_path / "nope.pt",), "does not exist")]:
         res = invoke("bench", *args)
-        assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output, (args, res.output)
+        assert res.exit_code in (1, 2) and isinstance(res.exception, SystemExit), (args, res.output)
+        assert words in res.output and "Traceback" not in res.output, (args, res.output)
 
 
 def test_prompt_cost_script_tiny(tmp_path):

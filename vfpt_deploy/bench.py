@@ -13,15 +13,18 @@ inputs and outputs already on the device (onnxruntime IO binding) so copies are 
 end-to-end rows on GPU backends that time host->device copy, inference and device->host copy with
 perf_counter. Statistics and machine facts come from vfpt_deploy.runtime.timing.
 
+The ort-* and tensorrt backends run the runtime's own predictors (OnnxPredictor, TensorRTPredictor)
+through their public API; a run.pt is exported to ONNX by the one export pipeline (pipeline.export_run),
+verified against PyTorch like any export. Option values are checked here (one-line UsageError): loop
+lengths by LoopSpec, batch sizes 1..4096 and, once a model's image size is known, an input batch of at
+most a quarter of physical RAM, before anything is allocated.
+
 The GPU paths (CUDA events, IO binding, TensorRT engines) follow the documented torch / onnxruntime /
 TensorRT APIs; they run only where a GPU is present.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -30,29 +33,58 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError, VFPTError
 from .files import atomic_write, dumps_json
-from .errors import VFPTError
+from .schema import INPUT_NAME, OUTPUT_NAME
+from vfpt_deploy.runtime.onnx_runner import check_threads
 from vfpt_deploy.runtime.timing import LoopSpec, PerfCounterTimer, Timer, machine_info, measure, peak_rss_bytes, \
-    reset_peak_rss, summarize
+    physical_memory_bytes, reset_peak_rss, summarize
 
 BACKENDS = ("torch", "torch-folded", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+FOLDS = ("auto", "tokens", "kv", "none")  # torch-folded; the exported ONNX takes all but 'none'
 FORMAT = "vfpt-deploy.bench"
 VERSION = 1
 MiB = 1024**2
+MAX_BATCH = 4096
+INPUT_RAM_FRACTION = 0.25  # an input batch may take at most this share of the machine's physical RAM
 
 
 # -- settings and results ---------------------------------------------------------------------------
 def parse_batches(text: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32); positive integers, no repeats."""
+    """'1,8,32' -> (1, 8, 32); integers 1..MAX_BATCH, no repeats."""
     try:
         batches = tuple(int(b) for b in text.replace(" ", "").split(",") if b)
     except ValueError:
-        raise VFPTError(f"batch sizes are comma-separated positive integers (e.g. 1,8,32), got {text!r}") from None
-    if not batches or any(b < 1 for b in batches):
-        raise VFPTError(f"batch sizes must be positive integers (e.g. 1,8,32), got {text!r}")
-    if len(set(batches)) != len(batches):
-        raise VFPTError(f"batch sizes repeat in {text!r}")
+        raise UsageError(f"batch sizes are comma-separated positive integers (e.g. 1,8,32), got {text!r}") from None
+    if not batches:
+        raise UsageError(f"batch sizes must be positive integers (e.g. 1,8,32), got {text!r}")
+    check_batches(batches)
     return batches
+
+
+def check_batches(batches) -> tuple[int, ...]:
+    for b in batches:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= MAX_BATCH:
+            raise UsageError(f"batch sizes must be positive integers up to {MAX_BATCH}, got {b!r}")
+    if len(set(batches)) != len(batches):
+        raise UsageError(f"batch sizes repeat in {list(batches)}")
+    return tuple(int(b) for b in batches)
+
+
+def input_bytes(batch: int, image_size: tuple[int, int]) -> int:
+    """Bytes of one float32 [batch, 3, H, W] input."""
+    h, w = image_size
+    return int(batch) * 3 * int(h) * int(w) * 4
+
+
+def check_input_memory(batch: int, image_size: tuple[int, int]) -> None:
+    """Refuse, before allocating it, an input batch larger than INPUT_RAM_FRACTION of physical RAM."""
+    ram = physical_memory_bytes()
+    need = input_bytes(batch, image_size)
+    if ram is not None and need > INPUT_RAM_FRACTION * ram:
+        raise UsageError(f"batch {batch} of {image_size[0]}x{image_size[1]} images needs {need / MiB:.0f} MiB of input "
+                         f"alone, more than {INPUT_RAM_FRACTION:.0%} of this machine's {ram / MiB:.0f} MiB RAM; "
+                         "use smaller --batch sizes")
 
 
 @dataclass
@@ -66,12 +98,19 @@ class BenchSettings:
     seed: int = 0
 
     def check(self) -> "BenchSettings":
-        if not self.batches or any(int(b) < 1 for b in self.batches):
-            raise VFPTError(f"batch sizes must be positive integers, got {self.batches}")
-        if self.threads is not None and self.threads < 1:
-            raise VFPTError(f"threads must be >= 1 (or unset for the library default), got {self.threads}")
+        if not self.batches:
+            raise UsageError("give at least one batch size (e.g. 1,8,32)")
+        self.batches = check_batches(tuple(self.batches))
+        self.threads = check_threads(self.threads)
+        if self.fold not in FOLDS:
+            raise UsageError(f"fold must be one of {', '.join(FOLDS)}, got {self.fold!r}")
         self.loop.check()
         return self
+
+    def check_memory(self, image_size: tuple[int, int]) -> None:
+        """Every batch's input fits memory, for a model of this image size (checked before allocating)."""
+        for b in sorted(self.batches, reverse=True):
+            check_input_memory(b, image_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -95,7 +134,7 @@ class Result:
         return {"backend": self.backend, "batch": self.batch, "timing": self.timing, **self.stats,
                 "peak_rss_mib": self.peak_rss_mib, "cuda_peak_mib": self.cuda_peak_mib, "device": self.device,
                 "providers": ";".join(self.providers),
-                "detail": json.dumps(self.detail, sort_keys=True) if self.detail else ""}
+                "detail": dumps_json(self.detail, sort_keys=True) if self.detail else ""}
 
 
 @dataclass
@@ -117,7 +156,7 @@ class BenchReport:
                 "results": [asdict(r) for r in self.results], "skipped": [asdict(s) for s in self.skipped]}
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        text = json.dumps(self.to_dict(), indent=2)
+        text = dumps_json(self.to_dict(), indent=2)  # strict: a non-finite number is written as null
         atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
         return Path(path)
 
@@ -127,7 +166,7 @@ class BenchReport:
         machine_cols = {"cpu_model": m.get("cpu_model"), "physical_cores": m.get("physical_cores"),
                         "logical_cpus": m.get("logical_cpus"), "usable_cpus": m.get("usable_cpus"),
                         "threads": self.settings.get("threads"), "gpus": ";".join(m.get("gpus") or []),
-                        "versions": json.dumps(m.get("versions", {}), sort_keys=True), "time_utc": m.get("time_utc")}
+                        "versions": dumps_json(m.get("versions", {}), sort_keys=True), "time_utc": m.get("time_utc")}
         rows = [{**r.flat(), **machine_cols} for r in self.results]
 
         def write(tmp: str) -> None:
@@ -188,16 +227,17 @@ def machine_line(machine: dict, threads: int | None = None) -> str:
 
 
 # -- backends ----------------------------------------------------------------------------------------
-class Unavailable(Exception):
-    """A backend that cannot run here; the message is the reason shown to the user."""
+# A backend that cannot run here raises vfpt_deploy.errors.Unavailable (importable from this module too):
+# the run reports it as skipped, with the message as the reason.
 
 
 class Backend:
     """One way of running the model. `runner(batch, e2e)` prepares inputs and returns a no-argument call
-    that runs one inference; `timer(e2e)` is what times it."""
+    that runs one inference; `timer(e2e)` is what times it. `image_size` (H, W) is known once it is made."""
 
     name: str
     device: str = "cpu"
+    image_size: tuple[int, int]
     providers: list[str] = []
     detail: dict = {}
 
@@ -246,11 +286,11 @@ def _torch_device(device: str | None):
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise VFPTError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VFPTError(f"device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise VFPTError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+        raise UsageError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeSetupError(f"device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
     return dev
 
 
@@ -308,67 +348,40 @@ class TorchBackend(Backend):
             self.torch.cuda.empty_cache()
 
 
-ORT_PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
-                 "ort-trt": "TensorrtExecutionProvider"}
+# What each ort-* backend asks onnxruntime for; the first is the one it measures.
+ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
+                 "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 class OrtBackend(Backend):
-    """An ONNX file in onnxruntime with one execution provider; refuses to run when the session silently
-    fell back to another provider."""
+    """An ONNX file in onnxruntime through runtime.onnx_runner.OnnxPredictor, with one execution provider;
+    Unavailable when the session fell back to another provider (it would time the wrong thing)."""
 
     def __init__(self, name: str, kind: str, path: Path, threads: int | None, seed: int, detail: dict):
         import onnxruntime as ort
 
-        from vfpt_deploy.runtime.onnx_runner import RuntimeSetupError, make_session
+        from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
 
         self.ort = ort
         self.name, self.kind, self.path, self.seed = name, kind, Path(path), seed
-        want = ORT_PROVIDERS[kind]
+        asked = ORT_PROVIDERS[kind]
+        want = asked[0]
         if want not in ort.get_available_providers():
             raise Unavailable(f"this onnxruntime build ({ort.__version__}) has no {want}")
         self.stream, self.device_id = None, 0
-        providers: list = ["CPUExecutionProvider"]
-        if kind == "ort-cuda":
-            providers = [("CUDAExecutionProvider", self._cuda_options()), "CPUExecutionProvider"]
-        elif kind == "ort-trt":
-            providers = ["TensorrtExecutionProvider", ("CUDAExecutionProvider", self._cuda_options()),
-                         "CPUExecutionProvider"]
-        try:
-            if kind == "ort-cpu":
-                self.session = make_session(self.path, ["CPUExecutionProvider"], threads=threads)
-            else:
-                # A GPU EP that cannot load its libraries logs an error and falls back to CPU: keep the
-                # log quiet while probing and judge by what the session really uses. make_session takes
-                # provider names only; the CUDA stream option needs the (name, options) form.
-                so = ort.SessionOptions()
-                so.log_severity_level = 4
-                if threads:
-                    so.intra_op_num_threads = threads
-                ort.set_default_logger_severity(4)  # provider-library load errors go to the default logger
-                try:
-                    with contextlib.redirect_stdout(io.StringIO()):  # and its Python wrapper prints "EP Error"
-                        self.session = ort.InferenceSession(str(self.path), so, providers=providers)
-                finally:
-                    ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
-        except RuntimeSetupError as e:
-            raise VFPTError(str(e)) from None
-        except Exception as e:  # onnxruntime's own Fail / InvalidProtobuf types
-            raise VFPTError(f"onnxruntime cannot load {self.path}: {str(e).splitlines()[0][:200]}") from None
-        self.providers = list(self.session.get_providers())
+        options = {} if kind == "ort-cpu" else {"CUDAExecutionProvider": self._cuda_options()}
+        # Fallback is judged here, more strictly than the predictor does: the measured provider must come first.
+        self.predictor = OnnxPredictor(self.path, asked, threads=threads, allow_fallback=True, provider_options=options)
+        self.providers = self.predictor.providers
         if self.providers[0] != want:
+            self.predictor.close()
             raise Unavailable(f"onnxruntime lists {want} as available, but the session fell back to "
                               f"{', '.join(self.providers)} (no usable GPU / CUDA libraries here)")
         self.device = "cpu" if kind == "ort-cpu" else f"cuda:{self.device_id}"
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
-        h, w = inp.shape[2:4]
-        if not (isinstance(h, int) and isinstance(w, int)):
-            raise VFPTError(f"{self.path}: input {inp.name} has a dynamic image size {inp.shape}; export with a fixed size")
-        self.image_size = (h, w)
-        self.num_classes = out.shape[1] if isinstance(out.shape[1], int) else None
-        from vfpt_deploy.runtime.predictor import decode_metadata
-
-        meta = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.image_size = tuple(self.predictor.preprocess.size)
+        self.num_classes = len(self.predictor.classes)
+        meta = self.predictor.metadata
         self.detail = {**detail, "artifact": self.path.name, "threads": threads,
                        **{k: meta[k] for k in ("fold", "precision") if k in meta}}
 
@@ -385,20 +398,17 @@ class OrtBackend(Backend):
 
     def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
         x = make_input(batch, self.image_size, self.seed)
-        sess, feed, outs = self.session, {self.input_name: x}, [self.output_name]
+        infer = self.predictor.infer
         if self.kind == "ort-cpu" or e2e:
-            return lambda: sess.run(outs, feed)  # numpy in, numpy out: copies included on GPU EPs
+            return lambda: infer(x)  # numpy in, numpy out: copies included on GPU EPs
         # IO binding: input and output live on the GPU, so a timed run is inference only.
-        ort = self.ort
-        binding = sess.io_binding()
-        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
-        if self.num_classes:
-            y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.num_classes], np.float32, "cuda", self.device_id)
-            binding.bind_ortvalue_output(self.output_name, y)
-        else:
-            binding.bind_output(self.output_name, "cuda", self.device_id)
+        ort, session = self.ort, self.predictor.session
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
+        y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.num_classes], np.float32, "cuda", self.device_id)
+        binding.bind_ortvalue_output(OUTPUT_NAME, y)
         binding.synchronize_inputs()
-        return lambda: sess.run_with_iobinding(binding)
+        return lambda: session.run_with_iobinding(binding)
 
     def timer(self, e2e: bool) -> Timer:
         if self.kind != "ort-cpu" and not e2e and self.stream is not None:
@@ -406,29 +416,33 @@ class OrtBackend(Backend):
         return PerfCounterTimer()
 
     def close(self) -> None:
-        self.session = None
+        self.predictor.close()
 
 
 class CudartEventTimer:
-    """GPU time of one call between two CUDA events on a cuda-python stream (TensorRT's own stream)."""
+    """GPU time of one call between two CUDA events on a TensorRT predictor's own (cuda-python) stream."""
 
     name = "cuda_events"
 
-    def __init__(self, cudart, stream) -> None:
-        self.cudart, self.stream = cudart, stream
+    def __init__(self, predictor) -> None:
+        from vfpt_deploy.runtime.tensorrt_runner import cuda_check
+
+        self.cudart, self.stream, self.check = predictor.cudart, predictor.stream, cuda_check
 
     def time(self, fn: Callable[[], object]) -> float:
-        from vfpt_deploy.runtime.tensorrt_runner import _cuda_check
-
-        cudart = self.cudart
-        start = _cuda_check(cudart, cudart.cudaEventCreate(), "cudaEventCreate")
-        end = _cuda_check(cudart, cudart.cudaEventCreate(), "cudaEventCreate")
+        cudart, check = self.cudart, self.check
+        start = check(cudart, cudart.cudaEventCreate(), "cudaEventCreate")
         try:
-            _cuda_check(cudart, cudart.cudaEventRecord(start, self.stream), "cudaEventRecord")
+            end = check(cudart, cudart.cudaEventCreate(), "cudaEventCreate")
+        except VFPTError:
+            cudart.cudaEventDestroy(start)
+            raise
+        try:
+            check(cudart, cudart.cudaEventRecord(start, self.stream), "cudaEventRecord")
             fn()
-            _cuda_check(cudart, cudart.cudaEventRecord(end, self.stream), "cudaEventRecord")
-            _cuda_check(cudart, cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
-            ms = _cuda_check(cudart, cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")
+            check(cudart, cudart.cudaEventRecord(end, self.stream), "cudaEventRecord")
+            check(cudart, cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
+            ms = check(cudart, cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime")
         finally:
             cudart.cudaEventDestroy(start)
             cudart.cudaEventDestroy(end)
@@ -437,8 +451,9 @@ class CudartEventTimer:
 
 class TensorRTBackend(Backend):
     """A TensorRT / TensorRT-RTX engine through runtime.tensorrt_runner.TensorRTPredictor (which checks the
-    sidecar, TensorRT version and GPU). Device timing runs execute_async_v3 on buffers already on the GPU;
-    end-to-end timing is the predictor's own infer() (copy in, run, copy out, synchronize)."""
+    sidecar, TensorRT version and GPU). Device timing: the batch is load()ed onto the GPU once, then each
+    timed call is execute() (the engine alone, on the predictor's stream); end-to-end timing is the
+    predictor's own infer() (copy in, run, copy out, synchronize)."""
 
     def __init__(self, name: str, path: Path, seed: int):
         from vfpt_deploy.runtime.tensorrt_runner import TensorRTPredictor
@@ -451,46 +466,45 @@ class TensorRTBackend(Backend):
         self.name, self.path, self.seed = name, Path(path), seed
         self.device = f"cuda:{p.device.index}"
         self.providers = []
+        self.image_size = tuple(p.input_shape[1:])
         self.detail = {"artifact": self.path.name, "flavor": p.flavor, "gpu": p.device.name,
-                       "max_batch": p.max_batch, **({"fold": p.metadata["fold"]} if "fold" in p.metadata else {})}
+                       "max_batch": p.profile_max, **({"fold": p.metadata["fold"]} if "fold" in p.metadata else {})}
 
     def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
         p = self.predictor
-        if not p.min_batch <= batch <= p.max_batch:
+        if not p.min_batch <= batch <= p.profile_max:
             raise Unavailable(f"batch {batch} is outside the engine's optimization profile "
-                              f"({p.min_batch}..{p.max_batch})")
-        x = make_input(batch, p.input_shape[1:], self.seed)
+                              f"({p.min_batch}..{p.profile_max})")
+        x = make_input(batch, self.image_size, self.seed)
         if e2e:
             return lambda: p.infer(x)
-        p.infer(x)  # leaves this batch in the device input buffer
-        p.context.set_input_shape("images", (batch, *p.input_shape))
-        ctx, stream = p.context, p._stream
-        return lambda: ctx.execute_async_v3(int(stream))
+        p.load(x)
+        return p.execute
 
     def timer(self, e2e: bool) -> Timer:
-        p = self.predictor
-        return PerfCounterTimer() if e2e else CudartEventTimer(p.cudart, p._stream)
+        return PerfCounterTimer() if e2e else CudartEventTimer(self.predictor)
 
     def cuda_peak_mib(self) -> float | None:
         """The engine's activation memory plus the predictor's I/O buffers (weights not counted)."""
-        engine = self.predictor.engine
-        act = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0)
-        io_bytes = sum(host.nbytes for host, _, _ in self.predictor._buffers.values())  # device twins, same size
-        return (int(act) + io_bytes) / MiB
+        return (self.predictor.activation_bytes + self.predictor.io_bytes) / MiB
 
     def close(self) -> None:
         self.predictor.close()
 
 
 def make_input(batch: int, image_size: tuple[int, int], seed: int) -> np.ndarray:
-    """A normalized-image-like float32 batch; values do not change the timing of these models."""
+    """A normalized-image-like float32 batch; values do not change the timing of these models. Refused
+    before allocating when it would not fit memory (check_input_memory)."""
+    check_input_memory(batch, image_size)
     return np.random.default_rng(seed).standard_normal((batch, 3, *image_size), dtype=np.float32)
 
 
 # -- running -----------------------------------------------------------------------------------------
 def measure_backend(backend: Backend, settings: BenchSettings, report: BenchReport,
                     on_row: Callable[[Result], None] | None = None) -> None:
-    """The batch sweep of one backend; e2e rows on GPU backends when asked."""
+    """The batch sweep of one backend; e2e rows on GPU backends when asked. Every batch's input is checked
+    to fit memory before the first is allocated."""
+    settings.check_memory(backend.image_size)
     modes = [False] + ([True] if settings.e2e and backend.device != "cpu" else [])
     for batch in settings.batches:
         for e2e in modes:
@@ -499,16 +513,67 @@ def measure_backend(backend: Backend, settings: BenchSettings, report: BenchRepo
             except Unavailable as e:
                 report.skipped.append(Skipped(backend.name, str(e), batch))
                 continue
-            backend.cuda_peak_reset()
-            scoped = reset_peak_rss()
-            seconds = measure(fn, settings.loop, backend.timer(e2e))
-            timing = "end-to-end" if e2e else ("host" if backend.device == "cpu" else "device")
-            row = Result(backend.name, batch, timing, summarize(seconds, batch).to_dict(),
-                         round(peak_rss_bytes() / MiB, 1), backend.cuda_peak_mib(), backend.device,
-                         list(backend.providers), {**backend.detail, "rss_scope": "row" if scoped else "process"})
+            row = _measure_row(backend, batch, e2e, fn, settings)
             report.results.append(row)
             if on_row:
                 on_row(row)
+
+
+def _measure_row(backend: Backend, batch: int, e2e: bool, fn: Callable[[], object], settings: BenchSettings) -> Result:
+    backend.cuda_peak_reset()
+    scoped = reset_peak_rss()
+    seconds = measure(fn, settings.loop, backend.timer(e2e))
+    timing = "end-to-end" if e2e else ("host" if backend.device == "cpu" else "device")
+    return Result(backend.name, batch, timing, summarize(seconds, batch).to_dict(),
+                  round(peak_rss_bytes() / MiB, 1), backend.cuda_peak_mib(), backend.device,
+                  list(backend.providers), {**backend.detail, "rss_scope": "row" if scoped else "process"})
+
+
+def check_request(checkpoint, onnx: list, engines: list, backends: list[str] | None) -> list[str]:
+    """The backends to run (BACKENDS when none named); one-line errors for a request that cannot work."""
+    wanted = list(backends) if backends else list(BACKENDS)
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if checkpoint is None and not onnx and not engines:
+        raise UsageError("nothing to benchmark: pass a run.pt and/or --onnx FILE / --engine FILE")
+    for p in [*onnx, *engines]:
+        if not Path(p).is_file():
+            raise InputError(f"artifact {p} does not exist")
+    needs_ckpt = [b for b in wanted if b in ("torch", "torch-folded")]
+    if backends and needs_ckpt and checkpoint is None:
+        raise UsageError(f"backend {needs_ckpt[0]} runs the PyTorch model: pass the run.pt it comes from")
+    if backends and "tensorrt" in wanted and not engines:
+        raise UsageError("backend tensorrt needs an engine file: pass --engine FILE")
+    return wanted
+
+
+@dataclass
+class _Run:
+    """One bench run in progress: what it was asked, and where rows, skips and status go."""
+
+    settings: BenchSettings
+    report: BenchReport
+    wanted: list[str]
+    on_row: Callable[[Result], None] | None
+    status: Callable[[str], None]
+
+    def backend(self, name: str, make: Callable[[], Backend]) -> None:
+        """Make one backend and measure its batch sweep, or record why it was skipped."""
+        try:
+            backend = make()
+        except Unavailable as e:
+            self.skip(name, str(e))
+            self.status(f"skipping {name}: {e}")
+            return
+        self.status(f"measuring {name} on {backend.device}")
+        try:
+            measure_backend(backend, self.settings, self.report, self.on_row)
+        finally:
+            backend.close()
+
+    def skip(self, name: str, reason: str) -> None:
+        self.report.skipped.append(Skipped(name, reason))
 
 
 def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | os.PathLike] = (),
@@ -519,106 +584,101 @@ def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | o
               on_status: Callable[[str], None] | None = None) -> BenchReport:
     """Benchmark a run.pt and/or exported artifacts on every requested backend that can run here.
 
-    checkpoint: gives torch and torch-folded, and is exported to ONNX (settings.fold) for the ort-*
-      backends when no ONNX file is given.
+    checkpoint: gives torch and torch-folded, and is exported to ONNX (settings.fold, through the export
+      pipeline, verified) for the ort-* backends when no ONNX file is given.
     onnx / engines: artifacts for the ort-* backends / the tensorrt backend.
     backends: names from BACKENDS; None: all of them (the unusable ones are reported as skipped).
     """
     settings = (settings or BenchSettings()).check()
-    status = on_status or (lambda s: None)
-    wanted = list(backends) if backends else list(BACKENDS)
-    unknown = [b for b in wanted if b not in BACKENDS]
-    if unknown:
-        raise VFPTError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
-    if checkpoint is None and not onnx and not engines:
-        raise VFPTError("nothing to benchmark: pass a run.pt and/or --onnx FILE / --engine FILE")
-    for p in [*onnx, *engines]:
-        if not Path(p).is_file():
-            raise VFPTError(f"artifact {p} does not exist")
-    needs_ckpt = [b for b in wanted if b in ("torch", "torch-folded")]
-    if backends and needs_ckpt and checkpoint is None:
-        raise VFPTError(f"backend {needs_ckpt[0]} runs the PyTorch model: pass the run.pt it comes from")
-    if backends and "tensorrt" in wanted and not engines:
-        raise VFPTError("backend tensorrt needs an engine file: pass --engine FILE")
-
+    wanted = check_request(checkpoint, onnx, engines, backends)
     report = BenchReport(machine_info(), {**settings.to_dict(), "backends": wanted,
                                           "checkpoint": str(checkpoint) if checkpoint else None,
                                           "onnx": [str(p) for p in onnx], "engines": [str(p) for p in engines]})
+    bench = _Run(settings, report, wanted, on_row, on_status or (lambda s: None))
     import torch
 
     old_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    tmp = None
     try:
-        run = None
-        if checkpoint is not None:
-            from .checkpoint import load_run
-
-            status(f"loading {checkpoint}")
-            run = load_run(checkpoint, backbone_weights=backbone_weights)
-        for name in [b for b in wanted if b in ("torch", "torch-folded")]:
-            if run is None:
-                report.skipped.append(Skipped(name, "no run.pt given (PyTorch backends run the checkpoint)"))
-                continue
-            from .fold import fold_model
-
-            if name == "torch":
-                module, detail = run.model, {"fold": "none (live FFT)"}
-            else:
-                module = fold_model(run.model, settings.fold)
-                detail = {"fold": module.fold_mode}
-            _run_one(lambda: TorchBackend(name, module, run.model.img_size, settings.device, settings.seed, detail),
-                     name, settings, report, on_row, status)
-
-        onnx_files = [Path(p) for p in onnx]
-        ort_wanted = [b for b in wanted if b.startswith("ort-")]
-        if ort_wanted and not onnx_files and run is not None:
-            from vfpt_deploy.exporters.onnx import export_onnx
-
-            if export_dir is None:
-                tmp = tempfile.TemporaryDirectory(prefix="vfpt-bench-")
-                export_dir = tmp.name
-            out = Path(export_dir) / f"{Path(checkpoint).stem}.{settings.fold}.onnx"
-            status(f"exporting {checkpoint} to ONNX (fold {settings.fold})")
-            onnx_files = [export_onnx(run, out, fold=settings.fold).path]
-        if ort_wanted and not onnx_files:
-            report.skipped.extend(Skipped(k, "no ONNX file or run.pt given") for k in ort_wanted)
-        for kind in ort_wanted:
-            for path in onnx_files:
-                label = kind if len(onnx_files) == 1 else f"{kind}:{path.stem}"
-                _run_one(lambda: OrtBackend(label, kind, path, settings.threads, settings.seed, {}),
-                         label, settings, report, on_row, status)
-        if "tensorrt" in wanted and not engines:
-            report.skipped.append(Skipped("tensorrt", "no engine file given (--engine FILE, built by "
-                                                      "'vfpt-deploy export --format trt')"))
-        if "tensorrt" in wanted:
-            for path in [Path(p) for p in engines]:
-                label = "tensorrt" if len(engines) == 1 else f"tensorrt:{path.stem}"
-                _run_one(lambda: TensorRTBackend(label, path, settings.seed), label, settings, report, on_row, status)
+        run = _load_run(checkpoint, backbone_weights, bench.status)
+        _torch_backends(bench, run)
+        with tempfile.TemporaryDirectory(prefix="vfpt-bench-") as tmp:
+            _ort_backends(bench, run, [Path(p) for p in onnx], Path(export_dir or tmp))
+        _tensorrt_backends(bench, [Path(p) for p in engines])
     finally:
         torch.set_num_threads(old_threads)
-        if tmp is not None:
-            tmp.cleanup()
     if not report.results:
         reasons = "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped) or "no backend selected"
-        raise VFPTError(f"no backend could run here ({reasons})")
+        raise RuntimeSetupError(f"no backend could run here ({reasons})")
     return report
 
 
-def _run_one(make: Callable[[], Backend], name: str, settings: BenchSettings, report: BenchReport,
-             on_row, status) -> None:
-    try:
-        backend = make()
-    except Unavailable as e:
-        report.skipped.append(Skipped(name, str(e)))
-        status(f"skipping {name}: {e}")
+def _load_run(checkpoint, backbone_weights: str | None, status: Callable[[str], None]):
+    if checkpoint is None:
+        return None
+    from .checkpoint import load_run
+
+    status(f"loading {checkpoint}")
+    return load_run(checkpoint, backbone_weights=backbone_weights)
+
+
+def _torch_backends(bench: _Run, run) -> None:
+    for name in [b for b in bench.wanted if b in ("torch", "torch-folded")]:
+        if run is None:
+            bench.skip(name, "no run.pt given (PyTorch backends run the checkpoint)")
+            continue
+        if name == "torch":
+            module, detail = run.model, {"fold": "none (live FFT)"}
+        else:
+            from .fold import fold_model
+
+            module = fold_model(run.model, bench.settings.fold)
+            detail = {"fold": module.fold_mode}
+        s = bench.settings
+        bench.backend(name, lambda: TorchBackend(name, module, run.model.img_size, s.device, s.seed, detail))
+
+
+def _ort_backends(bench: _Run, run, onnx_files: list[Path], export_dir: Path) -> None:
+    kinds = [b for b in bench.wanted if b.startswith("ort-")]
+    if not kinds:
         return
-    status(f"measuring {name} on {backend.device}")
-    try:
-        measure_backend(backend, settings, report, on_row)
-    finally:
-        backend.close()
+    if not onnx_files and run is not None and bench.settings.fold != "none":
+        onnx_files = [_export(bench, run, export_dir)]
+    if not onnx_files:
+        why = ("the live FFT (--fold none) cannot be exported to ONNX: pass --onnx FILE or another --fold"
+               if run is not None else "no ONNX file or run.pt given")
+        for kind in kinds:
+            bench.skip(kind, why)
+    s = bench.settings
+    for kind in kinds:
+        for path in onnx_files:
+            label = kind if len(onnx_files) == 1 else f"{kind}:{path.stem}"
+            bench.backend(label, lambda: OrtBackend(label, kind, path, s.threads, s.seed, {}))
+
+
+def _export(bench: _Run, run, export_dir: Path) -> Path:
+    """The run exported to ONNX by the one export pipeline (fold, export, verify against PyTorch)."""
+    from .pipeline import ExportSettings, export_run
+
+    fold = bench.settings.fold
+    out = export_dir / f"{Path(run.path).stem}.{fold}.onnx"
+    bench.status(f"exporting {run.path} to ONNX (fold {fold})")
+    outcome = export_run(run, ExportSettings(format="onnx", fold=fold), out=out)
+    if not outcome.passed:
+        raise VerificationError(f"the ONNX exported from {run.path} (fold {fold}) failed verification against "
+                                "PyTorch, so it is not benchmarked; run 'vfpt-deploy export' to see the report")
+    return outcome.onnx_path
+
+
+def _tensorrt_backends(bench: _Run, engines: list[Path]) -> None:
+    if "tensorrt" not in bench.wanted:
+        return
+    if not engines:
+        bench.skip("tensorrt", "no engine file given (--engine FILE, built by 'vfpt-deploy export --format trt')")
+    for path in engines:
+        label = "tensorrt" if len(engines) == 1 else f"tensorrt:{path.stem}"
+        bench.backend(label, lambda: TensorRTBackend(label, path, bench.settings.seed))
 
 
 # -- presentation ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 from vfpt_deploy import __version__
 from vfpt_deploy.checkpoint import Run
-from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.files import atomic_write
 from vfpt_deploy.fold import fold_model
 from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata
@@ -100,18 +100,12 @@ def unfused_attention(module: torch.nn.Module):
             m.fused_attn = v
 
 
-def _torch_export(module: torch.nn.Module, tmp: str, image_size: tuple[int, int], opset: int, dynamo: bool) -> None:
+def _torch_export(module: torch.nn.Module, tmp: str, image_size: tuple[int, int], opset: int) -> None:
     x = torch.randn(2, 3, *image_size)
-    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
     with warnings.catch_warnings(), torch.no_grad(), unfused_attention(module):
         warnings.simplefilter("ignore")
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(module, (x,), tmp, dynamo=True, external_data=False, optimize=True,
-                              dynamic_shapes=({0: batch},), **kwargs)
-        else:
-            torch.onnx.export(module, (x,), tmp, dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **kwargs)
+        torch.onnx.export(module, (x,), tmp, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -126,11 +120,8 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def export_module(module: torch.nn.Module, path: str | os.PathLike, *, image_size: tuple[int, int],
                   opset: int = DEFAULT_OPSET, precision: str = "fp32", metadata: dict | None = None) -> ExportResult:
-    """Export a folded module (fold_model's output, or any images->logits module) to one ONNX file.
-
-    The live-FFT form (fold_mode 'none') needs torch's dynamo exporter; everything else uses the
-    TorchScript exporter, which is faster and gives the smaller graph.
-    """
+    """Export a folded module (fold_model's output, or any images->logits module) to one ONNX file with
+    the TorchScript exporter (faster than dynamo here, and the smaller graph)."""
     if precision not in ("fp32", "fp16"):
         raise VFPTError(f"precision must be fp32 or fp16, got {precision!r}")
     if opset < 17:
@@ -142,11 +133,10 @@ def export_module(module: torch.nn.Module, path: str | os.PathLike, *, image_siz
 
     def write(tmp: str) -> None:
         try:
-            _torch_export(module, tmp, image_size, opset, dynamo=fold_mode == "none")
+            _torch_export(module, tmp, image_size, opset)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            hint = " (the live FFT needs the dynamo exporter: pip install onnxscript)" if fold_mode == "none" else ""
-            raise VFPTError(f"ONNX export ({'dynamo' if fold_mode == 'none' else 'TorchScript'}) failed: {first}{hint}") from None
+            raise VFPTError(f"ONNX export (TorchScript) failed: {first}") from None
         # Constant folding + dead-node removal (what the dynamo exporter's optimize=True does): a
         # smaller graph, and one the fp16 converter can type-infer (the raw TorchScript graph's
         # Identity nodes trip it).
@@ -169,7 +159,7 @@ def export_module(module: torch.nn.Module, path: str | os.PathLike, *, image_siz
         except onnx.checker.ValidationError as e:
             raise VFPTError(f"onnx.checker rejected the exported model: {str(e).splitlines()[0][:200]}") from None
         ops = op_histogram(model)
-        check_ops(ops, require_tensorrt=fold_mode != "none")
+        check_ops(ops)
         result["ops"] = ops
 
     atomic_write(path, write)
@@ -186,7 +176,12 @@ def run_metadata(run: Run) -> dict:
 
 def export_onnx(run: Run, path: str | os.PathLike, *, fold: str = "auto", precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, fold_dtype: torch.dtype = torch.float32) -> ExportResult:
-    """run.pt -> folded module -> ONNX with the run's metadata."""
+    """run.pt -> folded module -> ONNX with the run's metadata. fold: auto, tokens or kv. ('none', the
+    live FFT, is not exported: the exporter would fold a parameter FFT to constants anyway, so such a
+    graph would claim a live FFT it does not have.)"""
+    if fold == "none":
+        raise UsageError("fold 'none' cannot be exported: the exporter folds the prompts' FFT to constants "
+                         "anyway; use --fold tokens or kv (the PyTorch model keeps the live FFT for comparison)")
     folded = fold_model(run.model, fold, fold_dtype)
     return export_module(folded, path, image_size=run.model.img_size, opset=opset, precision=precision,
                          metadata=run_metadata(run))

@@ -47,7 +47,7 @@ def test_info(trained):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--alpha", "1.5", *TINY_ARGS], "alpha"),
-    (["train", "--location", "random", *TINY_ARGS], "cannot be deployed"),
+    (["train", "--location", "random", *TINY_ARGS], "'random' is not one of"),
     (["train", "--model-arg", "img_size", *TINY_ARGS], "KEY=VALUE"),
     (["train", "--data", "/nonexistent", *TINY_ARGS], "train/ and val/"),
     (["train", "--model", "resnet50", "--weights", "random"], "not a timm VisionTransformer"),
@@ -57,7 +57,8 @@ def test_info(trained):
 ])
 def test_bad_arguments_are_one_line_errors(args, message, tmp_path):
     res = invoke(*args, *(["--out", tmp_path / "r.pt"] if args[0] == "train" else []))
-    assert res.exit_code == 1, res.output
+    assert res.exit_code in (1, 2), res.output  # 2: a bad option value, 1: a bad input
+    assert isinstance(res.exception, SystemExit)
     assert message in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "r.pt").exists()
@@ -66,7 +67,7 @@ def test_bad_arguments_are_one_line_errors(args, message, tmp_path):
 def test_pretrained_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = invoke("train", "--model", "vit_tiny_patch16_224", "--weights", "pretrained", "--out", tmp_path / "r.pt")
-    assert res.exit_code == 1 and "could not fetch pretrained weights" in res.output
+    assert res.exit_code == 1 and "pass local weights with --weights FILE" in " ".join(res.output.split())
 
 
 def test_train_on_an_image_folder(tmp_path):

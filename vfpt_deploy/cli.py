@@ -1,4 +1,10 @@
-"""The vfpt-deploy command line: parse, call a library function, print. Errors are one line, exit 1."""
+"""The vfpt-deploy command line: parse, call a library function, print.
+
+Every library error is a VFPTError: `cli_errors` turns it into one red line on stderr and a non-zero exit
+in one place. Options mean the same in every command: --ckpt (the run.pt read), --out (what is written),
+--threads, --device / --providers with --allow-fallback, --batch, --json (print JSON to stdout),
+--report (a JSON report file).
+"""
 from __future__ import annotations
 
 import functools
@@ -10,36 +16,98 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import VFPTError
+from . import __version__
+from .config import LOCATIONS
+from .errors import UsageError, VFPTError
+from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 err_console = Console(stderr=True)
-logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+
+# -- options shared by several commands (one name, one meaning) -------------------------------------
+CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
+CkptArg = Annotated[Optional[Path], typer.Argument(help="The run.pt (same as --ckpt).", show_default=False)]
+BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt (a file, or 'pretrained').")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, max=1024, help="CPU threads for torch and onnxruntime (default: the free cores, i.e. usable CPUs minus the 1-minute load, at least 1).")]
+SeedOpt = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed: the same command and seed on the same machine give bit-identical run.pt tensors.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="PyTorch device: cpu, cuda, cuda:N (default: CUDA when present).")]
+ProvidersOpt = Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated: cpu, cuda, tensorrt (default: the best that really runs here).")]
+FallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept the CPU when the asked-for GPU device or provider cannot run here (else an error).")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images.")]
+NumRandomOpt = Annotated[int, typer.Option(min=1, max=4096, help="Random N(0,1) inputs in the verification.")]
+AtolOpt = Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4; fp16 not gated).")]
+RtolOpt = Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")]
+CosineOpt = Annotated[Optional[float], typer.Option(help="Min per-sample cosine similarity of the logits (fp16 default 0.999).")]
+AgreementOpt = Annotated[Optional[float], typer.Option(help="Min top-1 agreement with PyTorch, percent (fp32 100, fp16 99).")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of tables.")]
+
+
+def choices(name: str, values) -> type[Enum]:
+    """An option's choices, built from the library's own constants (never restated here)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+Location = choices("Location", LOCATIONS)
+Fold = choices("Fold", EXPORT_FOLDS)
+Format = choices("Format", FORMATS)
+Precision = choices("Precision", PRECISIONS)
+FoldDtype = choices("FoldDtype", ("float32", "float64"))
+Arch = choices("Arch", ("vit", "mae", "moco"))
 
 
 def cli_errors(fn):
-    """Known problems become one red line on stderr and exit code 1 -- never a traceback."""
+    """Known problems become one red line on stderr and a non-zero exit -- never a traceback."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except VFPTError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted:[/] nothing half-written was left behind", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"vfpt-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers."""
+    from rich.logging import RichHandler
+
+    from .files import sigterm_as_interrupt
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+    sigterm_as_interrupt()
+
+
 def progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+
+
+def pick_ckpt(option: Path | None, argument: Path | None) -> Path:
+    if option is not None and argument is not None and option != argument:
+        raise UsageError(f"two checkpoints given ({argument} and --ckpt {option}); pass one")
+    if option is None and argument is None:
+        raise UsageError("pass the run.pt with --ckpt FILE")
+    return option or argument
 
 
 def parse_model_args(items: list[str]) -> dict:
@@ -47,123 +115,143 @@ def parse_model_args(items: list[str]) -> dict:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise VFPTError(f"--model-arg takes KEY=VALUE (e.g. img_size=384), got {item!r}")
+            raise UsageError(f"--model-arg takes KEY=VALUE (e.g. img_size=384), got {item!r}")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except ValueError:
             out[key] = value
     return out
 
 
-class Location(str, Enum):
-    prepend = "prepend"
-    append = "append"
-    random = "random"  # accepted by the parser so the refusal can say why
+def split_list(text: str | None) -> list[str] | None:
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
+def print_json(obj) -> None:
+    from .files import dumps_json
+
+    print(dumps_json(obj, indent=2))
+
+
+# -- train / info / demo ------------------------------------------------------------------------------
 @app.command()
 @cli_errors
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the best-by-val run.pt is written.")] = Path("run.pt"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the best-by-val run.pt is written (.pt).")] = Path("run.pt"),
     data: Annotated[str, typer.Option(help="'builtin' (offline digits, shifted domain), 'builtin:digits', or a folder with train/ and val/ (a subfolder per class).")] = "builtin",
     model: Annotated[str, typer.Option(help="timm ViT name.")] = "vit_base_patch16_224",
     model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", help="timm keyword argument KEY=VALUE, repeatable (e.g. img_size=384).")] = None,
     weights: Annotated[str, typer.Option(help="Backbone weights: 'pretrained' (timm hub), a local .pth/.safetensors/.npz, or 'random' (tests only).")] = "pretrained",
-    prompts: Annotated[int, typer.Option(help="Prompt tokens per layer (M).")] = 10,
-    alpha: Annotated[float, typer.Option(help="Fourier fraction: the first floor(M*alpha) prompts go through the 2-D FFT.")] = 0.5,
+    prompts: Annotated[int, typer.Option(min=0, max=10000, help="Prompt tokens per layer (M).")] = 10,
+    alpha: Annotated[float, typer.Option(help="Fourier fraction in [0, 1]: the first floor(M*alpha) prompts go through the 2-D FFT.")] = 0.5,
     deep: Annotated[bool, typer.Option("--deep/--shallow", help="Prompts before every block, or only before block 0.")] = True,
     location: Annotated[Location, typer.Option(help="Where Fourier prompts sit in a layer's prompt block.")] = Location.prepend,
-    project: Annotated[int, typer.Option(help="Learn prompts at this width and project them (0 = off).")] = 0,
-    dropout: Annotated[float, typer.Option(help="Prompt dropout.")] = 0.0,
-    epochs: Annotated[int, typer.Option(min=1)] = 100,
-    lr: Annotated[float, typer.Option(help="Base learning rate (SGD, momentum 0.9).")] = 0.1,
-    weight_decay: Annotated[float, typer.Option()] = 1e-4,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    warmup_epochs: Annotated[int, typer.Option(min=0)] = 10,
+    project: Annotated[int, typer.Option(min=0, max=65536, help="Learn prompts at this width and project them (0 = off).")] = 0,
+    dropout: Annotated[float, typer.Option(help="Prompt dropout probability in [0, 1).")] = 0.0,
+    epochs: Annotated[int, typer.Option(min=1, max=100000, help="Training epochs.")] = 100,
+    lr: Annotated[float, typer.Option(help="Base learning rate (SGD, momentum 0.9; cosine schedule).")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay on the tuned parameters.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Training batch size.")] = 64,
+    warmup_epochs: Annotated[int, typer.Option(min=0, help="Linear warm-up epochs before the cosine decay.")] = 10,
     crop_pct: Annotated[float, typer.Option(help="1.0: resize to the model size (VTAB); <1: resize shorter side to size/crop_pct, center crop (FGVC: 0.875).")] = 1.0,
     prompts_only: Annotated[bool, typer.Option("--prompts-only", help="Store prompts and head without the backbone weights (loading then needs --backbone and checks its hash).")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: CUDA when present).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    allow_fallback: FallbackOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train VFPT prompts and a linear head on a frozen timm ViT."""
-    import torch
-
     from .config import VFPTConfig
     from .runs import train_run
-    from .train import TrainSettings
+    from .threads import set_torch_threads
+    from .train import TrainSettings, resolve_device
 
     config = VFPTConfig(num_prompts=prompts, deep=deep, alpha=alpha, location=location.value, project=project, dropout=dropout)
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                             warmup_epochs=warmup_epochs, seed=seed)
+                             warmup_epochs=warmup_epochs, seed=seed).check()
+    dev = resolve_device(device, allow_fallback)
+    set_torch_threads(threads)
     with progress() as bar:
         task = bar.add_task("training", total=None)
-
-        def on_epoch(r, best):
-            bar.console.print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val top-1 {r.val_top1:6.2f}%"
-                              + ("  [green]best, saved[/]" if best else ""))
-
         result = train_run(out, data=data, model_name=model, model_kwargs=parse_model_args(model_arg or []),
                            weights=weights, config=config, settings=settings, crop_pct=crop_pct,
-                           include_backbone=not prompts_only, device=torch.device(device) if device else None,
-                           on_epoch=on_epoch, on_step=lambda s, t: bar.update(task, completed=s, total=t))
+                           include_backbone=not prompts_only, device=dev, on_epoch=_epoch_printer(bar),
+                           on_step=lambda s, t: bar.update(task, completed=s, total=t))
     h = result.history
-    console.print(f"best val top-1 {h.best_val_top1:.2f}% at epoch {h.best_epoch}; wrote {result.out}")
+    console.print(f"best val top-1 {h.best_val_top1:.2f}% at epoch {h.best_epoch} on {dev}; wrote {result.out}")
+
+
+def _epoch_printer(bar: Progress):
+    def on_epoch(r, best: bool) -> None:
+        bar.console.print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val top-1 {r.val_top1:6.2f}%"
+                          + ("  [green]best, saved[/]" if best else ""))
+
+    return on_epoch
 
 
 @app.command()
 @cli_errors
-def info(ckpt: Annotated[Path, typer.Argument(help="A run.pt.")],
-         backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None) -> None:
+def info(ckpt_arg: CkptArg = None, ckpt: CkptOpt = None, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
     """Show a run.pt: VFPT config, parameter counts, classes, preprocessing and provenance."""
     from .checkpoint import load_run
 
-    run = load_run(ckpt, backbone_weights=backbone)
-    t = Table(title=str(ckpt), show_header=False)
-    cfg = run.config
-    tuned = sum(p.numel() for p in run.model.tuned_parameters().values())
-    total = sum(p.numel() for p in run.model.parameters())
-    t.add_row("prompts", f"M={cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}, alpha={cfg.alpha} "
-              f"(m={cfg.num_fourier} Fourier), location={cfg.location}, project={cfg.project}, dropout={cfg.dropout}")
-    t.add_row("backbone", f"{run.backbone.name} {json.dumps(run.backbone.kwargs)}")
-    t.add_row("  weights", run.backbone.source)
-    t.add_row("  sha256", run.backbone.sha256)
-    t.add_row("  image size", "x".join(map(str, run.model.img_size)))
-    t.add_row("parameters", f"tuned {tuned:,} / total {total:,} ({100.0 * tuned / total:.3f}%)")
-    t.add_row("classes", f"{len(run.classes)}: {', '.join(run.classes[:10])}{' ...' if len(run.classes) > 10 else ''}")
-    p = run.preprocess
-    t.add_row("preprocess", f"resize {p.resize}, crop {p.crop}, mean {p.mean}, std {p.std}, {p.interpolation}")
-    train_meta = run.meta.get("train", {})
-    if train_meta:
-        t.add_row("training", ", ".join(f"{k}={v}" for k, v in train_meta.items()))
-    t.add_row("written by", f"vfpt-deploy {run.meta.get('tool_version', '?')} at {run.meta.get('created', '?')}")
-    t.add_row("file sha256", run.sha256)
+    run = load_run(pick_ckpt(ckpt, ckpt_arg), backbone_weights=backbone)
+    rows = run_summary(run)
+    if as_json:
+        print_json(rows)
+        return
+    t = Table(title=str(run.path), show_header=False)
+    for k, v in rows.items():
+        t.add_row(k, v if isinstance(v, str) else json.dumps(v))
     console.print(t)
+
+
+def run_summary(run) -> dict:
+    cfg, p = run.config, run.preprocess
+    tuned = sum(x.numel() for x in run.model.tuned_parameters().values())
+    total = sum(x.numel() for x in run.model.parameters())
+    train_meta = run.meta.get("train") if isinstance(run.meta.get("train"), dict) else {}
+    return {
+        "prompts": f"M={cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}, alpha={cfg.alpha} (m={cfg.num_fourier} "
+                   f"Fourier), location={cfg.location}, project={cfg.project}, dropout={cfg.dropout}",
+        "backbone": f"{run.backbone.name} {json.dumps(run.backbone.kwargs)}",
+        "weights": run.backbone.source, "backbone sha256": run.backbone.sha256,
+        "image size": "x".join(map(str, run.model.img_size)),
+        "parameters": f"tuned {tuned:,} / total {total:,} ({100.0 * tuned / total:.3f}%)",
+        "classes": f"{len(run.classes)}: {', '.join(run.classes[:10])}{' ...' if len(run.classes) > 10 else ''}",
+        "preprocess": f"resize {p.resize}, crop {p.crop}, mean {p.mean}, std {p.std}, {p.interpolation}",
+        "training": ", ".join(f"{k}={v}" for k, v in train_meta.items()),
+        "written by": f"vfpt-deploy {run.meta.get('tool_version', '?')} at {run.meta.get('created', '?')}",
+        "file sha256": run.sha256,
+    }
 
 
 @app.command()
 @cli_errors
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/demo"),
-    pretrain_epochs: Annotated[int, typer.Option(min=1)] = 60,
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
-    lr: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (runs, backbone, ONNX).")] = Path("runs/demo"),
+    pretrain_epochs: Annotated[int, typer.Option(min=1, max=10000, help="Epochs to pretrain the small backbone on clean digits.")] = 60,
+    epochs: Annotated[int, typer.Option(min=1, max=10000, help="Epochs to tune each variant on the shifted domain.")] = 40,
+    lr: Annotated[float, typer.Option(help="Base learning rate of the prompt tuning (SGD).")] = 1.0,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
 ) -> None:
     """The built-in offline main job: pretrain a small ViT on clean digits, then compare linear probe,
-    VPT and VFPT on a shifted domain, and write the VFPT run.pt."""
+    VPT and VFPT on a shifted domain, write the VFPT run.pt, export and verify it."""
     from .demo import export_demo, run_demo
+    from .threads import set_torch_threads
 
+    n = set_torch_threads(threads)
     with progress() as bar:
         tasks: dict[str, int] = {}
 
         def on_step(name, s, t):
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=t)
+            tasks.setdefault(name, bar.add_task(name, total=t))
             bar.update(tasks[name], completed=s)
 
         rows, clean = run_demo(out, pretrain_epochs=pretrain_epochs, epochs=epochs, lr=lr, seed=seed,
                                status=lambda s: bar.console.print(f"[cyan]{s}[/]"), on_step=on_step)
-    console.print(f"frozen backbone, clean-domain val top-1 (nearest class mean): {clean:.1f}%")
+    console.print(f"frozen backbone, clean-domain val top-1 (nearest class mean): {clean:.1f}%  ({n} threads)")
     t = Table(title="shifted-domain val top-1 (built-in digits-shifted, 397 images)")
     for col in ("method", "prompts", "tuned params", "best epoch", "val top-1", "checkpoint"):
         t.add_column(col)
@@ -171,208 +259,180 @@ def demo(
         t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
                   str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
     console.print(t)
-    with console.status("folding, exporting to ONNX and verifying the VFPT run"):
-        result, report = export_demo(out)
-    console.print(f"exported {result.path} ({result.fold_mode} fold, {result.size_bytes / 2**20:.2f} MiB, "
-                  f"{result.op_count} ops, no FFT op)")
-    print_verify(report)
-    if not report.passed:
-        raise typer.Exit(1)
-    console.print(f"next: vfpt-deploy predict {result.path} IMAGE...  |  vfpt-deploy info {out / 'run.pt'}")
+    with err_console.status("folding, exporting to ONNX and verifying the VFPT run"):
+        outcome = export_demo(out, threads=n)
+    print_export(outcome)
+    finish_verify(outcome.report, outcome.written)
+    console.print(f"next: vfpt-deploy predict {outcome.paths.onnx} IMAGE...  |  vfpt-deploy info --ckpt {Path(out) / 'run.pt'}")
 
 
-class Fold(str, Enum):
-    auto = "auto"
-    tokens = "tokens"
-    kv = "kv"
-    none = "none"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-class Format(str, Enum):
-    onnx = "onnx"
-    trt = "trt"
-    trt_rtx = "trt-rtx"
-
-
-def tolerances_from(precision: str, atol, rtol, min_cosine, min_agreement):
-    from .verify import Tolerances
-
-    base = Tolerances.for_precision(precision)
-    if all(v is None for v in (atol, rtol, min_cosine, min_agreement)):
-        return None
-    return Tolerances(atol=atol if atol is not None else base.atol, rtol=rtol if rtol is not None else base.rtol,
-                      min_cosine=min_cosine if min_cosine is not None else base.min_cosine,
-                      min_agreement=min_agreement if min_agreement is not None else base.min_agreement)
-
-
-def print_verify(report) -> None:
-    console.print(f"verify [bold]{report.artifact}[/] against the unfolded PyTorch model of {report.checkpoint}")
-    console.print(f"backend: {report.backend}; precision {report.precision}; pass if {report.tolerances}")
-    t = Table()
-    for col in ("inputs", "max |diff|", "max rel", "min cosine", "top-1 agree", "top-1 ref / artifact", "result"):
-        t.add_column(col, overflow="fold")
-    for c in report.comparisons:
-        acc = f"{c.ref_top1:.2f}% / {c.artifact_top1:.2f}%" if c.ref_top1 is not None else "-"
-        result = "[green]pass[/]" if not c.failures else "[red]FAIL: " + "; ".join(c.failures) + "[/]"
-        t.add_row(c.inputs, f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.min_cosine:.7f}",
-                  f"{c.agreement:.2f}%", acc, result)
-    console.print(t)
-
-
+# -- export / verify ----------------------------------------------------------------------------------
 @app.command()
 @cli_errors
 def export(
-    ckpt: Annotated[Path, typer.Option(help="The run.pt to export.")],
-    format: Annotated[Format, typer.Option("--format", "-f", help="Artifact format.")] = Format.onnx,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path (default: beside the checkpoint).")] = None,
-    fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; none: keep the live FFT; auto: kv where exact.")] = Fold.auto,
+    ckpt: CkptOpt = None,
+    format: Annotated[Format, typer.Option("--format", "-f", help="Artifact: onnx, or a TensorRT engine (trt; trt-rtx builds without a GPU).")] = Format.onnx,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path: .onnx, or .engine/.plan for engines (default: beside the checkpoint).")] = None,
+    fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; auto: kv where exact.")] = Fold.auto,
     precision: Annotated[Precision, typer.Option(help="fp16 writes a typed fp16 graph (LayerNorm/Softmax/reductions in fp32).")] = Precision.fp32,
-    opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 17,
-    fold_dtype: Annotated[str, typer.Option(help="Precision the constants are folded in: float32 or float64.")] = "float32",
-    data: Annotated[Optional[str], typer.Option(help="Real images for the verification: a folder (class subfolders give top-1) or 'builtin'.")] = None,
-    num_random: Annotated[int, typer.Option(min=1, help="Random inputs in the verification.")] = 16,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
-    batch: Annotated[Optional[int], typer.Option(min=1, help="TensorRT: fixed batch size (else --min/--opt/--max-batch).")] = None,
-    min_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: smallest batch.")] = 1,
-    opt_batch: Annotated[Optional[int], typer.Option(min=1, help="TensorRT profile: batch to tune for (default: max).")] = None,
-    max_batch: Annotated[int, typer.Option(min=1, help="TensorRT profile: largest batch.")] = 8,
-    workspace_mb: Annotated[Optional[int], typer.Option(min=1, help="TensorRT builder workspace limit, MiB.")] = None,
+    opset: Annotated[int, typer.Option(min=17, max=23, help="ONNX opset.")] = 17,
+    fold_dtype: Annotated[FoldDtype, typer.Option(help="Precision the constants are folded in.")] = FoldDtype.float32,
+    data: DataOpt = None,
+    num_random: NumRandomOpt = 16,
+    atol: AtolOpt = None, rtol: RtolOpt = None, min_cosine: CosineOpt = None, min_agreement: AgreementOpt = None,
+    backbone: BackboneOpt = None,
+    threads: ThreadsOpt = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help="TensorRT: fixed batch size (else --min/--opt/--max-batch).")] = None,
+    min_batch: Annotated[int, typer.Option(min=1, max=65536, help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help="TensorRT profile: batch to tune for (default: max).")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=65536, help="TensorRT profile: largest batch.")] = 8,
+    workspace_mb: Annotated[Optional[int], typer.Option(min=1, max=1048576, help="TensorRT builder workspace limit, MiB.")] = None,
     opt_level: Annotated[int, typer.Option(min=0, max=5, help="TensorRT builder optimization level.")] = 3,
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file (read and updated).")] = None,
     version_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on later TensorRT versions.")] = False,
     hardware_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on Ampere and newer GPUs.")] = False,
 ) -> None:
-    """Fold a run.pt, export it to ONNX (and a TensorRT engine), and verify the artifact against the
-    PyTorch model."""
-    import torch
-
-    from vfpt_deploy.exporters.onnx import export_onnx
-
+    """Fold a run.pt, export it to ONNX (and a TensorRT engine), verify it against the PyTorch model, and
+    only then put it in place (a failed export or verify leaves the previous artifact untouched)."""
     from .checkpoint import load_run
-    from .verify import verify_artifact
+    from .pipeline import ExportSettings, export_run, plan_export
+    from .threads import set_torch_threads
 
-    if fold_dtype not in ("float32", "float64"):
-        raise VFPTError(f"--fold-dtype must be float32 or float64, got {fold_dtype!r}")
-    stem = f"{ckpt.stem}{'' if precision == Precision.fp32 else '.fp16'}"
-    engine = None
+    ckpt = pick_ckpt(ckpt, None)
+    build = None
     if format != Format.onnx:
-        from vfpt_deploy.exporters.tensorrt import build_engine, check_trt_available
+        from vfpt_deploy.exporters.tensorrt import BuildSettings
 
-        check_trt_available(format.value)  # fail in one line before any work
-        engine = out or ckpt.with_name(f"{stem}.engine")
-        out = engine.with_suffix(".onnx")
-    out = out or ckpt.with_name(f"{stem}.onnx")
+        build = BuildSettings(batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                              workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
+                              version_compatible=version_compatible, hardware_compatible=hardware_compatible)
+    tolerances = {k: v for k, v in dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement).items()
+                  if v is not None}
+    settings = ExportSettings(format=format.value, fold=fold.value, precision=precision.value, opset=opset,
+                              fold_dtype=fold_dtype.value,
+                              build=build, tolerances=tolerances, data=data, num_random=num_random,
+                              threads=set_torch_threads(threads))
+    inputs = {"--backbone": backbone, "--timing-cache": None}
+    plan_export(ckpt, settings, out, inputs)  # refuse bad settings and outputs before loading anything
     with progress() as bar:
-        task = bar.add_task("loading checkpoint", total=4 if engine else 3)
+        task = bar.add_task("loading the checkpoint", total=None)
         run = load_run(ckpt, backbone_weights=backbone)
-        bar.update(task, advance=1, description=f"folding ({fold.value}) + exporting ONNX")
-        result = export_onnx(run, out, fold=fold.value, precision=precision.value, opset=opset,
-                             fold_dtype=getattr(torch, fold_dtype))
-        artifact = result.path
-        if engine:
-            bar.update(task, advance=1, description=f"building the {format.value} engine")
-            built = build_engine(result.path, engine, flavor=format.value, precision=precision.value, batch=batch,
-                                 min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                                 workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
-                                 version_compatible=version_compatible, hardware_compatible=hardware_compatible)
-            artifact = built.engine_path
-        bar.update(task, advance=1, description="verifying against PyTorch")
-        try:
-            report = verify_artifact(artifact, run, data=data, num_random=num_random)
-        except VFPTError as e:
-            if format != Format.trt_rtx:
-                raise
-            # TensorRT-RTX builds anywhere but its engines run only on RTX-class GPUs: say so, and
-            # verify the ONNX the engine was built from.
-            bar.console.print(f"[yellow]engine built but NOT verified here: {escape(str(e))}[/]")
-            report = verify_artifact(result.path, run, data=data, num_random=num_random)
-        bar.update(task, advance=1, description="done")
+        outcome = export_run(run, settings, out, inputs=inputs, on_step=lambda s: bar.update(task, description=s))
+        bar.update(task, description="done", total=1, completed=1)
+    print_export(outcome)
+    finish_verify(outcome.report, outcome.written)
+
+
+def print_export(outcome) -> None:
     t = Table(title="export", show_header=False)
-    t.add_row("onnx", f"{result.path} ({result.size_bytes / 2**20:.2f} MiB)")
-    if engine:
-        t.add_row("engine", f"{built.engine_path} ({built.engine_bytes / 2**20:.2f} MiB), sidecar {built.sidecar_path}")
-        for note in built.notes:
+    onnx, eng = outcome.onnx, outcome.engine
+    t.add_row("onnx", f"{outcome.paths.onnx} ({onnx.size_bytes / 2**20:.2f} MiB)")
+    if eng is not None:
+        t.add_row("engine", f"{outcome.paths.engine} ({eng.engine_bytes / 2**20:.2f} MiB), with its .json sidecar")
+        for note in eng.notes:
             t.add_row("note", note)
-    t.add_row("fold", result.fold_mode)
-    t.add_row("precision / opset", f"{result.precision} / {result.opset}")
-    t.add_row("ops", f"{result.op_count} ({', '.join(f'{k} {v}' for k, v in result.ops.most_common(6))}, ...)")
-    t.add_row("FFT ops", str(sum(v for k, v in result.ops.items() if k in ('DFT', 'STFT'))))
-    t.add_row("verification", "[green]pass[/]" if report.passed else "[red]FAIL[/]")
+    t.add_row("fold / precision / opset", f"{onnx.fold_mode} / {onnx.precision} / {onnx.opset}")
+    t.add_row("ops", f"{onnx.op_count} ({', '.join(f'{k} {v}' for k, v in onnx.ops.most_common(6))}, ...); "
+              f"FFT ops {sum(v for k, v in onnx.ops.items() if k in ('DFT', 'STFT'))}")
+    for note in outcome.notes:
+        t.add_row("note", f"[yellow]{escape(note)}[/]")
+    t.add_row("verification", "[green]pass[/]" if outcome.passed else "[red]FAIL[/]")
     console.print(t)
+
+
+def print_verify(report) -> None:
+    console.print(f"verify [bold]{escape(report.artifact)}[/] against the unfolded PyTorch model of "
+                  f"{escape(report.checkpoint)}", highlight=False)
+    console.print(f"backend: {report.backend}; precision {report.precision}; pass if {report.tolerances}",
+                  highlight=False)
+    t = Table()
+    for col in ("inputs", "max |diff|", "max rel", "min cosine", "top-1 agree", "top-k order", "top-1 ref / artifact", "result"):
+        t.add_column(col, overflow="fold")
+    for c in report.comparisons:
+        acc = f"{c.ref_top1:.2f}% / {c.artifact_top1:.2f}%" if c.ref_top1 is not None else "-"
+        result = "[green]pass[/]" if not c.failures else "[red]FAIL: " + escape("; ".join(c.failures)) + "[/]"
+        t.add_row(escape(c.inputs), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.min_cosine:.7f}",
+                  f"{c.agreement:.2f}%", f"{c.topk_order:.2f}%", acc, result)
+    console.print(t)
+    for p in report.problems:
+        err_console.print(f"[red]metadata:[/] {escape(p)}", highlight=False, soft_wrap=True)
+
+
+def finish_verify(report, written: list | None = None) -> None:
+    """Print the comparison; exit 1 (one line) when it failed."""
     print_verify(report)
     if not report.passed:
+        kept = " nothing was written: the previous artifact and report are untouched" if written is not None else ""
+        err_console.print(f"[bold red]error:[/] the artifact is outside tolerance (see the table above);{kept}",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
 @app.command()
 @cli_errors
 def verify(
-    artifact: Annotated[Path, typer.Argument(help="An exported .onnx (or TensorRT engine).")],
-    ckpt: Annotated[Path, typer.Option(help="The run.pt it was exported from.")],
-    data: Annotated[Optional[str], typer.Option(help="Real images too: a folder (class subfolders give top-1), image files' folder, or 'builtin'.")] = None,
-    num_random: Annotated[int, typer.Option(min=1)] = 16,
-    atol: Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4).")] = None,
-    rtol: Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")] = None,
-    min_cosine: Annotated[Optional[float], typer.Option(help="Min per-sample cosine similarity (fp16 default 0.999).")] = None,
-    min_agreement: Annotated[Optional[float], typer.Option(help="Min top-1 agreement in % (fp32 100, fp16 99).")] = None,
-    providers: Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated (cpu,cuda,tensorrt).")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="JSON report path (default: ARTIFACT.verify.json).")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
+    artifact: Annotated[Path, typer.Argument(help="An exported .onnx (or a TensorRT .engine/.plan).")],
+    ckpt: CkptOpt = None,
+    data: DataOpt = None,
+    num_random: NumRandomOpt = 16,
+    atol: AtolOpt = None, rtol: RtolOpt = None, min_cosine: CosineOpt = None, min_agreement: AgreementOpt = None,
+    providers: ProvidersOpt = None,
+    allow_fallback: FallbackOpt = False,
+    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json).")] = None,
+    backbone: BackboneOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Compare an artifact with the unfolded PyTorch model on random inputs (and real images)."""
-    from vfpt_deploy.runtime.onnx_runner import open_predictor
-
     from .checkpoint import load_run
-    from .verify import verify_artifact
+    from .files import check_outputs, check_suffix
+    from .schema import report_path
+    from .threads import set_torch_threads
+    from .verify import Tolerances, verify_artifact
 
+    ckpt = pick_ckpt(ckpt, None)
+    overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement)
+    Tolerances().override(**overrides)  # range-check before any work
+    out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
+    check_outputs({"--report": out}, {"ARTIFACT": artifact, "--ckpt": ckpt, "--data": data, "--backbone": backbone})
+    n = set_torch_threads(threads)
     run = load_run(ckpt, backbone_weights=backbone)
-    precision = "fp32"
-    if artifact.suffix == ".onnx" and artifact.is_file():
-        precision = str(open_predictor(artifact, ["cpu"]).metadata.get("precision", "fp32"))
-    tol = tolerances_from(precision, atol, rtol, min_cosine, min_agreement)
-    rep = verify_artifact(artifact, run, data=data, num_random=num_random, tolerances=tol,
-                          providers=providers.split(",") if providers else None, report_path=report)
-    print_verify(rep)
-    if not rep.passed:
-        err_console.print("[bold red]error:[/] the artifact is outside tolerance (see the table above)")
-        raise typer.Exit(1)
+    rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
+                          providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
+    finish_verify(rep)
 
 
+# -- predict / bench ----------------------------------------------------------------------------------
 @app.command()
 @cli_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="An exported .onnx (or TensorRT engine).")],
+    model: Annotated[Path, typer.Argument(help="An exported .onnx (or a TensorRT .engine/.plan).")],
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
-    top_k: Annotated[int, typer.Option(min=1)] = 3,
-    batch: Annotated[int, typer.Option(min=1)] = 32,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    providers: Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated (cpu,cuda,tensorrt).")] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=1000, help="How many classes to show per image.")] = 3,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="Images per inference call.")] = 32,
+    as_json: JsonFlag = False,
+    providers: ProvidersOpt = None,
+    allow_fallback: FallbackOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Classify images with an exported model (no torch needed)."""
+    """Classify images with an exported model (no torch needed). An unreadable image is reported and the
+    others still run; the exit code is 1 if any failed."""
     from vfpt_deploy.runtime.onnx_runner import open_predictor
     from vfpt_deploy.runtime.preprocess import find_images
 
-    predictor = open_predictor(model, providers.split(",") if providers else None)
-    predictor.max_batch = batch
-    preds = predictor.predict(find_images(images), top_k=top_k)
-    used = list(getattr(predictor, "providers", ["TensorRT"]))
+    from .schema import is_engine
+    from .threads import resolve_threads
+
+    kwargs = {} if is_engine(model) else {"threads": resolve_threads(threads), "allow_fallback": allow_fallback}
+    with open_predictor(model, split_list(providers), **kwargs) as predictor:
+        predictor.max_batch = batch
+        preds = predictor.predict(find_images(images), top_k=top_k)
+        used = list(getattr(predictor, "providers", None) or ["TensorRT"])
     if as_json:
-        print(json.dumps({"model": str(model), "providers": used,
-                          "predictions": [{"image": p.source, "top": [{"class": c, "prob": s} for c, s in p.top]} for p in preds]},
-                         indent=2))
-        return
-    t = Table(title=f"{model} ({', '.join(used)})")
-    t.add_column("image", overflow="fold")
-    for i in range(max((len(p.top) for p in preds), default=0)):
-        t.add_column(f"top-{i + 1}")
-    for p in preds:
-        t.add_row(p.source, *(f"{c} ({s:.1%})" for c, s in p.top))
-    console.print(t)
+        print_json({"model": str(model), "providers": used, "predictions": [
+            {"image": p.source, "error": p.error} if p.error else
+            {"image": p.source, "top": [{"class": c, "prob": s} for c, s in p.top]} for p in preds]})
+    else:
+        print_predictions(model, used, preds)
     failed = [p for p in preds if p.error]
     for p in failed:
         err_console.print(f"[bold red]error:[/] {escape(p.error)}", highlight=False, soft_wrap=True)
@@ -380,64 +440,82 @@ def predict(
         raise typer.Exit(1)
 
 
+def print_predictions(model: Path, used: list[str], preds) -> None:
+    t = Table(title=f"{model} ({', '.join(used)})")
+    t.add_column("image", overflow="fold")
+    for i in range(max((len(p.top) for p in preds), default=0)):
+        t.add_column(f"top-{i + 1}")
+    for p in preds:
+        cells = [escape(f"{c} ({s:.1%})") for c, s in p.top] if not p.error else ["[red]not classified[/]"]
+        t.add_row(escape(p.source), *cells)
+    console.print(t)
+
+
 @app.command()
 @cli_errors
 def bench(
-    ckpt: Annotated[Optional[Path], typer.Argument(help="A run.pt: gives the PyTorch backends, and is exported to ONNX for onnxruntime when no --onnx is given.")] = None,
+    ckpt_arg: CkptArg = None,
+    ckpt: CkptOpt = None,
     onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="An exported .onnx for the ort-* backends (repeatable).")] = None,
     engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="A TensorRT engine (with its .json sidecar) for the tensorrt backend (repeatable).")] = None,
     backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
-    batch: Annotated[str, typer.Option("--batch", help="Batch sizes to sweep, comma-separated.")] = "1,8,32",
-    warmup: Annotated[Optional[int], typer.Option(help="Warm-up calls per batch size (default 10).")] = None,
-    warmup_time: Annotated[Optional[float], typer.Option(help="Warm up for this many seconds instead of a count.")] = None,
-    iters: Annotated[Optional[int], typer.Option(help="Timed calls per batch size (default 50).")] = None,
-    duration: Annotated[Optional[float], typer.Option(help="Time calls for this many seconds instead of a count.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads for torch and onnxruntime (default: theirs).")] = None,
+    batch: Annotated[Optional[list[str]], typer.Option("--batch", help="Batch size(s) to sweep: repeatable and/or comma-separated (default 1,8,32).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=0, max=1_000_000, help="Warm-up calls per batch size (default 10).")] = None,
+    warmup_time: Annotated[Optional[float], typer.Option(help="Warm up for this many seconds (0 < s <= 3600) instead of a count.")] = None,
+    iters: Annotated[Optional[int], typer.Option(min=1, max=1_000_000, help="Timed calls per batch size (default 50).")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Time calls for this many seconds (0 < s <= 3600) instead of a count.")] = None,
+    threads: ThreadsOpt = None,
     fold: Annotated[Fold, typer.Option(help="Fold of torch-folded and of the ONNX exported from the run.pt.")] = Fold.auto,
-    device: Annotated[Optional[str], typer.Option(help="Device of the PyTorch backends: cpu, cuda, cuda:N (default: CUDA when present).")] = None,
+    device: DeviceOpt = None,
     e2e: Annotated[bool, typer.Option("--e2e", help="GPU backends: also time end to end, host<->device copies included.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every result and the machine to this JSON file.")] = None,
-    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per result (machine included) to this CSV file.")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of latency and throughput vs batch size per backend.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt.")] = None,
-    export_dir: Annotated[Optional[Path], typer.Option(help="Keep the ONNX exported from the run.pt here (default: a temp folder).")] = None,
+    as_json: JsonFlag = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write every result and the machine to this JSON file (.json).")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write one row per result (machine included) to this CSV file (.csv).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of latency and throughput vs batch size per backend (.png).")] = None,
+    backbone: BackboneOpt = None,
+    export_dir: Annotated[Optional[Path], typer.Option(help="Keep the ONNX exported from the run.pt in this folder (default: a temp folder).")] = None,
 ) -> None:
     """Benchmark a run.pt and/or exported artifacts: latency statistics, throughput and peak memory per
     backend and batch size, with the machine they were measured on."""
     from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
+    from .files import check_outputs, check_suffix
+    from .threads import resolve_threads
     from vfpt_deploy.runtime.timing import LoopSpec
 
+    ckpt = pick_ckpt(ckpt, ckpt_arg) if (ckpt or ckpt_arg) else None
+    outs = {k: check_suffix(p, (s,), k.strip("-").upper(), k) for k, p, s in
+            (("--report", report, ".json"), ("--csv", csv_out, ".csv"), ("--plot", plot, ".png")) if p is not None}
+    check_outputs(outs, {"--ckpt": ckpt, "--backbone": backbone,
+                         **{f"--onnx {p}": p for p in onnx or []}, **{f"--engine {p}": p for p in engine or []}})
     loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
-                    iters=iters if iters is not None or duration is not None else 50, duration_s=duration)
-    settings = BenchSettings(batches=parse_batches(batch), loop=loop, threads=threads, e2e=e2e, fold=fold.value,
-                             device=device)
-    report = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
+                    iters=iters if iters is not None or duration is not None else 50, duration_s=duration).check()
+    settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
+                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device)
+    result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
                        backbone_weights=backbone, export_dir=export_dir,
-                       on_status=lambda s: err_console.print(f"[cyan]{s}[/]", highlight=False))
-    # A console at least as wide as the table: a narrow terminal wraps lines instead of eliding numbers.
-    Console(width=max(console.width, table_width(report))).print(results_table(report))
-    for s in report.skipped:
-        console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {s.reason}", highlight=False)
-    for path, write in ((json_out, report.write_json), (csv_out, report.write_csv), (plot, report.plot)):
+                       on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))
+    if as_json:
+        print_json(result.to_dict())
+    else:  # a console at least as wide as the table: narrow terminals wrap lines instead of eliding numbers
+        Console(width=max(console.width, table_width(result))).print(results_table(result))
+    for s in result.skipped:
+        err_console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {escape(s.reason)}", highlight=False)
+    for path, write in ((report, result.write_json), (csv_out, result.write_csv), (plot, result.plot)):
         if path is not None:
-            console.print(f"wrote {write(path)}")
+            err_console.print(f"wrote {write(path)}", highlight=False)
 
 
-class Arch(str, Enum):
-    vit = "vit"
-    mae = "mae"
-    moco = "moco"
-
-
+# -- import -------------------------------------------------------------------------------------------
 @app.command("import")
 @cli_errors
 def import_reference(
-    ckpt: Annotated[Path, typer.Argument(help="A reference VFPT/VPT checkpoint: {'model': state_dict} or a bare state dict.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The run.pt to write.")] = Path("run.pt"),
+    ckpt_arg: Annotated[Optional[Path], typer.Argument(help="The reference checkpoint (same as --ckpt).", show_default=False)] = None,
+    ckpt: Annotated[Optional[Path], typer.Option("--ckpt", help="A reference VFPT/VPT checkpoint: {'model': state_dict} or a bare state dict.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run.pt to write (.pt).")] = Path("run.pt"),
     alpha: Annotated[float, typer.Option(help="Fourier fraction the checkpoint was trained with (FOURIER_PERCENTAGE; not saved by the reference).")] = ...,
     location: Annotated[Location, typer.Option(help="Where its Fourier prompts sit (FOURIER_LOCATION).")] = Location.prepend,
     classes: Annotated[Optional[str], typer.Option(help="Class names: a comma list or a file with one a line (default 0..C-1).")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Attention heads (default: the standard ViT value for the width: 192->3, 384->6, 768->12, 1024->16, 1280->16).")] = None,
+    heads: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Attention heads (default: the standard ViT value for the width: 192->3, 384->6, 768->12, 1024->16, 1280->16).")] = None,
     arch: Annotated[Arch, typer.Option(help="vit: the reference ViT (enc.transformer.*); mae / moco: its MAE / MoCo-v3 ViTs (enc.blocks.*; MAE mean-pools).")] = Arch.vit,
     crop_pct: Annotated[float, typer.Option(help="1.0: resize to the model size (VTAB); <1: resize shorter side to size/crop_pct, center crop (FGVC: 0.875).")] = 1.0,
 ) -> None:
@@ -445,12 +523,44 @@ def import_reference(
     image size and classes; alpha, location, heads and class names come from the options)."""
     from .reference import import_checkpoint
 
-    result = import_checkpoint(ckpt, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,
+    src = pick_ckpt(ckpt, ckpt_arg)
+    result = import_checkpoint(src, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,
                                heads=heads, crop_pct=crop_pct)
     for k in result.unused:
-        console.print(f"unused key {k}", highlight=False, soft_wrap=True)
+        console.print(f"unused key {escape(k)}", highlight=False, soft_wrap=True)
     m, cfg = result.model, result.model.config
     console.print(f"imported {result.backbone.name} {json.dumps(result.backbone.kwargs)}: M={cfg.num_prompts} "
                   f"{'deep' if cfg.deep else 'shallow'}, alpha={cfg.alpha} (m={cfg.num_fourier} Fourier), "
                   f"{cfg.location}, {m.num_classes} classes, {m.pool} pooling; {len(result.unused)} unused keys; "
                   f"wrote {out}", highlight=False, soft_wrap=True)
+
+
+def run() -> None:
+    """The console script: the app, with usage errors (bad option values, missing arguments) as one
+    line too, instead of the usage box."""
+    import sys
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="vfpt-deploy", standalone_mode=False)
+    except Exception as e:  # click's exceptions (typer ships its own copy of click): matched by name
+        code = _usage_error(e)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(e: Exception) -> int:
+    kinds = {c.__name__ for c in type(e).__mro__}
+    ctx = getattr(e, "ctx", None)
+    if "NoArgsIsHelpError" in kinds and ctx is not None:
+        console.print(ctx.get_help())
+        return 0
+    if "Abort" in kinds:
+        return 130
+    if "ClickException" not in kinds:
+        raise e
+    command = f"vfpt-deploy {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "vfpt-deploy --help"
+    err_console.print(f"[bold red]error:[/] {escape(e.format_message())} (see '{command}')", highlight=False,
+                      soft_wrap=True)
+    return int(getattr(e, "exit_code", 2))

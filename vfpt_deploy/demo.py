@@ -17,8 +17,10 @@ from typing import Callable
 from .backbone import create_backbone, load_backbone_weights, state_sha256
 from .config import VFPTConfig
 from .data import TensorDataset, builtin_split
+from .errors import OutputError
+from .files import atomic_write
 from .runs import preprocess_for, train_run
-from .train import TrainSettings, pretrain_backbone
+from .train import TrainSettings, pretrain_backbone, seed_everything
 
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}
@@ -46,9 +48,9 @@ def run_demo(out: str | Path, *, pretrain_epochs: int = 60, epochs: int = 40, lr
     import torch
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = demo_folder(out)
     weights = out / "backbone.safetensors"
+    seed_everything(seed)  # before the backbone is created: its init is part of the result
     backbone = create_backbone(DEMO_MODEL, **DEMO_KWARGS)
     preprocess = preprocess_for(backbone)
     if weights.is_file():
@@ -59,9 +61,8 @@ def run_demo(out: str | Path, *, pretrain_epochs: int = 60, epochs: int = 40, lr
         source = TensorDataset(builtin_split("digits", "train"), preprocess)
         pretrain_backbone(backbone, source, epochs=pretrain_epochs, seed=seed,
                           on_step=(lambda s, t: on_step("pretrain", s, t)) if on_step else None)
-        tmp = weights.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp))
-        tmp.replace(weights)
+        state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
+        atomic_write(weights, lambda tmp: save_file(state, tmp))
     clean_top1 = _clean_top1(backbone, preprocess)
     rows = []
     settings = TrainSettings(epochs=epochs, lr=lr, warmup_epochs=max(1, epochs // 10), seed=seed)
@@ -96,14 +97,22 @@ def _clean_top1(backbone, preprocess) -> float:
     return 100.0 * float((pred == torch.tensor(val.images.labels)).float().mean())
 
 
-def export_demo(out: str | Path):
-    """Fold + export the demo's VFPT run to ONNX and verify it on the built-in val images."""
-    from vfpt_deploy.exporters.onnx import export_onnx
+def demo_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; the demo writes a folder (runs, backbone, ONNX): name a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {out} ({e.strerror}); choose a writable --out folder") from None
+    return out
 
+
+def export_demo(out: str | Path, threads: int | None = None):
+    """Fold + export the demo's VFPT run to ONNX through the export pipeline, verified on the built-in
+    val images."""
     from .checkpoint import load_run
-    from .verify import verify_artifact
+    from .pipeline import ExportSettings, export_run
 
     run = load_run(Path(out) / "run.pt")
-    result = export_onnx(run, Path(out) / "run.onnx", fold="auto")
-    report = verify_artifact(result.path, run, data="builtin:digits-shifted", num_random=16)
-    return result, report
+    return export_run(run, ExportSettings(data="builtin:digits-shifted", threads=threads), Path(out) / "run.onnx")

@@ -12,12 +12,14 @@ from .backbone import build_backbone
 from .checkpoint import BackboneInfo, save_run
 from .config import VFPTConfig
 from .data import TensorDataset, load_splits
-from .errors import VFPTError
+from .errors import UsageError
+from .files import check_outputs, check_suffix
 from .model import VFPTViT
-from .train import EpochResult, History, TrainSettings, fit
+from .train import EpochResult, History, TrainSettings, fit, seed_everything
 from vfpt_deploy.runtime.preprocess import Preprocess
 
 log = logging.getLogger("vfpt_deploy")
+RUN_SUFFIXES = (".pt", ".pth")
 
 
 def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:
@@ -27,8 +29,8 @@ def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:
     mean = list(cfg.get("mean", (0.5, 0.5, 0.5)))
     std = list(cfg.get("std", (0.5, 0.5, 0.5)))
     h, w = (int(v) for v in backbone.patch_embed.img_size)
-    if not 0 < crop_pct <= 1:
-        raise VFPTError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct!r}")
     if crop_pct == 1.0:
         return Preprocess(resize=[h, w], crop=None, mean=mean, std=std, interpolation="bilinear")
     return Preprocess(resize=int(round(min(h, w) / crop_pct)), crop=[h, w], mean=mean, std=std, interpolation="bilinear")
@@ -48,8 +50,12 @@ def train_run(out: str | Path, *, data: str, model_name: str, model_kwargs: dict
               on_epoch: Callable[[EpochResult, bool], None] | None = None,
               on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train VFPT on `data` ('builtin[:name]' or a folder with train/ and val/) and write the best
-    epoch to `out` atomically after every improvement."""
-    out = Path(out)
+    epoch to `out` atomically after every improvement. The same settings and seed on the same machine
+    (and thread count) give bit-identical tensors: everything random is drawn after seeding."""
+    out = check_suffix(out, RUN_SUFFIXES, "run checkpoint")
+    check_outputs({"--out": out}, {"--data": data, "--weights": weights})
+    settings.check()
+    seed_everything(settings.seed)
     if backbone is None:
         if weights == "random":
             log.warning("the backbone is randomly initialised: fine for tests, meaningless for real use")

@@ -11,7 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import RuntimeSetupError, UsageError, VFPTError
 from .model import VFPTViT
+
+
+def _check_number(name: str, v, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> None:
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or not math.isfinite(v) or not lo <= v <= hi or (open_lo and v == lo):
+        kind = "an integer" if integer else "a finite number"
+        bounds = f"({lo:g}, {hi:g}]" if open_lo else f"[{lo:g}, {hi:g}]"
+        raise UsageError(f"--{name.replace('_', '-')} must be {kind} in {bounds}, got {v!r}")
 
 
 @dataclass
@@ -23,6 +32,17 @@ class TrainSettings:
     warmup_epochs: int = 10
     momentum: float = 0.9
     seed: int = 0
+
+    def check(self) -> "TrainSettings":
+        """Every number finite and in a sane range (one-line UsageError naming the option)."""
+        _check_number("epochs", self.epochs, 1, 100_000, integer=True)
+        _check_number("lr", self.lr, 0.0, 1e4, open_lo=True)
+        _check_number("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_number("batch_size", self.batch_size, 1, 65536, integer=True)
+        _check_number("warmup_epochs", self.warmup_epochs, 0, 100_000, integer=True)
+        _check_number("momentum", self.momentum, 0.0, 0.999)
+        _check_number("seed", self.seed, 0, 2**32 - 1, integer=True)
+        return self
 
 
 @dataclass
@@ -48,6 +68,37 @@ def seed_everything(seed: int) -> None:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | None, allow_fallback: bool = False) -> torch.device:
+    """--device: None (CUDA when present), cpu, cuda, cuda:N. Asking for CUDA where torch sees none is an
+    error, unless allow_fallback (then the CPU, said by the caller)."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            if allow_fallback:
+                return torch.device("cpu")
+            raise RuntimeSetupError(f"--device {device}: torch sees {count} CUDA GPU(s) here; use --device cpu, "
+                                    "or --allow-fallback to run on the CPU")
+    return dev
+
+
+def check_finite(loss: torch.Tensor, params: list[torch.Tensor], epoch: int, step: int, lr: float) -> None:
+    """Stop at the first non-finite loss or tuned tensor: a diverged run must not be saved or go on."""
+    if not torch.isfinite(loss).all():
+        raise VFPTError(f"training diverged at epoch {epoch}, step {step}: the loss is {loss.item()}; "
+                        f"lower --lr (now {lr:g})")
+    if not all(torch.isfinite(p).all() for p in params):
+        raise VFPTError(f"training diverged at epoch {epoch}, step {step}: a tuned tensor became NaN/Inf; "
+                        f"lower --lr (now {lr:g})")
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
@@ -76,6 +127,7 @@ def fit(model: VFPTViT, train_set, val_set, settings: TrainSettings, *,
         on_step: Callable[[int, int], None] | None = None) -> History:
     """Train the tuned parameters only. on_epoch(result, is_best) runs after every validation (save the
     checkpoint there); on_step(step, total) drives a progress bar."""
+    settings.check()
     seed_everything(settings.seed)
     device = device or default_device()
     model.to(device)
@@ -103,8 +155,9 @@ def fit(model: VFPTViT, train_set, val_set, settings: TrainSettings, *,
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.item())
             step += 1
+            check_finite(loss, params, epoch + 1, step, settings.lr)
+            losses.append(loss.item())
             if on_step:
                 on_step(step, total)
         top1 = evaluate(model, val_loader, device)
@@ -153,6 +206,7 @@ def pretrain_backbone(backbone: nn.Module, train_set, *, epochs: int, lr: float 
             opt.step()
             sched.step()
             step += 1
+            check_finite(loss, list(net.parameters()), step // len(loader) + 1, step, lr)
             if on_step:
                 on_step(step, total)
     backbone.eval()

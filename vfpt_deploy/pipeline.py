@@ -1,0 +1,212 @@
+"""The one export pipeline: a loaded run -> fold -> ONNX -> (TensorRT engine) -> verify -> in place.
+
+`export_run` is what the CLI, the demo and the benchmark call. The output policy lives here once:
+outputs never name an input; suffixes match formats (.onnx; .engine/.plan, the ONNX an engine is built
+from beside it with .onnx); every new file is written into a staging folder beside its final place and
+moved there only after verification passed, so a failed export, build or verify leaves the previous
+artifact and its report untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import Run
+from .errors import ArtifactError, UsageError, VFPTError
+from .files import Staging, check_outputs, check_suffix
+from .schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
+
+FOLD_DTYPES = ("float32", "float64")
+TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement")
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Everything an export decides. build: TensorRT builder settings (format trt / trt-rtx; its flavor
+    and precision follow format and precision). tolerances: overrides of the precision's defaults.
+    data: real images for the verification besides the random inputs ('builtin[:name]' or a folder)."""
+
+    format: str = "onnx"
+    fold: str = "auto"
+    precision: str = "fp32"
+    opset: int = 17
+    fold_dtype: str = "float32"
+    build: object | None = None  # exporters.tensorrt.BuildSettings
+    tolerances: dict = field(default_factory=dict)
+    data: str | None = None
+    num_random: int = 16
+    threads: int | None = None
+
+    def check(self) -> "ExportSettings":
+        for name, value, choices in (("--format", self.format, FORMATS), ("--fold", self.fold, EXPORT_FOLDS),
+                                     ("--precision", self.precision, PRECISIONS),
+                                     ("--fold-dtype", self.fold_dtype, FOLD_DTYPES)):
+            if value not in choices:
+                raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not 17 <= self.opset <= 23:
+            raise UsageError(f"--opset must be 17..23 (17 is the first with LayerNormalization), got {self.opset!r}")
+        unknown = sorted(set(self.tolerances) - set(TOLERANCE_KEYS))
+        if unknown:
+            raise UsageError(f"unknown tolerance {unknown[0]!r}; use {', '.join(TOLERANCE_KEYS)}")
+        from .verify import Tolerances
+
+        Tolerances.for_precision(self.precision).override(**self.tolerances)  # range-checks the overrides
+        return self
+
+    def builder(self):
+        """The TensorRT builder settings with flavor and precision taken from this export."""
+        from vfpt_deploy.exporters.tensorrt import BuildSettings
+
+        base = self.build if self.build is not None else BuildSettings()
+        return dataclasses.replace(base, flavor=self.format, precision=self.precision).check()
+
+
+@dataclass(frozen=True)
+class ExportPaths:
+    onnx: Path
+    engine: Path | None
+    report: Path  # the verification report of what was verified
+
+    def outputs(self) -> dict[str, Path]:
+        out = {"the ONNX output": self.onnx, "the verify report": self.report}
+        if self.engine is not None:
+            out.update({"the engine output": self.engine, "the engine sidecar": sidecar_path(self.engine)})
+        return out
+
+
+def export_paths(ckpt: Path | None, settings: ExportSettings, out: str | os.PathLike | None) -> ExportPaths:
+    """Where an export writes: --out, or beside the checkpoint named after it."""
+    if out is None and ckpt is None:
+        raise UsageError("name the output with --out")
+    stem = (ckpt.stem if ckpt else "model") + ("" if settings.precision == "fp32" else f".{settings.precision}")
+    if settings.format == "onnx":
+        onnx = check_suffix(out if out is not None else ckpt.with_name(f"{stem}.onnx"), ONNX_SUFFIXES, "ONNX")
+        return ExportPaths(onnx, None, report_path(onnx))
+    engine = check_suffix(out if out is not None else ckpt.with_name(f"{stem}.engine"), ENGINE_SUFFIXES, "engine")
+    return ExportPaths(engine.with_suffix(".onnx"), engine, report_path(engine))
+
+
+@dataclass
+class ExportOutcome:
+    paths: ExportPaths
+    onnx: object  # exporters.onnx.ExportResult (of the staged file; sizes and ops hold for the final one)
+    engine: object | None  # exporters.tensorrt.EngineResult
+    report: object  # verify.VerifyReport
+    written: list[Path] = field(default_factory=list)  # empty when verification failed: nothing was replaced
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.paths.onnx
+
+
+def plan_export(ckpt: Path | None, settings: ExportSettings, out: str | os.PathLike | None = None,
+                inputs: dict[str, str | os.PathLike | None] | None = None) -> ExportPaths:
+    """Check the settings and the output policy without loading anything: where the export will write,
+    or a one-line error. export_run calls it too."""
+    settings.check()
+    paths = export_paths(ckpt, settings, out)
+    check_outputs(paths.outputs(), {"--ckpt": ckpt, **(inputs or {}), "--data": settings.data})
+    return paths
+
+
+def export_run(run: Run, settings: ExportSettings, out: str | os.PathLike | None = None, *,
+               inputs: dict[str, str | os.PathLike | None] | None = None,
+               on_step: Callable[[str], None] | None = None) -> ExportOutcome:
+    """Fold, export, (build,) verify, and only then move the new files into place.
+
+    inputs: the command's other input files by option name (e.g. {'--backbone': path}), so no output
+    can overwrite them. Returns the outcome; when verification fails, `written` is empty and the report
+    says why (the previous artifact and report are untouched)."""
+    from .verify import input_sets
+
+    step = on_step or (lambda s: None)
+    paths = plan_export(run.path, settings, out, inputs)
+    builder = settings.builder() if paths.engine is not None else None
+    if builder is not None:
+        from vfpt_deploy.exporters.tensorrt import check_trt_available
+
+        check_trt_available(builder.flavor)  # one line, before any work
+    data = settings.data if settings.data is not None else recorded_builtin_data(run)
+    sets = input_sets(run, data, settings.num_random)  # a bad --data fails before any work
+    notes = [] if settings.data is not None or data is None else [f"verified on the run's own data ({data}) too"]
+    with Staging(paths.onnx.parent) as stage:
+        step(f"folding ({settings.fold}) + exporting ONNX")
+        onnx_result = _export_onnx(run, settings, stage.path(paths.onnx))
+        built = None
+        if builder is not None:
+            step(f"building the {settings.format} engine")
+            built = _build(stage, paths, builder)
+        step("verifying against PyTorch")
+        report = _verify(stage, paths, run, settings, sets, built is not None, notes)
+        notes += _report_notes(paths.report, report)
+        written = stage.commit() if report.passed else []
+    return ExportOutcome(paths, onnx_result, built, report, written, notes)
+
+
+def _export_onnx(run: Run, settings: ExportSettings, path: Path):
+    import torch
+
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    return export_onnx(run, path, fold=settings.fold, precision=settings.precision, opset=settings.opset,
+                       fold_dtype=getattr(torch, settings.fold_dtype))
+
+
+def _build(stage: Staging, paths: ExportPaths, builder):
+    from vfpt_deploy.exporters.tensorrt import build_engine
+
+    engine = stage.path(paths.engine)
+    stage.path(sidecar_path(paths.engine))  # build_engine writes it beside the staged engine
+    return build_engine(stage.dir / paths.onnx.name, engine, builder)
+
+
+def _verify(stage: Staging, paths: ExportPaths, run: Run, settings: ExportSettings, sets, has_engine: bool,
+            notes: list[str]):
+    """Verify the engine where it can run, else (TensorRT-RTX off an RTX GPU) the ONNX it was built from."""
+    from .verify import verify_artifact
+
+    common = dict(run=run, inputs=sets, overrides=settings.tolerances, threads=settings.threads,
+                  report_path=stage.path(paths.report))
+    if has_engine:
+        try:
+            return verify_artifact(stage.dir / paths.engine.name, name=str(paths.engine), **common)
+        except (ArtifactError, UsageError):
+            raise
+        except VFPTError as e:
+            if settings.format != "trt-rtx":
+                raise
+            # TensorRT-RTX builds anywhere but its engines run only on RTX-class GPUs: say so, and verify
+            # the ONNX the engine was built from.
+            notes.append(f"engine built but NOT run here ({e}); verified the ONNX it was built from")
+    return verify_artifact(stage.dir / paths.onnx.name, name=str(paths.onnx), **common)
+
+
+def recorded_builtin_data(run: Run) -> str | None:
+    """The built-in data set a run was trained on (its meta says), so a plain re-export verifies on the
+    same real images as before instead of random inputs only."""
+    data = (run.meta.get("train") or {}).get("data") if isinstance(run.meta.get("train"), dict) else None
+    return data if isinstance(data, str) and (data == "builtin" or data.startswith("builtin:")) else None
+
+
+def _report_notes(previous: Path, report) -> list[str]:
+    """Say so when the report being replaced covered real images and the new one does not."""
+    try:
+        old = json.loads(previous.read_text())
+        old_real = [c["inputs"] for c in old.get("comparisons", []) if not str(c.get("inputs", "")).startswith("random")]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    new_real = [c.inputs for c in report.comparisons if not c.inputs.startswith("random")]
+    if old_real and not new_real:
+        return [f"the previous report covered {old_real[0]}; this one random inputs only (pass --data to "
+                "verify on images too)"]
+    return []
+

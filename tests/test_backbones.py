@@ -59,10 +59,16 @@ def test_mismatched_state_dict_names_the_first_misfit(tmp_path):
         build_backbone(TINY, TINY_KWARGS, str(wide))
     deep = tmp_path / "deep.pth"
     torch.save(_perturbed(depth=4).state_dict(), deep)
-    with pytest.raises(VFPTError, match=r"unexpected tensors, first blocks\.3\."):
+    with pytest.raises(VFPTError, match=r"deep\.pth holds 4 transformer blocks but the model has 3"):
         build_backbone(TINY, TINY_KWARGS, str(deep))
-    with pytest.raises(VFPTError, match=r"tensors missing, first blocks\.3\."):
+    with pytest.raises(VFPTError, match=r"d3\.pth holds 3 transformer blocks but the model has 4"):
         build_backbone(TINY, {**TINY_KWARGS, "depth": 4}, str(_save(tmp_path / "d3.pth", _perturbed().state_dict())))
+    holed = {k: v for k, v in _perturbed().state_dict().items() if k != "blocks.1.norm1.weight"}
+    with pytest.raises(VFPTError, match=r"1 tensors missing, first blocks\.1\.norm1\.weight"):
+        build_backbone(TINY, TINY_KWARGS, str(_save(tmp_path / "holed.pth", holed)))
+    extra = {**_perturbed().state_dict(), "blocks.1.extra": torch.zeros(2)}
+    with pytest.raises(VFPTError, match=r"1 unexpected tensors, first blocks\.1\.extra"):
+        build_backbone(TINY, TINY_KWARGS, str(_save(tmp_path / "extra.pth", extra)))
 
 
 def _save(path, obj):

@@ -120,3 +120,12 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_tiny(target)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    model = tiny_model(num_classes=3)
+    with pytest.raises(VFPTError, match="preprocess gives 64x64 images but the model takes 32x32"):
+        save_run(tmp_path / "r.pt", model, BackboneInfo(TINY, dict(TINY_KWARGS)), ["a", "b", "c"], Preprocess(resize=[64, 64]))
+    with pytest.raises(VFPTError, match="class names must be strings"):
+        save_run(tmp_path / "r.pt", model, BackboneInfo(TINY, dict(TINY_KWARGS)), [1, 2, 3], PRE)
+    assert not list(tmp_path.iterdir())

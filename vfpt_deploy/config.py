@@ -4,14 +4,24 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import VFPTError
+from .errors import UsageError
 
 LOCATIONS = ("prepend", "append")
+MAX_PROMPTS = 10_000  # prompt tokens per layer; the reference uses up to a few hundred
+MAX_PROJECT = 65_536  # prompt projection width
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
 class VFPTConfig:
-    """How prompts are added to a frozen ViT (VFPT_SPEC sections 1-2).
+    """How prompts are added to a frozen ViT (docs/model.md, sections 1 and 2).
 
     num_prompts: M prompt tokens per layer.
     deep: a prompt block before every transformer block (else one block before block 0).
@@ -19,6 +29,9 @@ class VFPTConfig:
     location: where the Fourier prompts sit inside a layer's prompt block ("prepend" or "append").
     project: if > 0, prompts are learned at this width and mapped to the ViT width by a Linear.
     dropout: prompt dropout (active only while the prompt module trains).
+
+    Every field is type- and range-checked here, so a config read from a file is as safe as one
+    typed on the command line (a float 4.0, a bool or a string "0.5" is refused, not coerced).
     """
 
     num_prompts: int = 10
@@ -29,21 +42,24 @@ class VFPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_prompts < 0:
-            raise VFPTError(f"num_prompts must be >= 0, got {self.num_prompts}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise VFPTError(f"alpha (Fourier fraction) must be in [0, 1], got {self.alpha}")
+        if not _is_int(self.num_prompts) or not 0 <= self.num_prompts <= MAX_PROMPTS:
+            raise UsageError(f"num_prompts must be an integer in [0, {MAX_PROMPTS}], got {self.num_prompts!r}")
+        if not isinstance(self.deep, bool):
+            raise UsageError(f"deep must be true or false, got {self.deep!r}")
+        if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"alpha (Fourier fraction) must be a number in [0, 1], got {self.alpha!r}")
         if self.location == "random":
-            raise VFPTError(
+            raise UsageError(
                 "location 'random' reshuffles prompts on every forward pass (eval too), so it cannot "
                 "be deployed; use 'prepend' or 'append'"
             )
-        if self.location not in LOCATIONS:
-            raise VFPTError(f"location must be one of {', '.join(LOCATIONS)}, got {self.location!r}")
-        if self.project < 0:
-            raise VFPTError(f"project must be >= 0 (0 = no prompt projection), got {self.project}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise VFPTError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.location not in LOCATIONS:  # so a str
+            raise UsageError(f"location must be one of {', '.join(LOCATIONS)}, got {self.location!r}")
+        if not _is_int(self.project) or not 0 <= self.project <= MAX_PROJECT:
+            raise UsageError(f"project must be an integer in [0, {MAX_PROJECT}] (0 = no prompt projection), "
+                             f"got {self.project!r}")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
 
     @property
     def num_fourier(self) -> int:
@@ -56,8 +72,10 @@ class VFPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VFPTConfig":
+        if not isinstance(d, dict):
+            raise UsageError(f"a VFPT config must be a mapping of its fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
-            raise VFPTError(f"unknown VFPT config keys {unknown}; known keys are {sorted(known)}")
+            raise UsageError(f"unknown VFPT config keys {unknown[:5]}; known keys are {sorted(known)}")
         return cls(**d)

@@ -4,7 +4,7 @@ The reference saves torch.save({"model": state_dict}) of its whole model (frozen
 no config. Its ViT uses its own layout (separate query/key/value, `enc.transformer.*`); its MAE and
 MoCo-v3 models are timm-style (`enc.blocks.*`). Keys are mapped to timm + VFPTViT names, and the
 architecture is read off tensor shapes; alpha, location, heads and class names come from the user,
-because the file does not hold them. See VFPT_SPEC.md section 4.
+because the file does not hold them. See docs/model.md, section 4 (reference checkpoints).
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .backbone import create_backbone
-from .files import file_sha256
-from .checkpoint import FORMAT, BackboneInfo, save_run
+from .backbone import check_tensors, create_backbone
+from .files import check_outputs, check_suffix, file_sha256
+from .checkpoint import FORMAT, RUN_SUFFIXES, BackboneInfo, save_run
 from .config import VFPTConfig
-from .errors import VFPTError
+from .errors import InputError, VFPTError
 from .model import VFPTViT
 from vfpt_deploy.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -128,6 +128,21 @@ def _need(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return sd[key]
 
 
+def _heads_and_ratio(dim: int, hidden: int, heads: int | None) -> tuple[int, float]:
+    """Attention heads (given, or the standard ones for the width) and timm's mlp_ratio for an MLP width."""
+    if heads is None:
+        if dim not in STANDARD_HEADS:
+            raise VFPTError(f"width {dim} is not a standard ViT width ({', '.join(map(str, STANDARD_HEADS))}); "
+                            "pass --heads (the checkpoint does not record the number of attention heads)")
+        heads = STANDARD_HEADS[dim]
+    if heads < 1 or dim % heads:
+        raise VFPTError(f"--heads {heads} does not divide the width {dim}")
+    mlp_ratio = hidden / dim
+    if int(dim * mlp_ratio) != hidden:
+        raise VFPTError(f"MLP width {hidden} is not reachable from width {dim} by timm's mlp_ratio")
+    return heads, mlp_ratio
+
+
 def infer_backbone(sd: dict[str, torch.Tensor], arch: str, heads: int | None = None) -> BackboneInfo:
     """The timm model name + kwargs that rebuild the reference backbone, read off tensor shapes.
 
@@ -154,16 +169,7 @@ def infer_backbone(sd: dict[str, torch.Tensor], arch: str, heads: int | None = N
         raise VFPTError(f"position embedding holds {n} patch positions, not a square grid; only square images are supported")
     img = grid * p
 
-    if heads is None:
-        if dim not in STANDARD_HEADS:
-            raise VFPTError(f"width {dim} is not a standard ViT width ({', '.join(map(str, STANDARD_HEADS))}); "
-                            "pass --heads (the checkpoint does not record the number of attention heads)")
-        heads = STANDARD_HEADS[dim]
-    if heads < 1 or dim % heads:
-        raise VFPTError(f"--heads {heads} does not divide the width {dim}")
-    mlp_ratio = hidden / dim
-    if int(dim * mlp_ratio) != hidden:
-        raise VFPTError(f"MLP width {hidden} is not reachable from width {dim} by timm's mlp_ratio")
+    heads, mlp_ratio = _heads_and_ratio(dim, hidden, heads)
 
     size = _SIZES.get((dim, depth))
     name = f"vit_{size}_patch{p}_224"
@@ -215,7 +221,10 @@ def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: 
     config = VFPTConfig(num_prompts=int(prompts.shape[1]), deep=P + "deep_prompt_embeddings" in sd, alpha=alpha,
                         location=location, project=int(proj.shape[1]) if proj is not None and proj.ndim == 2 else 0)
     info = infer_backbone(sd, arch, heads)
-    backbone = create_backbone(info.name, **info.kwargs)
+    try:  # the architecture read off the tensors is bounded like any other (backbone.check_backbone_kwargs)
+        backbone = create_backbone(info.name, **info.kwargs)
+    except VFPTError as e:
+        raise InputError(f"{source}: the tensors describe a backbone that cannot be built: {e}") from None
     model = VFPTViT(backbone, num_classes=int(head_w.shape[0]), config=config)
 
     # Every model tensor, with the reference tensors it is made of.
@@ -226,6 +235,7 @@ def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: 
     if missing:
         raise VFPTError(f"{len(missing)} tensors missing from the checkpoint, first {missing[0]}; "
                         "the checkpoint is incomplete or has another architecture")
+    check_tensors({r: sd[r] for refs in targets.values() for r in refs}, source)  # floating point, finite
     state = {}
     for k, refs in targets.items():
         want = list(own[k].shape)
@@ -275,8 +285,11 @@ def reference_preprocess(img_size: tuple[int, int], crop_pct: float = 1.0) -> Pr
 def import_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, arch: str = "vit", alpha: float,
                       location: str = "prepend", classes: str | None = None, heads: int | None = None,
                       crop_pct: float = 1.0) -> Imported:
-    """Read a reference checkpoint and write it as a run.pt (backbone included)."""
+    """Read a reference checkpoint and write it as a run.pt (backbone included). The output must be a
+    .pt/.pth file other than the input (and the class-names file), checked before any work."""
     path = Path(path)
+    out = check_suffix(out, RUN_SUFFIXES, "run checkpoint")
+    check_outputs({"--out": out}, {"--ckpt": path, "--classes": classes if classes and Path(classes).is_file() else None})
     result = import_state_dict(read_reference_checkpoint(path), arch=arch, alpha=alpha, location=location,
                                heads=heads, source=str(path))
     names = parse_classes(classes, result.model.num_classes)

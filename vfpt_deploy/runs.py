@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from .backbone import build_backbone
-from .checkpoint import BackboneInfo, save_run
+from .checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
 from .config import VFPTConfig
 from .data import TensorDataset, load_splits
 from .errors import UsageError
@@ -19,7 +19,6 @@ from .train import EpochResult, History, TrainSettings, fit, seed_everything
 from vfpt_deploy.runtime.preprocess import Preprocess
 
 log = logging.getLogger("vfpt_deploy")
-RUN_SUFFIXES = (".pt", ".pth")
 
 
 def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:

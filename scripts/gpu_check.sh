@@ -25,7 +25,7 @@ row() {  # step, result, detail
 }
 
 vfpt() {  # the CLI without relying on an installed console script
-    "$PY" -c 'import sys; from vfpt_deploy.cli import app; sys.argv[0] = "vfpt-deploy"; app()' "$@"
+    "$PY" -c 'import sys; from vfpt_deploy.cli import run; sys.argv[0] = "vfpt-deploy"; run()' "$@"
 }
 
 # 1. The machine: torch + CUDA, and what onnxruntime offers.
@@ -132,7 +132,7 @@ import sys
 from pathlib import Path
 from vfpt_deploy.checkpoint import load_run
 from vfpt_deploy.errors import VFPTError
-from vfpt_deploy.exporters.tensorrt import build_engine, check_trt_available
+from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine, check_trt_available
 
 work = Path(sys.argv[1])
 try:
@@ -142,8 +142,8 @@ except VFPTError as e:
     sys.exit(0)
 from vfpt_deploy.verify import verify_artifact
 
-res = build_engine(work / "b16.kv.fp16.onnx", work / "b16.kv.fp16.engine", precision="fp16", max_batch=16,
-                   timing_cache=work / "timing.cache")
+res = build_engine(work / "b16.kv.fp16.onnx", work / "b16.kv.fp16.engine",
+                   BuildSettings(flavor="trt", precision="fp16", max_batch=16, timing_cache=work / "timing.cache"))
 rep = verify_artifact(res.engine_path, load_run(work / "run.pt"), num_random=16)
 c = rep.comparisons[0]
 print(f"{'PASS' if rep.passed else 'FAIL'} TensorRT {res.sidecar['tensorrt']['version']} fp16 engine "

@@ -248,3 +248,46 @@ def test_console_script_usage_errors_are_one_line():
     out = subprocess.run([sys.executable, "-c", "from vfpt_deploy.cli import run; run()", "export", "--opset", "5"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")
+
+
+# -- tampered artifact metadata: predict and verify refuse it in one line --------------------------
+META_TAMPER = {
+    "no_preprocess": ("vfpt.preprocess", None),
+    "huge_resize": ("vfpt.preprocess", {"resize": [60000, 60000], "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3}),
+    "two_means": ("vfpt.preprocess", {"resize": [32, 32], "mean": [0.5, 0.5], "std": [0.5] * 3}),
+    "lanczos": ("vfpt.preprocess", {"resize": [32, 32], "interpolation": "lanczos"}),
+    "zero_std": ("vfpt.preprocess", {"resize": [32, 32], "std": [0.0, 1.0, 1.0]}),
+    "wrong_size": ("vfpt.preprocess", {"resize": [64, 64]}),
+    "classes_not_list": ("vfpt.classes", "cat"),
+    "classes_wrong_count": ("vfpt.classes", ["cat", "dog"]),
+    "classes_numbers": ("vfpt.classes", [1, 2, 3]),
+    "precision_fp64": ("vfpt.precision", "fp64"),
+    "bad_sha": ("vfpt.checkpoint_sha256", "zz"),
+    "not_json": ("vfpt.preprocess", "{resize"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_TAMPER))
+@pytest.mark.parametrize("command", ["predict", "verify"])
+def test_tampered_metadata_is_refused(case, command, work):
+    import onnx
+
+    key, value = META_TAMPER[case]
+    model = onnx.load(work / "r.onnx")
+    props = {p.key: p.value for p in model.metadata_props}
+    if value is None:
+        props.pop(key)
+    else:
+        props[key] = value if case == "not_json" else json.dumps(value)
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, work / "t.onnx")
+    before = snapshot(work)
+    t0 = time.time()
+    args = (["predict", work / "t.onnx", work / "img"] if command == "predict"
+            else ["verify", work / "t.onnx", "--ckpt", work / "r.pt", "--num-random", 2])
+    res = invoke(*args)
+    assert_clean_failure(res, 1)
+    assert time.time() - t0 < 30
+    assert snapshot(work) == before

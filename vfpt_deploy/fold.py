@@ -1,4 +1,4 @@
-"""Fold a trained VFPT model into a deployable one with no FFT left (VFPT_SPEC sections 2-3).
+"""Fold a trained VFPT model into a deployable one with no FFT left (docs/model.md, sections 2-3).
 
 Two forms, both plain modules torch can export:
 - `tokens`: every layer's prompt block is the constant P_hat_i = cat(F(P_i[:m]), P_i[m:]); blocks run
@@ -28,7 +28,7 @@ FOLD_MODES = ("auto", "tokens", "kv", "none")
 
 
 def kv_refusal(model: VFPTViT) -> str | None:
-    """Why the kv fold would not be exact for this model, or None when it is."""
+    """Why the kv fold would not be exact for this model, or None when it is (docs/model.md, section 3)."""
     cfg = model.config
     if cfg.num_prompts == 0:
         return "the model has no prompts"

@@ -1,4 +1,7 @@
-"""The Fourier part of VFPT: a layer's constant prompt block from its prompt parameters."""
+"""The Fourier part of VFPT: a layer's constant prompt block from its prompt parameters.
+
+See docs/model.md (section 2).
+"""
 from __future__ import annotations
 
 import torch

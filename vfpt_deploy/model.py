@@ -2,7 +2,7 @@
 
 Follows the reference (github.com/runtsang/VFPT, built on KMnP/vpt): the sequence into block 0 is
 [CLS, prompts, patches] with prompts added after the position embedding; deep prompts overwrite rows
-1..M before every later block; final norm, CLS token, linear head. See VFPT_SPEC.md sections 1-2.
+1..M before every later block; final norm, CLS token, linear head. See docs/model.md (sections 1-2).
 """
 from __future__ import annotations
 
@@ -118,8 +118,9 @@ class VFPTViT(nn.Module):
         return self.backbone.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # token: the CLS row. avg (MAE): the mean of every row after CLS, the last block's prompt
-        # outputs included, as the reference pools; then fc_norm (a LayerNorm there, Identity for token).
+        # Pooling, docs/model.md (section 1). token: the CLS row. avg (MAE): the mean of every row after
+        # CLS, the last block's prompt outputs included, as the reference pools; then fc_norm (a LayerNorm
+        # there, Identity for token).
         x = x[:, 0] if self.pool == "token" else x[:, 1:].mean(dim=1)
         x = self.backbone.fc_norm(x)
         return x if pre_logits else self.head(x)

@@ -187,6 +187,7 @@ def _verify(stage: Staging, paths: ExportPaths, run: Run, settings: ExportSettin
             # TensorRT-RTX builds anywhere but its engines run only on RTX-class GPUs: say so, and verify
             # the ONNX the engine was built from.
             notes.append(f"engine built but NOT run here ({e}); verified the ONNX it was built from")
+            common["report_path"] = stage.path(report_path(paths.onnx))
     return verify_artifact(stage.dir / paths.onnx.name, name=str(paths.onnx), **common)
 
 

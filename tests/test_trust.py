@@ -291,3 +291,16 @@ def test_tampered_metadata_is_refused(case, command, work):
     assert_clean_failure(res, 1)
     assert time.time() - t0 < 30
     assert snapshot(work) == before
+
+
+def test_demo_is_reproducible(tmp_path):
+    tensors = []
+    for name in ("a", "b"):
+        res = invoke("demo", "--out", tmp_path / name, "--pretrain-epochs", 1, "--epochs", 1, "--seed", 7,
+                     "--threads", 1)
+        assert res.exit_code == 0, res.output
+        tensors.append(torch.load(tmp_path / name / "run.pt", weights_only=True))
+    a, b = tensors
+    assert a["backbone"]["sha256"] == b["backbone"]["sha256"]
+    for part in ("tuned", "backbone_state"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part

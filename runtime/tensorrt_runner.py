@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError, VFPTError
-from vfpt_deploy.files import file_sha256
+from vfpt_deploy.files import file_sha256, read_json
 from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, check_metadata, check_sidecar, sidecar_path  # noqa: F401
 
 from .predictor import Predictor
@@ -118,11 +117,7 @@ def read_sidecar(engine_path: str | Path) -> dict:
     if not side.is_file():
         raise ArtifactError(f"engine {engine_path} has no sidecar {side.name} (it holds the TensorRT version, GPU, "
                         "classes and preprocessing); rebuild the engine with 'vfpt-deploy export --format trt'")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"sidecar {side} is not valid JSON ({e}); rebuild the engine") from None
-    return check_sidecar(meta, str(side))
+    return check_sidecar(read_json(side, "sidecar", "rebuild the engine", ArtifactError), str(side))
 
 
 def check_compatible(sidecar: dict, trt_version: str, device: CudaDevice | None) -> list[str]:

@@ -69,7 +69,8 @@ def work(tmp_path):
     "verify_report_is_ckpt", "verify_report_is_artifact", "verify_report_symlink_to_ckpt",
     "bench_report_is_ckpt", "bench_csv_is_onnx", "import_out_is_input", "train_out_is_folder",
     "train_out_is_weights", "demo_out_is_file", "export_bad_data", "export_fails_verification",
-    "export_unknown_option_value", "export_engine_onnx_clash",
+    "export_unknown_option_value", "export_engine_onnx_clash", "export_out_is_dot", "verify_report_is_dot",
+    "verify_artifact_is_dot", "bench_report_is_empty", "import_classes_binary",
 ])
 def test_outputs_never_replace_inputs_or_good_artifacts(case, work):
     ckpt, onnx_path = work / "r.pt", work / "r.onnx"
@@ -94,6 +95,11 @@ def test_outputs_never_replace_inputs_or_good_artifacts(case, work):
         "export_fails_verification": ["export", "--ckpt", ckpt, "--atol", 0, "--num-random", 4],
         "export_unknown_option_value": ["export", "--ckpt", ckpt, "--fold", "none"],
         "export_engine_onnx_clash": ["export", "--ckpt", ckpt, "--format", "trt-rtx", "--out", work / "r.engine.json"],
+        "export_out_is_dot": ["export", "--ckpt", ckpt, "--out", "."],
+        "verify_report_is_dot": ["verify", onnx_path, "--ckpt", ckpt, "--report", "."],
+        "verify_artifact_is_dot": ["verify", ".", "--ckpt", ckpt],
+        "bench_report_is_empty": ["bench", "--onnx", onnx_path, "--report", ""],
+        "import_classes_binary": ["import", ckpt, "--out", work / "n.pt", "--alpha", 0.5, "--classes", onnx_path],
     }[case]
     res = invoke(*args)
     assert_clean_failure(res)
@@ -264,6 +270,7 @@ META_TAMPER = {
     "precision_fp64": ("vfpt.precision", "fp64"),
     "bad_sha": ("vfpt.checkpoint_sha256", "zz"),
     "not_json": ("vfpt.preprocess", "{resize"),
+    "nested_too_deep": ("vfpt.classes", "[" * 100000 + "]" * 100000),
 }
 
 
@@ -278,7 +285,7 @@ def test_tampered_metadata_is_refused(case, command, work):
     if value is None:
         props.pop(key)
     else:
-        props[key] = value if case == "not_json" else json.dumps(value)
+        props[key] = value if case in ("not_json", "nested_too_deep") else json.dumps(value)
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
@@ -304,3 +311,17 @@ def test_demo_is_reproducible(tmp_path):
     assert a["backbone"]["sha256"] == b["backbone"]["sha256"]
     for part in ("tuned", "backbone_state"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+def test_binary_class_file_and_deep_json_sidecar_are_one_line_errors(tmp_path):
+    from vfpt_deploy.errors import ArtifactError, InputError
+    from vfpt_deploy.reference import parse_classes
+    from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+
+    (tmp_path / "classes.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(InputError, match="not readable UTF-8 text"):
+        parse_classes(str(tmp_path / "classes.txt"), 3)
+    (tmp_path / "m.engine").write_bytes(b"x")
+    (tmp_path / "m.engine.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ArtifactError, match="nested too deeply"):
+        read_sidecar(tmp_path / "m.engine")

@@ -18,6 +18,17 @@ from typing import Callable, Iterable
 from .errors import OutputError
 
 
+def read_json(path: str | os.PathLike, what: str, fix: str, error=None):
+    """A JSON file's value, or one error line (missing, unreadable, not UTF-8, not JSON, nested too deep)."""
+    from .errors import InputError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise (error or InputError)(f"{what} {path} is not valid JSON ({why}); {fix}") from None
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,9 +101,12 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse, in one line, an output that is one of the command's inputs, an existing folder, or the
-    same file as another output. Keys are what the user calls them (e.g. '--out', '--ckpt')."""
+    """Refuse, in one line, an output that is one of the command's inputs, an existing folder, a path
+    with no file name, or the same file as another output. Keys are what the user calls them."""
     outs = {k: Path(v) for k, v in outputs.items() if v is not None}
+    for oname, o in outs.items():
+        if not o.name or o.name in (".", ".."):
+            raise OutputError(f"{oname} {str(o)!r} names no file; give a file name")
     ins = {k: Path(v) for k, v in inputs.items() if v is not None and str(v) not in ("", "builtin", "random", "pretrained")}
     for oname, o in outs.items():
         if o.is_dir():
@@ -111,6 +125,8 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str
 def check_suffix(path: str | os.PathLike, suffixes: Iterable[str], what: str, option: str = "--out") -> Path:
     path = Path(path)
     suffixes = tuple(suffixes)
+    if not path.name or path.name in (".", ".."):
+        raise OutputError(f"{option} {str(path)!r} names no file; give a file name like model{suffixes[0]}")
     if path.suffix.lower() not in suffixes:
         raise OutputError(f"{option} {path}: {what} files end in {' or '.join(suffixes)}; "
                           f"e.g. {path.with_suffix(suffixes[0]).name}")

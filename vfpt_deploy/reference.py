@@ -258,7 +258,11 @@ def parse_classes(spec: str | None, num_classes: int) -> list[str]:
         return [str(i) for i in range(num_classes)]
     path = Path(spec)
     if path.is_file():
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--classes file {path} is not readable UTF-8 text ({type(e).__name__}); give a text "
+                             "file with one class name a line, or a comma list") from None
     else:
         names = [c.strip() for c in spec.split(",")]
     if any(not c for c in names):

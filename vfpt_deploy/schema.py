@@ -45,12 +45,16 @@ def is_engine(path: str | Path) -> bool:
 def sidecar_path(engine_path: str | Path) -> Path:
     """The JSON that describes an engine: `model.engine` -> `model.engine.json`."""
     engine_path = Path(engine_path)
+    if not engine_path.name or engine_path.name in (".", ".."):
+        raise ArtifactError(f"{str(engine_path)!r} names no file; pass the engine file")
     return engine_path.with_name(engine_path.name + ".json")
 
 
 def report_path(artifact: str | Path) -> Path:
     """Where verification writes its JSON report: `model.onnx` -> `model.onnx.verify.json`."""
     artifact = Path(artifact)
+    if not artifact.name or artifact.name in (".", ".."):
+        raise ArtifactError(f"{str(artifact)!r} names no file; pass the exported model file")
     return artifact.with_name(artifact.name + REPORT_SUFFIX)
 
 
@@ -67,7 +71,7 @@ def decode_metadata(props: dict[str, str]) -> dict:
             continue
         try:
             out[k[5:]] = json.loads(v)
-        except (json.JSONDecodeError, TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):  # not JSON, or nested too deep: left as text
             out[k[5:]] = v
     return out
 

@@ -325,3 +325,12 @@ def test_binary_class_file_and_deep_json_sidecar_are_one_line_errors(tmp_path):
     (tmp_path / "m.engine.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ArtifactError, match="nested too deeply"):
         read_sidecar(tmp_path / "m.engine")
+
+
+@pytest.mark.parametrize("args", [["export", "--ckpt", ""], ["info", ""], ["import", "", "--alpha", 0.5],
+                                  ["export", "--ckpt", "{ckpt}", "--out", ""], ["verify", "", "--ckpt", "{ckpt}"]])
+def test_empty_paths_are_one_line_errors(args, work):
+    before = snapshot(work)
+    res = invoke(*[work / "r.pt" if a == "{ckpt}" else a for a in args])
+    assert_clean_failure(res)
+    assert snapshot(work) == before

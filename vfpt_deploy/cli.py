@@ -107,7 +107,10 @@ def pick_ckpt(option: Path | None, argument: Path | None) -> Path:
         raise UsageError(f"two checkpoints given ({argument} and --ckpt {option}); pass one")
     if option is None and argument is None:
         raise UsageError("pass the run.pt with --ckpt FILE")
-    return option or argument
+    path = option if option is not None else argument
+    if not path.name or path.name in (".", ".."):
+        raise UsageError(f"--ckpt {str(path)!r} names no file; pass the run.pt with --ckpt FILE")
+    return path
 
 
 def parse_model_args(items: list[str]) -> dict:

@@ -141,7 +141,8 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     so = _session_options(ort, threads, optimization, optimized_model_path)
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"model {path} does not exist; export one with 'vfpt-deploy export'")
+        what = "is a folder, not a model file" if path.is_dir() else "does not exist"
+        raise ArtifactError(f"model {path} {what}; export one with 'vfpt-deploy export'")
     asked = resolve_providers(providers)
     wanted = _with_options(asked, provider_options)
     try:
@@ -189,7 +190,12 @@ class OnnxPredictor(Predictor):
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self.session is None:
             raise RuntimeSetupError(f"the predictor for {self.path} is closed; open a new one")
-        return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        try:
+            return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        except Exception as e:  # onnxruntime's own Fail / RuntimeException types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {first}; "
+                                "re-export the model with 'vfpt-deploy export'") from None
 
     def close(self) -> None:
         """Release the session (its memory goes when nothing else holds it). Safe to call twice."""

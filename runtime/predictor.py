@@ -71,7 +71,7 @@ class Predictor:
         classes = self.classes or [str(c) for c in range(logits.shape[1])]
         for i, row in zip(ok, logits):
             if not np.isfinite(row).all():
-                out[i] = Prediction(names[i], [], "the model's logits are not finite (NaN or Inf) for this input")
+                out[i] = Prediction(names[i], [], f"{names[i]}: the model's logits are not finite (NaN or Inf) for this input")
                 continue
             z = np.exp(row - row.max())
             p = z / z.sum()

@@ -43,7 +43,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                                      "limit (a decompression bomb or a huge scan); resize it first")
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
-                return to_rgb(im)
+                try:
+                    return to_rgb(im)
+                except ImageError as e:
+                    raise ImageError(f"{path}: {e}") from None
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -56,6 +59,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError(f"a {im.mode}-mode image holds NaN or Inf pixels; save it as 8/16-bit or clean it")
         top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255) else 255.0
         if im.mode == "F":
             top = max(1.0, float(a.max()))
@@ -106,8 +111,8 @@ class Preprocess:
             if crop[0] > room[0] or crop[1] > room[1]:
                 raise ArtifactError(f"preprocess crop {crop} does not fit in resize {resize}")
         mean, std = _triple(d.get("mean", IMAGENET_MEAN), "mean"), _triple(d.get("std", IMAGENET_STD), "std")
-        if any(s <= 0 for s in std):
-            raise ArtifactError(f"preprocess std must be positive, got {std}")
+        if any(s < 1e-6 for s in std):  # a subnormal std is 0 in float32: every pixel would become Inf
+            raise ArtifactError(f"preprocess std must be >= 1e-6, got {std}")
         interp = d.get("interpolation", "bilinear")
         if interp not in _INTERP:
             raise ArtifactError(f"preprocess interpolation must be one of {', '.join(_INTERP)}, got {interp!r}")

@@ -271,6 +271,9 @@ META_TAMPER = {
     "bad_sha": ("vfpt.checkpoint_sha256", "zz"),
     "not_json": ("vfpt.preprocess", "{resize"),
     "nested_too_deep": ("vfpt.classes", "[" * 100000 + "]" * 100000),
+    "image_size_wrong": ("vfpt.image_size", [64, 64]),
+    "format_other": ("vfpt.format", "other"),
+    "subnormal_std": ("vfpt.preprocess", {"resize": [32, 32], "std": [1e-320, 1.0, 1.0]}),
 }
 
 
@@ -334,3 +337,37 @@ def test_empty_paths_are_one_line_errors(args, work):
     res = invoke(*[work / "r.pt" if a == "{ckpt}" else a for a in args])
     assert_clean_failure(res)
     assert snapshot(work) == before
+
+
+def test_failed_verify_keeps_the_passing_report(work):
+    report = work / "r.onnx.verify.json"
+    before = report.read_bytes()
+    res = invoke("verify", work / "r.onnx", "--ckpt", work / "r.pt", "--atol", 1e-30, "--num-random", 2)
+    assert_clean_failure(res, 1)
+    assert report.read_bytes() == before
+    assert json.loads((work / "r.onnx.verify.failed.json").read_text())["passed"] is False
+
+
+def test_metadata_cannot_loosen_the_gate(work):
+    import onnx
+
+    model = onnx.load(work / "r.onnx")
+    for p in model.metadata_props:
+        if p.key == "vfpt.precision":
+            p.value = json.dumps("fp16")
+    onnx.save(model, work / "claims_fp16.onnx")
+    res = invoke("verify", work / "claims_fp16.onnx", "--ckpt", work / "r.pt", "--num-random", 2)
+    assert res.exit_code == 1
+    rep = json.loads((work / "claims_fp16.onnx.verify.json").read_text())
+    assert rep["precision"] == "fp32" and rep["tolerances"].startswith("max |diff| <= 0.0001")
+    assert "the metadata says fp16 but the graph computes in fp32" in rep["problems"][0]
+
+
+def test_nan_float_image_and_long_names_are_one_line_errors(work):
+    import numpy as np
+
+    Image.fromarray(np.full((32, 32), np.nan, np.float32), "F").save(work / "img" / "nan.tif")
+    res = invoke("predict", work / "r.onnx", work / "img", "--json")
+    assert res.exit_code == 1 and "NaN or Inf pixels" in res.output
+    res = invoke("info", "--ckpt", work / ("a" * 300 + ".pt"))
+    assert_clean_failure(res, 1)

@@ -117,7 +117,8 @@ def read_run_dict(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True) with a one-line error for every way a file can be wrong."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist; pass the run.pt written by 'vfpt-deploy train'")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"checkpoint {path} {what}; pass the run.pt written by 'vfpt-deploy train'")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -71,6 +71,11 @@ def cli_errors(fn):
         except VFPTError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # the file system said no (name too long, no space, ...): name the file
+            what = f"{e.filename}: " if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {escape(what + (e.strerror or str(e)))}; check the path and "
+                              "try again", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted:[/] nothing half-written was left behind", highlight=False)
             raise typer.Exit(130) from None
@@ -94,12 +99,17 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
+    # Library warnings (numpy overflow on a broken model, torch on odd tensors) are not for the user: the
+    # gate and the error lines say what is wrong.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
     sigterm_as_interrupt()
 
 
 def progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
+                    disable=not err_console.is_terminal)  # no bar lines in logs and pipes
 
 
 def pick_ckpt(option: Path | None, argument: Path | None) -> Path:
@@ -358,16 +368,18 @@ def print_verify(report) -> None:
                   f"{c.agreement:.2f}%", f"{c.topk_order:.2f}%", acc, result)
     console.print(t)
     for p in report.problems:
-        err_console.print(f"[red]metadata:[/] {escape(p)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]metadata:[/] {escape(p)}", highlight=False, soft_wrap=True)
 
 
 def finish_verify(report, written: list | None = None) -> None:
     """Print the comparison; exit 1 (one line) when it failed."""
     print_verify(report)
     if not report.passed:
-        kept = " nothing was written: the previous artifact and report are untouched" if written is not None else ""
-        err_console.print(f"[bold red]error:[/] the artifact is outside tolerance (see the table above);{kept}",
-                          highlight=False, soft_wrap=True)
+        kept = ("nothing was written, the previous artifact and report are untouched" if written is not None
+                else "an earlier passing report was kept")
+        err_console.print(f"[bold red]error:[/] the artifact is outside tolerance (see the table above; {kept}); "
+                          "re-export it, or state looser tolerances with --atol/--min-cosine/--min-agreement "
+                          "if that is intended", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

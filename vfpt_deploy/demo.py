@@ -2,7 +2,7 @@
 linear probe on a shifted domain.
 
 1. A small ViT is pretrained by the tool itself on the clean `digits` domain (cached as
-   backbone.safetensors in the output folder and reused).
+   backbone-seed{S}-epochs{E}.safetensors in the output folder and reused by the same seed and epochs).
 2. It is frozen and tuned on `digits-shifted` (inverted, tinted, striped) three ways, same recipe and
    seed: linear probe (no prompts), VPT (deep prompts, alpha 0) and VFPT (deep prompts, alpha 0.5).
 3. The VFPT run is written as run.pt, folded (kv) and exported to run.onnx, and the ONNX model is
@@ -49,7 +49,8 @@ def run_demo(out: str | Path, *, pretrain_epochs: int = 60, epochs: int = 40, lr
     from safetensors.torch import save_file
 
     out = demo_folder(out)
-    weights = out / "backbone.safetensors"
+    # The cached backbone is named by what made it, so another seed or epoch count pretrains anew.
+    weights = out / f"backbone-seed{seed}-epochs{pretrain_epochs}.safetensors"
     seed_everything(seed)  # before the backbone is created: its init is part of the result
     backbone = create_backbone(DEMO_MODEL, **DEMO_KWARGS)
     preprocess = preprocess_for(backbone)

@@ -96,7 +96,7 @@ def _same(a: Path, b: Path) -> bool:
         if a.resolve() == b.resolve():
             return True
         return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (refused by check_outputs)
         return False
 
 
@@ -107,6 +107,10 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str
     for oname, o in outs.items():
         if not o.name or o.name in (".", ".."):
             raise OutputError(f"{oname} {str(o)!r} names no file; give a file name")
+        try:
+            o.resolve(strict=False)
+        except (OSError, RuntimeError) as e:
+            raise OutputError(f"{oname} {o} cannot be used ({getattr(e, 'strerror', None) or e}); choose another path") from None
     ins = {k: Path(v) for k, v in inputs.items() if v is not None and str(v) not in ("", "builtin", "random", "pretrained")}
     for oname, o in outs.items():
         if o.is_dir():

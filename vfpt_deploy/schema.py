@@ -108,6 +108,10 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
         raise ArtifactError(f"{source}: {e}") from None
     out = {**meta, "preprocess": pre}
     out["precision"] = _str(meta.get("precision", "fp32"), "precision", source, PRECISIONS)
+    _str(meta.get("format", ARTIFACT_FORMAT), "format", source, (ARTIFACT_FORMAT,))
+    if "image_size" in meta and meta["image_size"] != list(pre.size):
+        raise ArtifactError(f"{source}: image_size {meta['image_size']!r} is not what the preprocessing makes "
+                            f"({list(pre.size)}); re-export the artifact")
     if "fold" in meta:
         _str(meta["fold"], "fold", source, FOLDS)
     if "opset" in meta:

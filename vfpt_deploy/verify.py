@@ -129,14 +129,17 @@ def _topk_kept(ref: np.ndarray, out: np.ndarray, tie: float) -> np.ndarray:
 
 
 def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None = None) -> Comparison:
-    ref, out = ref.astype(np.float64), out.astype(np.float64)
+    with np.errstate(all="ignore"):  # overflowing logits are reported by the gate, not as warnings
+        return _compare(ref.astype(np.float64), out.astype(np.float64), tol, inputs, labels)
+
+
+def _compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None) -> Comparison:
     if ref.shape != out.shape:
         raise VerificationError(f"the artifact gives logits of shape {list(out.shape)}, the checkpoint "
                                 f"{list(ref.shape)}; they are not the same model")
-    with np.errstate(all="ignore"):
-        diff = np.abs(out - ref)
-        rel = diff / np.maximum(np.abs(ref), 1e-12)
-        cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
+    diff = np.abs(out - ref)
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
     agree = 100.0 * float((ref.argmax(1) == out.argmax(1)).mean())
     kept = _topk_kept(ref, out, tol.atol) if tol.atol is not None else np.ones(len(ref), bool)
     c = Comparison(inputs, len(ref), float(diff.max()), float(diff.mean()), float(rel.max()), float(cos.min()),
@@ -210,6 +213,20 @@ def reference_logits(run: Run, x: np.ndarray, batch: int = 32, device: str = "cp
         model.cpu()
 
 
+def graph_precision(artifact: Path, claimed: str) -> tuple[str, str | None]:
+    """The precision the tolerances are chosen by: the ONNX graph's own (fp16 if it computes in half),
+    not the metadata's word for it, so a tampered 'fp16' cannot loosen an fp32 model's gate. Engines
+    report theirs through the sidecar TensorRT wrote."""
+    if is_engine(artifact):
+        return claimed, None
+    from vfpt_deploy.exporters.tensorrt import onnx_summary
+
+    _, actual = onnx_summary(artifact)
+    if actual != claimed:
+        return actual, f"the metadata says {claimed} but the graph computes in {actual}: re-export it"
+    return actual, None
+
+
 def metadata_problems(meta: dict, run: Run) -> list[str]:
     """Where the artifact's metadata does not describe this checkpoint (the runtime would then
     preprocess or name classes differently from the model that was verified)."""
@@ -239,7 +256,7 @@ def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None =
     inputs = inputs if inputs is not None else input_sets(run, data, num_random)
     kwargs = {"threads": threads, "allow_fallback": allow_fallback} if not is_engine(artifact) else {}
     with open_predictor(artifact, providers, **kwargs) as predictor:
-        precision = predictor.metadata.get("precision", "fp32")
+        precision, problem = graph_precision(artifact, predictor.metadata.get("precision", "fp32"))
         tol = Tolerances.for_precision(precision).override(**(overrides or {}))
         # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.
         device = "cuda" if is_engine(artifact) and torch.cuda.is_available() else "cpu"
@@ -251,7 +268,10 @@ def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None =
         meta = {**predictor.metadata, "preprocess": predictor.preprocess}
         backend = ", ".join(getattr(predictor, "providers", None) or ["TensorRT"])
     report = VerifyReport(name or str(artifact), str(run.path), f"{backend}; reference on {device}", precision,
-                          tol.describe(), comparisons, metadata_problems(meta, run))
+                          tol.describe(), comparisons, [p for p in [problem, *metadata_problems(meta, run)] if p])
     out_path = Path(report_path) if report_path else default_report_path(artifact)
+    if not report.passed and out_path.exists():  # a failed verify never replaces the previous report
+        out_path = out_path.with_name(out_path.name.removesuffix(".json") + ".failed.json")
+        report.notes.append(f"the earlier report was kept; this one is {out_path.name}")
     atomic_write(out_path, lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
     return report

@@ -371,3 +371,20 @@ def test_nan_float_image_and_long_names_are_one_line_errors(work):
     assert res.exit_code == 1 and "NaN or Inf pixels" in res.output
     res = invoke("info", "--ckpt", work / ("a" * 300 + ".pt"))
     assert_clean_failure(res, 1)
+
+
+def test_threads_default_is_fixed_and_waits_are_passive(monkeypatch):
+    from vfpt_deploy import threads
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 5.0, 5.0))  # the load must not matter
+    assert threads.default_threads() == threads.usable_cpus()
+    threads.passive_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.passive_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stands
+    out = subprocess.run([sys.executable, "-c", "import os, sys; from vfpt_deploy.cli import run; sys.argv[1:] = "
+                          "['info', '--ckpt', 'nope.pt']\ntry: run()\nexcept SystemExit: print(os.environ.get('OMP_WAIT_POLICY'))"],
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    assert out.stdout.strip() == "PASSIVE", out

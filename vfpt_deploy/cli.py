@@ -34,7 +34,7 @@ err_console = Console(stderr=True)
 CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
 CkptArg = Annotated[Optional[Path], typer.Argument(help="The run.pt (same as --ckpt).", show_default=False)]
 BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt (a file, or 'pretrained').")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, max=1024, help="CPU threads for torch and onnxruntime (default: the free cores, i.e. usable CPUs minus the 1-minute load, at least 1).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, max=1024, help="CPU threads for torch and onnxruntime (default: every usable CPU; waiting threads sleep, so a busy machine does not stall them). Results repeat bit for bit for the same thread count.")]
 SeedOpt = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed: the same command and seed on the same machine give bit-identical run.pt tensors.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="PyTorch device: cpu, cuda, cuda:N (default: CUDA when present).")]
 ProvidersOpt = Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated: cpu, cuda, tensorrt (default: the best that really runs here).")]
@@ -96,7 +96,9 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     from rich.logging import RichHandler
 
     from .files import sigterm_as_interrupt
+    from .threads import passive_waits
 
+    passive_waits()  # before anything loads torch: see threads.py
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
     # Library warnings (numpy overflow on a broken model, torch on odd tensors) are not for the user: the

@@ -1,8 +1,12 @@
 """CPU thread counts for torch and onnxruntime.
 
-On a 2-core machine with one other busy process, a torch training step took 1586 ms with 2 threads and
-153 ms with 1: OpenMP threads spin waiting for a core that is taken. So the default is the cores that are
-free now (usable CPUs minus the 1-minute load average, at least 1), not every core. Torch-free.
+On a 2-core machine with one other busy process, torch's OpenMP threads spin waiting for a core that is
+taken: a training step of the demo ViT took 301 ms with 2 threads against 130 ms with 1 (medians of 20,
+this project's machine). Fewer threads by load would fix the speed but make results depend on the load
+(float sums in another order), and the same command and seed must give the same bits. So the default
+is fixed per machine (every usable CPU) and the CLI sets OMP_WAIT_POLICY=PASSIVE (unless the user set
+it) before torch loads, so waiting threads sleep instead of spinning: 120 ms per step with 2 threads
+under the same load, 84 ms quiet (66 ms spinning). Torch-free.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ def usable_cpus() -> int:
 
 
 def default_threads() -> int:
-    """Free cores now: usable CPUs minus the rounded 1-minute load average, at least 1."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(1, usable_cpus() - int(round(load)))
+    """Every usable CPU (affinity-aware): the same on every run of a machine, so results repeat."""
+    return usable_cpus()
+
+
+def passive_waits() -> None:
+    """Waiting OpenMP threads sleep instead of spinning (takes effect if torch is not loaded yet)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -21,6 +21,8 @@ from vfpt_deploy.threads import resolve_threads
 
 from .predictor import Predictor
 
+CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If", "SequenceMap"})
+
 log = logging.getLogger(__name__)
 
 _ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
@@ -143,6 +145,7 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     if not path.is_file():
         what = "is a folder, not a model file" if path.is_dir() else "does not exist"
         raise ArtifactError(f"model {path} {what}; export one with 'vfpt-deploy export'")
+    refuse_control_flow(path)
     asked = resolve_providers(providers)
     wanted = _with_options(asked, provider_options)
     try:
@@ -153,6 +156,24 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     if not allow_fallback:
         check_fallback(asked, session.get_providers())
     return session
+
+
+def refuse_control_flow(path: Path) -> None:
+    """vfpt-deploy never exports loops or branches; a file that has them was made elsewhere and could run
+    for ever inside onnxruntime, where no signal reaches it. Checked where the onnx package is
+    installed (it is with the export tools); the graph is read without its external weights."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # onnxruntime already loaded it; leave the verdict to it
+        return
+    found = sorted({n.op_type for n in graph.node} & CONTROL_FLOW_OPS)
+    if found:
+        raise ArtifactError(f"{path} has control-flow ops ({', '.join(found)}), which vfpt-deploy never exports "
+                            "(a crafted graph can run for ever); re-export the model with 'vfpt-deploy export'")
 
 
 class OnnxPredictor(Predictor):

@@ -388,3 +388,26 @@ def test_threads_default_is_fixed_and_waits_are_passive(monkeypatch):
                           "['info', '--ckpt', 'nope.pt']\ntry: run()\nexcept SystemExit: print(os.environ.get('OMP_WAIT_POLICY'))"],
                          capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
     assert out.stdout.strip() == "PASSIVE", out
+
+
+def test_a_graph_with_a_loop_is_refused_before_it_runs(work):
+    """A crafted ONNX with valid metadata and a 1e12-iteration Loop hung predict (and ignored SIGTERM:
+    onnxruntime's C++ held the thread). vfpt-deploy never exports control flow, so any Loop is refused
+    before onnxruntime loads the graph (this one is not even a valid Loop: the check comes first)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(work / "r.onnx")
+    g = model.graph
+    body = helper.make_graph([helper.make_node("Identity", ["cond"], ["cond_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    g.initializer.extend([helper.make_tensor("trips", TensorProto.INT64, [], [10**12]),
+                          helper.make_tensor("yes", TensorProto.BOOL, [], [True])])
+    g.node.append(helper.make_node("Loop", ["trips", "yes"], [], body=body))
+    onnx.save(model, work / "loop.onnx")
+    t0 = time.time()
+    res = invoke("predict", work / "loop.onnx", work / "img")
+    assert_clean_failure(res, 1, "control-flow ops (Loop)")
+    assert time.time() - t0 < 30

@@ -67,11 +67,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return Path(path)
-
-
 # -- strict JSON -------------------------------------------------------------------------------------
 def finite_or_none(obj):
     """obj with every non-finite float replaced by None, recursively (JSON has no NaN or Infinity)."""

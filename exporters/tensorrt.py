@@ -34,7 +34,7 @@ from vfpt_deploy.errors import ArtifactError, InputError, RuntimeSetupError, Usa
 from vfpt_deploy.files import Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256
 from vfpt_deploy.runtime.tensorrt_runner import FLAVORS, CudaDevice, cuda_device, import_tensorrt
 from vfpt_deploy.schema import (ARTIFACT_FORMAT, ENGINE_SUFFIXES, INPUT_NAME, MAX_BATCH, OUTPUT_NAME, PRECISIONS,
-                                SIDECAR_FORMAT, SIDECAR_VERSION, TRT_FLAVORS, decode_metadata, sidecar_path)
+                                SIDECAR_FORMAT, SIDECAR_VERSION, TRT_FLAVORS, read_graph, sidecar_path)
 
 OPT_LEVELS = range(0, 6)  # TensorRT's builder optimization levels; 3 is its default
 MAX_WORKSPACE_MB = 1 << 20  # 1 TiB
@@ -190,18 +190,8 @@ def check_trt_available(flavor: str = "trt", *, need_gpu: bool | None = None):
 # -- the source ONNX ---------------------------------------------------------------------------------
 def onnx_summary(onnx_path: Path) -> tuple[dict, str]:
     """(decoded vfpt metadata, "fp16" if the graph itself is typed fp16 else "fp32"), weights left on disk."""
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:
-        raise ArtifactError(f"{onnx_path} is not a readable ONNX model ({str(e).strip()[:120]})") from None
-    meta = decode_metadata({p.key: p.value for p in model.metadata_props})
-    half = onnx.TensorProto.FLOAT16
-    g = model.graph
-    typed_half = (any(i.type.tensor_type.elem_type == half for i in g.input)
-                  or any(t.data_type == half for t in g.initializer)
-                  or any(a.name == "to" and a.i == half for n in g.node if n.op_type == "Cast" for a in n.attribute)
-                  or any(a.t.data_type == half for n in g.node if n.op_type == "Constant" for a in n.attribute if a.t))
-    return meta, ("fp16" if typed_half else "fp32")
+    facts = read_graph(onnx_path)
+    return facts.metadata, facts.precision
 
 
 def check_paths(onnx_path: Path, engine_path: Path, settings: BuildSettings) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
-from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, check_metadata, check_output_width, decode_metadata, is_engine
+from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, check_metadata, check_output_width, decode_metadata,
+                                is_engine, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
 from .predictor import Predictor
@@ -145,7 +146,6 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     if not path.is_file():
         what = "is a folder, not a model file" if path.is_dir() else "does not exist"
         raise ArtifactError(f"model {path} {what}; export one with 'vfpt-deploy export'")
-    refuse_control_flow(path)
     asked = resolve_providers(providers)
     wanted = _with_options(asked, provider_options)
     try:
@@ -158,19 +158,10 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     return session
 
 
-def refuse_control_flow(path: Path) -> None:
+def refuse_control_flow(path: Path, ops) -> None:
     """vfpt-deploy never exports loops or branches; a file that has them was made elsewhere and could run
-    for ever inside onnxruntime, where no signal reaches it. Checked where the onnx package is
-    installed (it is with the export tools); the graph is read without its external weights."""
-    try:
-        import onnx
-    except ImportError:
-        return
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:  # onnxruntime already loaded it; leave the verdict to it
-        return
-    found = sorted({n.op_type for n in graph.node} & CONTROL_FLOW_OPS)
+    for ever inside onnxruntime, where no signal reaches it."""
+    found = sorted(set(ops) & CONTROL_FLOW_OPS)
     if found:
         raise ArtifactError(f"{path} has control-flow ops ({', '.join(found)}), which vfpt-deploy never exports "
                             "(a crafted graph can run for ever); re-export the model with 'vfpt-deploy export'")
@@ -184,6 +175,13 @@ class OnnxPredictor(Predictor):
                  optimization: str = "all", allow_fallback: bool = False,
                  provider_options: dict[str, dict] | None = None) -> None:
         self.path = Path(path)
+        # The graph is read once, before onnxruntime runs anything: control flow is refused, and the
+        # graph's own precision is kept (verify gates by it). Without the onnx package (a lean serving
+        # install) or for a file onnx cannot read, onnxruntime's load gives the verdict.
+        facts = read_graph(self.path, strict=False) if self.path.is_file() else None
+        if facts is not None:
+            refuse_control_flow(self.path, facts.ops)
+        self.graph_precision = facts.precision if facts is not None else None
         self.session = make_session(path, providers, threads=threads, optimization=optimization,
                                     provider_options=provider_options, allow_fallback=allow_fallback)
         try:

@@ -31,6 +31,7 @@ class Predictor:
 
     metadata: dict  # decoded, as stored
     preprocess: Preprocess  # checked (schema.check_metadata) when the predictor opens
+    graph_precision: str | None = None  # what the ONNX graph itself computes in, where it was read
     max_batch: int = 32
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ArtifactError, VFPTError
@@ -74,6 +75,39 @@ def decode_metadata(props: dict[str, str]) -> dict:
         except (TypeError, ValueError, RecursionError):  # not JSON, or nested too deep: left as text
             out[k[5:]] = v
     return out
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What an ONNX file's graph itself says, read without its external weights."""
+
+    metadata: dict  # decoded vfpt.* props
+    precision: str  # "fp16" if the graph computes in half anywhere, else "fp32"
+    ops: frozenset  # top-level op types
+
+
+def read_graph(path: str | Path, *, strict: bool = True) -> GraphFacts | None:
+    """Parse an ONNX file once for its metadata, precision and ops. Unreadable: ArtifactError, or None
+    when not strict (the caller then leaves the verdict to onnxruntime); None too without the onnx package."""
+    try:
+        import onnx
+    except ImportError:
+        if strict:
+            raise ArtifactError("reading an ONNX graph needs the onnx package (pip install onnx)") from None
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        if not strict:
+            return None
+        raise ArtifactError(f"{path} is not a readable ONNX model ({str(e).strip()[:120]})") from None
+    g, half = model.graph, onnx.TensorProto.FLOAT16
+    typed_half = (any(i.type.tensor_type.elem_type == half for i in g.input)
+                  or any(t.data_type == half for t in g.initializer)
+                  or any(a.name == "to" and a.i == half for n in g.node if n.op_type == "Cast" for a in n.attribute)
+                  or any(a.t.data_type == half for n in g.node if n.op_type == "Constant" for a in n.attribute if a.t))
+    return GraphFacts(decode_metadata({p.key: p.value for p in model.metadata_props}),
+                      "fp16" if typed_half else "fp32", frozenset(n.op_type for n in g.node))
 
 
 # -- checks ------------------------------------------------------------------------------------------

@@ -213,15 +213,13 @@ def reference_logits(run: Run, x: np.ndarray, batch: int = 32, device: str = "cp
         model.cpu()
 
 
-def graph_precision(artifact: Path, claimed: str) -> tuple[str, str | None]:
-    """The precision the tolerances are chosen by: the ONNX graph's own (fp16 if it computes in half),
-    not the metadata's word for it, so a tampered 'fp16' cannot loosen an fp32 model's gate. Engines
-    report theirs through the sidecar TensorRT wrote."""
-    if is_engine(artifact):
+def graph_precision(predictor, claimed: str) -> tuple[str, str | None]:
+    """The precision the tolerances are chosen by: the ONNX graph's own (fp16 if it computes in half,
+    read once by the predictor), not the metadata's word for it, so a tampered 'fp16' cannot loosen an
+    fp32 model's gate. Engines report theirs through the sidecar TensorRT wrote."""
+    actual = predictor.graph_precision
+    if actual is None:
         return claimed, None
-    from vfpt_deploy.exporters.tensorrt import onnx_summary
-
-    _, actual = onnx_summary(artifact)
     if actual != claimed:
         return actual, f"the metadata says {claimed} but the graph computes in {actual}: re-export it"
     return actual, None
@@ -256,7 +254,7 @@ def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None =
     inputs = inputs if inputs is not None else input_sets(run, data, num_random)
     kwargs = {"threads": threads, "allow_fallback": allow_fallback} if not is_engine(artifact) else {}
     with open_predictor(artifact, providers, **kwargs) as predictor:
-        precision, problem = graph_precision(artifact, predictor.metadata.get("precision", "fp32"))
+        precision, problem = graph_precision(predictor, predictor.metadata.get("precision", "fp32"))
         tol = Tolerances.for_precision(precision).override(**(overrides or {}))
         # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.
         device = "cuda" if is_engine(artifact) and torch.cuda.is_available() else "cpu"

@@ -135,8 +135,11 @@ def kv_block(blk: Block, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) ->
     q, k = a.q_norm(q), a.k_norm(k)
     k = torch.cat([pk.expand(B, -1, -1, -1), k], dim=2)
     v = torch.cat([pv.expand(B, -1, -1, -1), v], dim=2)
-    attn = (q * a.scale) @ k.transpose(-2, -1)
-    y = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, a.attn_dim)
+    if a.fused_attn:  # what timm's Attention does: PyTorch's fused kernels (flash attention on a GPU)
+        y = F.scaled_dot_product_attention(q, k, v, scale=a.scale)
+    else:  # the export path (exporters/onnx.py turns fused_attn off): plain ops every runtime parses
+        y = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    y = y.transpose(1, 2).reshape(B, N, a.attn_dim)
     y = a.proj_drop(a.proj(a.norm(y)))
     x = x + blk.drop_path1(blk.ls1(y))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))

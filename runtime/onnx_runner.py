@@ -11,11 +11,13 @@ import contextlib
 import io
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
+from vfpt_deploy.extras import import_onnxruntime
 from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, check_metadata, check_output_width, decode_metadata,
                                 is_engine, read_graph)
 from vfpt_deploy.threads import resolve_threads
@@ -34,6 +36,7 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExec
                  "MIGraphXExecutionProvider")
 _ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger level: warnings and up
 _QUIET_SEVERITY = 4  # fatal only: hides the provider-library load errors
+_QUIET_LOCK = threading.Lock()  # quiet_onnxruntime swaps process-wide streams: one thread at a time
 
 
 def gpu_present() -> bool:
@@ -95,12 +98,15 @@ def quiet_onnxruntime():
     import onnxruntime as ort
 
     out, err = io.StringIO(), io.StringIO()
-    ort.set_default_logger_severity(_QUIET_SEVERITY)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            yield
-    finally:
-        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+    # The redirect swaps process-wide sys.stdout/stderr: two threads inside at once (serve loads models
+    # concurrently) would restore each other's swap and leave the terminal silent for good.
+    with _QUIET_LOCK:
+        ort.set_default_logger_severity(_QUIET_SEVERITY)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                yield
+        finally:
+            ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
         noise = (out.getvalue() + err.getvalue()).strip()
         if noise:
             log.debug("onnxruntime, while creating a session:\n%s", noise)
@@ -138,7 +144,7 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     providers: names or aliases (cpu, cuda, tensorrt); None: the best that can really run here.
     provider_options: {provider: {option: value}}, e.g. {'cuda': {'device_id': 0}}.
     allow_fallback: accept a session that asked for a GPU provider and runs on the CPU."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()  # refuses onnxruntime and onnxruntime-gpu side by side (vfpt_deploy.extras)
 
     threads = check_threads(threads)
     so = _session_options(ort, threads, optimization, optimized_model_path)

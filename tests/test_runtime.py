@@ -178,3 +178,15 @@ def test_bench_batch_too_large_is_refused_before_any_row(onnx_path, monkeypatch)
     settings = BenchSettings(batches=(1, 16), loop=LoopSpec(warmup=0, iters=1))
     report = run_bench(onnx=[onnx_path], backends=["ort-cpu"], settings=settings)
     assert [r.batch for r in report.results] == [1, 16]
+
+
+def test_concurrent_sessions_leave_the_terminal_streams_alone(onnx_path):
+    """Session creation silences onnxruntime by swapping sys.stdout/stderr; threads that overlap (serve
+    loads models concurrently) must not leave another thread's swap in place."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = sys.stdout, sys.stderr
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: make_session(onnx_path, ["cpu"]), range(32)))
+    assert (sys.stdout, sys.stderr) == before

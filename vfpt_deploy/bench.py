@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError, VFPTError
+from .extras import import_onnxruntime, needs_extras
 from .files import atomic_write, dumps_json
 from .schema import INPUT_NAME, OUTPUT_NAME
 from vfpt_deploy.runtime.onnx_runner import check_threads
@@ -359,16 +360,15 @@ class OrtBackend(Backend):
     Unavailable when the session fell back to another provider (it would time the wrong thing)."""
 
     def __init__(self, name: str, kind: str, path: Path, threads: int | None, seed: int, detail: dict):
-        import onnxruntime as ort
-
         from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
 
-        self.ort = ort
+        self.ort = ort = import_onnxruntime(f"the {kind} benchmark")
         self.name, self.kind, self.path, self.seed = name, kind, Path(path), seed
         asked = ORT_PROVIDERS[kind]
         want = asked[0]
         if want not in ort.get_available_providers():
-            raise Unavailable(f"this onnxruntime build ({ort.__version__}) has no {want}")
+            raise Unavailable(f"this onnxruntime build ({ort.__version__}) has no {want} (for CUDA, swap onnxruntime "
+                              "for onnxruntime-gpu: README, 'Install')")
         self.stream, self.device_id = None, 0
         options = {} if kind == "ort-cpu" else {"CUDAExecutionProvider": self._cuda_options()}
         # Fallback is judged here, more strictly than the predictor does: the measured provider must come first.
@@ -595,10 +595,12 @@ def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | o
                                           "checkpoint": str(checkpoint) if checkpoint else None,
                                           "onnx": [str(p) for p in onnx], "engines": [str(p) for p in engines]})
     bench = _Run(settings, report, wanted, on_row, on_status or (lambda s: None))
-    import torch
-
-    old_threads = torch.get_num_threads()
-    if settings.threads:
+    try:
+        import torch
+    except ImportError:  # the lean install (no [export]): the ort-* and tensorrt backends still run
+        torch = None
+    old_threads = torch.get_num_threads() if torch else None
+    if torch and settings.threads:
         torch.set_num_threads(settings.threads)
     try:
         run = _load_run(checkpoint, backbone_weights, bench.status)
@@ -607,7 +609,8 @@ def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | o
             _ort_backends(bench, run, [Path(p) for p in onnx], Path(export_dir or tmp))
         _tensorrt_backends(bench, [Path(p) for p in engines])
     finally:
-        torch.set_num_threads(old_threads)
+        if torch:
+            torch.set_num_threads(old_threads)
     if not report.results:
         reasons = "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped) or "no backend selected"
         raise RuntimeSetupError(f"no backend could run here ({reasons})")
@@ -617,7 +620,8 @@ def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | o
 def _load_run(checkpoint, backbone_weights: str | None, status: Callable[[str], None]):
     if checkpoint is None:
         return None
-    from .checkpoint import load_run
+    with needs_extras("benchmarking a run.pt"):  # PyTorch and timm: the [export] extra
+        from .checkpoint import load_run
 
     status(f"loading {checkpoint}")
     return load_run(checkpoint, backbone_weights=backbone_weights)

@@ -21,7 +21,7 @@ from vfpt_deploy.checkpoint import Run
 from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.files import atomic_write
 from vfpt_deploy.fold import fold_model
-from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata
+from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata, op_histogram  # noqa: F401
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization: avoids TensorRT's fp16 LayerNorm overflow
 MAX_PROTOBUF = 2 * 1024**3
@@ -57,23 +57,6 @@ class ExportResult:
     @property
     def op_count(self) -> int:
         return sum(self.ops.values())
-
-
-def op_histogram(model: onnx.ModelProto) -> Counter:
-    """Op types of the whole graph, subgraphs included."""
-    ops: Counter = Counter()
-
-    def walk(graph):
-        for node in graph.node:
-            ops[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
-            for attr in node.attribute:
-                if attr.g.node:
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
-    walk(model.graph)
-    return ops
 
 
 def check_ops(ops: Counter, *, require_tensorrt: bool = True) -> None:

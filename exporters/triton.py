@@ -1,0 +1,381 @@
+"""A verified ONNX or TensorRT artifact -> one model in an NVIDIA Triton Inference Server model repository.
+
+    REPO/NAME/config.pbtxt      platform onnxruntime_onnx or tensorrt_plan, max_batch_size, input/output
+                                names, dtypes and dims (without the batch dim), dynamic_batching,
+                                instance_group; the output names labels.txt (Triton's classification
+                                extension)
+    REPO/NAME/labels.txt        the class names, one a line, in logit order
+    REPO/NAME/1/model.onnx      the ONNX file (and its external-data files, same relative places), or
+    REPO/NAME/1/model.plan      the TensorRT engine
+
+config.pbtxt is built as Triton's own protobuf message (tritonclient's model_config_pb2.ModelConfig) and
+printed with protobuf's text_format, so it is valid against Triton's schema by construction. Shapes
+and dtypes come from the artifact itself (the ONNX graph; an engine's sidecar profile and the ONNX it
+was built from); max_batch_size from the engine's profile, or DEFAULT_MAX_BATCH for an ONNX with a
+dynamic batch. Triton feeds the model preprocessed tensors: clients apply the artifact's preprocessing
+(`vfpt-deploy inspect` shows it).
+
+The artifact must have passed verification (NAME.verify.json passed, and its artifact_sha256 is this
+file's) unless the caller opts out. The model folder is built in a staging folder inside REPO, then
+swapped in with renames: an existing NAME is replaced as a whole (no stale versions or files are left
+for Triton to load), and a failure leaves it untouched. Torch-free.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError
+from vfpt_deploy.extras import MissingExtra, install_hint
+from vfpt_deploy.files import Staging, file_sha256, umask_mode
+from vfpt_deploy.inspect_artifact import inspect_artifact, printable
+from vfpt_deploy.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
+                                report_path)
+
+KINDS = ("gpu", "cpu")
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "engine": ("tensorrt_plan", "model.plan")}
+DEFAULT_MAX_BATCH = 8  # an ONNX with a dynamic batch (the same as export's default TensorRT profile max)
+DEFAULT_QUEUE_DELAY_US = 100  # how long Triton may hold a request to batch it with later ones
+MAX_QUEUE_DELAY_US = 10_000_000
+MAX_INSTANCES = 1024
+VERSION = "1"
+LABELS_FILE = "labels.txt"
+CONFIG_FILE = "config.pbtxt"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_TRITON_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64"}
+
+
+def model_config_pb2():
+    """Triton's model configuration schema, as tritonclient ships it. Loaded from its own file: importing
+    tritonclient.grpc also registers Triton's service protos, whose names (proto package 'inference')
+    clash with MLServer's in one process."""
+    name = "vfpt_deploy.exporters._triton_model_config_pb2"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        spec = importlib.util.find_spec("tritonclient")
+        path = Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py" if spec else None
+        if path is None or not path.is_file():
+            raise ImportError("tritonclient is not installed, or ships no grpc/model_config_pb2.py")
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+        module.__spec__.loader.exec_module(module)
+    except (ImportError, TypeError) as e:
+        raise MissingExtra(f"writing a Triton model repository needs Triton's config schema from tritonclient "
+                           f"({str(e).strip()[:80]}); {install_hint('tritonclient')}") from None
+    sys.modules[name] = module
+    return module
+
+
+def _check_int(value, option: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise UsageError(f"{option} must be an integer in {lo}..{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """How Triton serves the model. name: the model's folder and name (default: the artifact's file stem).
+    max_batch_size: default the engine's profile max, or DEFAULT_MAX_BATCH for an ONNX with a dynamic batch.
+    preferred_batch_sizes: batches the dynamic batcher aims for (default: an engine's opt batch where it
+    is below max, else none). kind: 'gpu' or 'cpu' instances ('cpu' serves ONNX only)."""
+
+    name: str | None = None
+    max_batch_size: int | None = None
+    instances: int = 1
+    kind: str = "gpu"
+    preferred_batch_sizes: tuple[int, ...] | None = None
+    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    dynamic_batching: bool = True
+
+    def check(self) -> "TritonSettings":
+        if self.name is not None and (not isinstance(self.name, str) or not _NAME.fullmatch(self.name)):
+            raise UsageError(f"--name {self.name!r}: a Triton model name is its folder name: 1-128 letters, digits, "
+                             "'_', '-' or '.', not starting with '.' or '-'")
+        if self.max_batch_size is not None:
+            _check_int(self.max_batch_size, "--max-batch", 1, MAX_BATCH)
+        _check_int(self.instances, "--instances", 1, MAX_INSTANCES)
+        _check_int(self.max_queue_delay_us, "--max-queue-delay-us", 0, MAX_QUEUE_DELAY_US)
+        if self.kind not in KINDS:
+            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        for b in self.preferred_batch_sizes or ():
+            _check_int(b, "--preferred-batch", 1, MAX_BATCH)
+        if not isinstance(self.dynamic_batching, bool):
+            raise UsageError(f"dynamic_batching is true or false, got {self.dynamic_batching!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # numpy-style: float32, float16, ...
+    shape: tuple  # with the batch dim; -1 where a dim is not fixed
+
+
+@dataclass(frozen=True)
+class TritonModel:
+    """What the config is made from, read from the artifact."""
+
+    kind: str  # "onnx" or "engine"
+    input: Tensor
+    output: Tensor
+    classes: list[str]
+    batch: tuple[int, int, int] | None  # (min, opt, max) batches the model takes; None: one fixed batch
+    files: list[tuple[Path, str]]  # (source, path under NAME/1/); the model file first
+    sha256: str  # of the model file
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TritonResult:
+    folder: Path  # REPO/NAME
+    name: str
+    platform: str
+    max_batch_size: int
+    config_text: str  # config.pbtxt as written
+    files: list[Path]
+    notes: list[str]
+
+
+# -- reading the artifact ------------------------------------------------------------------------------
+def _tensor(t: dict) -> Tensor:
+    shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in t["shape"] or ())
+    return Tensor(t["name"], t["dtype"], shape)
+
+
+def _onnx_model(path: Path, info: dict) -> TritonModel:
+    if info["task"] is None:
+        raise ArtifactError(f"{path} has no vfpt-deploy metadata (class names); export it with 'vfpt-deploy export'")
+    if len(info["inputs"]) != 1 or len(info["outputs"]) != 1:
+        raise ArtifactError(f"{path} has {len(info['inputs'])} inputs and {len(info['outputs'])} outputs; vfpt-deploy "
+                            f"models take one ('{INPUT_NAME}') and give one ('{OUTPUT_NAME}'): re-export it")
+    inp, out = _tensor(info["inputs"][0]), _tensor(info["outputs"][0])
+    if len(inp.shape) != 4 or len(out.shape) != 2:
+        raise ArtifactError(f"{path}: input {list(inp.shape)} / output {list(out.shape)} are not [batch, 3, H, W] / "
+                            "[batch, classes]; re-export it")
+    check_output_width(out.shape[1] if out.shape[1] > 0 else None, info["classes"], str(path))
+    fixed = inp.shape[0] if inp.shape[0] > 0 else None
+    batch = None if fixed else (1, DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH)
+    files = [(path, PLATFORMS["onnx"][1])] + [(path.parent / f["file"], f["file"]) for f in info["external_data"]]
+    missing = [rel for src, rel in files[1:] if not src.is_file()]
+    if missing:
+        raise ArtifactError(f"{path} keeps weights in {missing[0]!r}, which is not beside it; copy it there")
+    return TritonModel("onnx", inp, out, info["classes"], batch, files, info["sha256"])
+
+
+def _engine_model(path: Path, info: dict) -> TritonModel:
+    if not info["sha256_matches_sidecar"]:
+        raise ArtifactError(f"{path} does not have the sha256 its sidecar records: the engine file was changed or "
+                            "replaced; rebuild it")
+    trt = info["tensorrt"]
+    if trt.get("flavor") == "trt-rtx":
+        raise ArtifactError(f"{path} is a TensorRT-RTX engine; Triton's tensorrt_plan backend runs engines of full "
+                            "TensorRT (the version its container ships), not TensorRT-RTX: serve the .onnx it was "
+                            "built from, or build with --format trt where that TensorRT runs")
+    prof, src = info["profile"], info["source_onnx"]
+    lo, opt, hi = prof["min"][0], prof["opt"][0], prof["max"][0]
+    if lo != 1 and lo != hi:
+        raise ArtifactError(f"{path}: its profile takes batches {lo}..{hi}, but Triton sends any batch from 1 up to "
+                            "max_batch_size; rebuild it with --min-batch 1 (or one fixed --batch)")
+    n = len(info["classes"])
+    inp, out = Tensor(INPUT_NAME, "float32", (-1, *prof["max"][1:])), Tensor(OUTPUT_NAME, "float32", (-1, n))
+    notes = [_engine_note(info)]
+    g = inspect_artifact(path.parent / src["file"]) if src["present"] and src["sha256_matches"] else None
+    if g and len(g["inputs"]) == len(g["outputs"]) == 1:  # the graph it was built from says names and dtypes
+        inp, out = (Tensor(t["name"], t["dtype"], s.shape) for t, s in ((g["inputs"][0], inp), (g["outputs"][0], out)))
+    else:
+        notes.append("input/output dtypes: float32, as vfpt-deploy exports (the ONNX the engine was built from is "
+                     "not beside it to confirm)")
+    if lo == hi:
+        inp, out = Tensor(inp.name, inp.dtype, (hi, *inp.shape[1:])), Tensor(out.name, out.dtype, (hi, n))
+    return TritonModel("engine", inp, out, info["classes"], None if lo == hi else (lo, opt, hi),
+                       [(path, PLATFORMS["engine"][1])], info["sha256"], notes)
+
+
+def _engine_note(info: dict) -> str:
+    """Where Triton can load the engine: an engine is valid for one TensorRT version and GPU family."""
+    build, gpu = info["build"], info["gpu"] or {}
+    version = printable(info["tensorrt"].get("version")) + (" or later" if build.get("version_compatible") else "")
+    where = ("any Ampere or newer GPU" if build.get("hardware_compatibility") == "ampere_plus" else
+             f"a GPU like the one it was built on ({printable(gpu.get('name', 'not recorded'), 80)})")
+    return f"Triton must run TensorRT {version} (pick the tritonserver release that ships it) on {where}"
+
+
+def read_model(path: str | os.PathLike) -> tuple[TritonModel, dict]:
+    """The artifact as Triton will see it (an ONNX file or a TensorRT engine with its sidecar), and
+    its inspection."""
+    path = Path(path)
+    if not is_engine(path) and path.suffix.lower() not in ONNX_SUFFIXES:
+        raise UsageError(f"{path}: Triton serves an exported .onnx or a TensorRT .engine/.plan; export the run "
+                         "first ('vfpt-deploy export')")
+    info = inspect_artifact(path)
+    model = _engine_model(path, info) if info["kind"] == "engine" else _onnx_model(path, info)
+    bad = next((c for c in model.classes if c and c.splitlines() != [c]), None)
+    if bad is not None:
+        raise ArtifactError(f"{path}: class name {bad[:40]!r} holds a line break, which a labels file cannot keep; "
+                            "re-export with other class names")
+    return model, info
+
+
+def check_verified(path: Path, info: dict) -> str:
+    """A passing verification report about this very file (an engine: the engine itself, run on its GPU),
+    or VerificationError."""
+    v = info["verification"]
+    if v["state"] == "passed":
+        return f"verified: {v['report']} passed for this file (same sha256)"
+    why = {"missing": f"there is no {v['report']}", "failed": f"{v['report']} says it failed",
+           "stale": f"{v['report']} is about another file (sha256 differs)",
+           "unhashed": f"{v['report']} does not record the file's sha256 (written by an older vfpt-deploy)",
+           "unreadable": f"{v['report']} is unreadable"}[v["state"]]
+    raise VerificationError(f"{path} has not passed verification ({why}); run 'vfpt-deploy verify {path} --ckpt RUN.pt' "
+                            "first, or pass --no-verify-check to write the repository anyway")
+
+
+# -- the config ---------------------------------------------------------------------------------------------
+def _data_type(pb, dtype: str, path: Path) -> int:
+    try:
+        return pb.DataType.Value("TYPE_" + _TRITON_TYPES.get(dtype, dtype.upper()))
+    except ValueError:
+        raise ArtifactError(f"{path}: tensor type {dtype!r} has no Triton equivalent") from None
+
+
+def model_config(model: TritonModel, settings: TritonSettings, name: str, path: Path):
+    """Triton's ModelConfig message for the model. A model with one fixed batch is served unbatched
+    (max_batch_size 0, dims with the batch, no dynamic batching)."""
+    pb = model_config_pb2()
+    platform = PLATFORMS[model.kind][0]
+    if model.kind == "engine" and settings.kind == "cpu":
+        raise UsageError("a TensorRT engine runs on a GPU only; use --kind gpu, or serve the .onnx on CPU instances")
+    max_batch = _max_batch(model, settings, path)
+    cfg = pb.ModelConfig(name=name, platform=platform, max_batch_size=max_batch)
+    skip = 1 if max_batch else 0  # Triton's dims leave out the batch dim of a batching model
+    for spec, tensors in ((model.input, cfg.input), (model.output, cfg.output)):
+        t = tensors.add(name=spec.name, data_type=_data_type(pb, spec.dtype, path))
+        t.dims.extend(spec.shape[skip:])
+    cfg.output[0].label_filename = LABELS_FILE
+    cfg.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.Kind.Value(f"KIND_{settings.kind.upper()}"))
+    if max_batch and settings.dynamic_batching:
+        preferred = settings.preferred_batch_sizes
+        if preferred is None:  # an engine is tuned for its opt batch
+            preferred = (model.batch[1],) if model.kind == "engine" and model.batch[1] < max_batch else ()
+        too_big = [b for b in preferred if b > max_batch]
+        if too_big:
+            raise UsageError(f"--preferred-batch {too_big[0]} is over max_batch_size {max_batch}")
+        cfg.dynamic_batching.preferred_batch_size.extend(sorted(set(preferred)))
+        cfg.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    return cfg
+
+
+def _max_batch(model: TritonModel, settings: TritonSettings, path: Path) -> int:
+    asked = settings.max_batch_size
+    if model.batch is None:
+        if asked is not None:
+            raise UsageError(f"{path} takes one fixed batch of {model.input.shape[0]}; Triton serves it unbatched "
+                             "(max_batch_size 0): drop --max-batch, or re-export with a dynamic batch")
+        return 0
+    if asked is None:
+        return model.batch[2]
+    if model.kind == "engine" and asked > model.batch[2]:
+        raise UsageError(f"--max-batch {asked} is over the engine's profile max {model.batch[2]}; rebuild the engine "
+                         f"with --max-batch {asked}, or ask for at most {model.batch[2]}")
+    return asked
+
+
+# -- writing ------------------------------------------------------------------------------------------------
+def default_name(path: Path) -> str:
+    """The artifact's file stem as a Triton model name ('run.fp16.onnx' -> 'run.fp16')."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip(".-")[:128]
+    return name or "model"
+
+
+def _check_paths(repo: Path, final: Path, inputs: list[Path]) -> None:
+    """Nothing the command reads may lie inside the folder it replaces."""
+    if repo.exists() and not repo.is_dir():
+        raise OutputError(f"--out {repo} is a file; name a folder for the Triton model repository")
+    if final.is_symlink() or (final.exists() and not (final.is_dir() and _replaceable(final))):
+        raise OutputError(f"{final} exists and is not a Triton model folder (no {CONFIG_FILE}); it is not replaced: "
+                          "remove it or choose another --name")
+    target = final.resolve()
+    for p in inputs:
+        if p.resolve().is_relative_to(target):
+            raise OutputError(f"{p} lies inside {final}, which this command replaces: writing it would destroy the "
+                              "input; choose another --out or --name")
+
+
+def _replaceable(folder: Path) -> bool:
+    """An existing folder this command may replace: a Triton model folder, or an empty one."""
+    return (folder / CONFIG_FILE).is_file() or not any(folder.iterdir())
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, umask_mode())
+
+
+def _write_folder(folder: Path, model: TritonModel, config_text: str) -> list[Path]:
+    """NAME/config.pbtxt, NAME/labels.txt and NAME/1/..., in a staging folder; the model copy is checked
+    against the sha256 that was inspected (and verified), so the repository holds exactly that file."""
+    files = []
+    for src, rel in model.files:
+        _copy(src, folder / VERSION / rel)
+        files.append(folder / VERSION / rel)
+    if file_sha256(files[0]) != model.sha256:
+        raise ArtifactError(f"{model.files[0][0]} changed while it was copied; run the command again")
+    for rel, text in ((CONFIG_FILE, config_text), (LABELS_FILE, "".join(c + "\n" for c in model.classes))):
+        (folder / rel).write_text(text, encoding="utf-8")
+        os.chmod(folder / rel, umask_mode())
+        files.append(folder / rel)
+    return files
+
+
+def _swap_in(new: Path, final: Path, trash: Path) -> None:
+    """Rename the new folder onto `final`; a folder already there moves into `trash` first (removed with the
+    staging folder) and comes back if the second rename fails."""
+    old = None
+    if final.exists():
+        old = trash / "previous"
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)
+        raise
+
+
+def _companions(artifact: Path, info: dict) -> list[Path]:
+    """The files beside an artifact that describe it: report, sidecar, the ONNX an engine was built from."""
+    names = [info["verification"]["report"], info.get("sidecar")]
+    src = (info.get("source_onnx") or {}).get("file")
+    if src and Path(src).name == src:
+        names += [src, report_path(artifact.with_name(src)).name]
+    return [artifact.with_name(n) for n in names if n]
+
+
+def write_triton_repository(artifact: str | os.PathLike, repo_dir: str | os.PathLike,
+                            settings: TritonSettings | None = None, *, require_verified: bool = True,
+                            **options) -> TritonResult:
+    """Write REPO_DIR/NAME for a verified .onnx or TensorRT engine. settings: a TritonSettings, or its
+    fields as keyword options (name=, max_batch_size=, instances=, kind=, preferred_batch_sizes=,
+    max_queue_delay_us=, dynamic_batching=). require_verified=False skips the verification check
+    (the result's notes say so)."""
+    from google.protobuf import text_format
+
+    settings = (settings or TritonSettings(**options)).check()
+    artifact, repo = Path(artifact), Path(repo_dir)
+    model, info = read_model(artifact)
+    notes = [check_verified(artifact, info) if require_verified else "verification NOT checked (--no-verify-check)"]
+    name = settings.name or default_name(artifact)
+    cfg = model_config(model, settings, name, artifact)
+    text = text_format.MessageToString(cfg)
+    final = repo / name
+    _check_paths(repo, final, [src for src, _ in model.files] + _companions(artifact, info))
+    with Staging(repo) as stage:
+        staged = _write_folder(stage.dir / name, model, text)
+        _swap_in(stage.dir / name, final, stage.dir)
+    files = [final / p.relative_to(stage.dir / name) for p in staged]
+    return TritonResult(final, name, cfg.platform, cfg.max_batch_size, text, files, notes + model.notes)

@@ -1,0 +1,315 @@
+"""`vfpt-deploy inspect` (and `info`): what a run.pt, an ONNX file and a TensorRT engine hold, read without
+running them; torch-free for ONNX and engines; hostile files are one ArtifactError line."""
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import onnx
+import pytest
+from onnx import TensorProto
+from typer.testing import CliRunner
+
+from conftest import TINY, TINY_KWARGS, tiny_model
+from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.cli import app
+from vfpt_deploy.errors import ArtifactError, InputError, UsageError
+from vfpt_deploy.files import dumps_json, file_sha256
+from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows
+from vfpt_deploy.runtime.preprocess import Preprocess
+from vfpt_deploy.verify import verify_artifact
+
+PRE = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def strict_json(text: str):
+    def refuse(c):
+        raise ValueError(f"non-strict JSON constant {c}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture
+def work(exported_run, tmp_path):
+    """The session's tiny run.pt and its kv ONNX, copied so a test may verify or tamper with them."""
+    run, onnx_path = exported_run
+    shutil.copy(run.path, tmp_path / "run.pt")
+    shutil.copy(onnx_path, tmp_path / "run.onnx")
+    return run, tmp_path
+
+
+# -- run.pt ------------------------------------------------------------------------------------------------
+def test_run_pt(work):
+    run, d = work
+    info = inspect_artifact(d / "run.pt")
+    assert info["kind"] == "run" and info["task"] == "classification"
+    assert info["classes"] == ["a", "b", "c", "d"] and info["num_classes"] == 4
+    assert info["preprocess"] == run.preprocess.to_dict() and info["image_size"] == [32, 32]
+    assert info["vfpt"] == {**run.config.to_dict(), "num_fourier": 3}
+    assert info["backbone"]["name"] == TINY and info["backbone"]["kwargs"] == TINY_KWARGS
+    assert info["backbone"]["included"] is True and info["backbone"]["hash_check"] == "matches the stored weights"
+    tuned = sum(p.numel() for p in run.model.tuned_parameters().values())
+    assert info["parameters"] == {"tuned": tuned, "frozen": sum(p.numel() for p in run.model.backbone.parameters()),
+                                  "total": sum(p.numel() for p in run.model.parameters())}
+    assert info["sha256"] == file_sha256(d / "run.pt") and info["provenance"]["tool_version"]
+    strict_json(dumps_json(info))
+    rows = dict(summary_rows(info))
+    assert rows["prompts"].startswith("M=6 deep, alpha=0.5 (m=3 Fourier)") and "tuned" in rows["parameters"]
+
+
+def test_prompts_only_run_needs_no_backbone_weights(tmp_path):
+    """The backbone file a prompts-only run.pt names is gone: inspect still shows everything it knows."""
+    from safetensors.torch import save_file
+
+    model = tiny_model(num_classes=3, num_prompts=4, alpha=0.5)
+    weights = tmp_path / "bb.safetensors"
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(weights))
+    save_run(tmp_path / "small.pt", model, BackboneInfo(TINY, dict(TINY_KWARGS), str(weights)), ["x", "y", "z"], PRE,
+             include_backbone=False)
+    moved = weights.rename(tmp_path / "elsewhere.safetensors")
+    info = inspect_artifact(tmp_path / "small.pt")
+    assert info["backbone"]["included"] is False and info["backbone"]["source"] == str(weights)
+    assert "not checked" in info["backbone"]["hash_check"]
+    assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert inspect_artifact(tmp_path / "small.pt", backbone_weights=str(moved))["backbone"]["hash_check"].startswith("matches")
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() + 1 for k, v in model.backbone.state_dict().items()}, str(other))
+    with pytest.raises(InputError, match="does not match the recorded"):
+        inspect_artifact(tmp_path / "small.pt", backbone_weights=str(other))
+
+
+# -- ONNX ----------------------------------------------------------------------------------------------------
+def test_onnx(work):
+    run, d = work
+    info = inspect_artifact(d / "run.onnx")
+    graph = onnx.load(d / "run.onnx")
+    assert info["kind"] == "onnx" and info["classes"] == run.classes and info["preprocess"] == run.preprocess.to_dict()
+    assert info["inputs"] == [{"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
+    assert info["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 4]}]
+    assert info["opsets"] == {"ai.onnx": 17} and info["producer"]["name"] == "vfpt-deploy"
+    assert info["ops"] == dict(Counter(n.op_type for n in graph.graph.node)) and info["nodes"] == len(graph.graph.node)
+    assert info["initializers"]["count"] == len(graph.graph.initializer)
+    assert info["initializers"]["bytes"] == sum(len(t.raw_data) for t in graph.graph.initializer)
+    assert info["precision"] == {"metadata": "fp32", "graph": "fp32"} and info["external_data"] == []
+    meta = info["vfpt_metadata"]
+    assert meta["fold"] == "kv" and meta["checkpoint_sha256"] == run.sha256 and meta["opset"] == 17
+    assert meta["config"] == run.config.to_dict() and meta["backbone"]["name"] == TINY
+    assert info["sha256"] == file_sha256(d / "run.onnx") and info["bytes"] == (d / "run.onnx").stat().st_size
+    strict_json(dumps_json(info))
+
+
+def test_fp16_onnx_precision_is_the_graphs(exported_run, tmp_path):
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    run, _ = exported_run
+    info = inspect_artifact(export_onnx(run, tmp_path / "h.onnx", precision="fp16").path)
+    assert info["precision"] == {"metadata": "fp16", "graph": "fp16"}
+    assert info["inputs"][0]["dtype"] == "float32" and info["ops"]["Cast"] > 0  # float32 I/O, half inside
+
+
+def test_verification_state_follows_the_file(work):
+    run, d = work
+    onnx_path = d / "run.onnx"
+    assert inspect_artifact(onnx_path)["verification"]["state"] == "missing"
+    verify_artifact(onnx_path, run, num_random=2)
+    v = inspect_artifact(onnx_path)["verification"]
+    assert v["state"] == "passed" and v["sha256_matches"] is True and v["report"] == "run.onnx.verify.json"
+    model = onnx.load(onnx_path)
+    model.doc_string = "changed after verification"
+    onnx.save(model, onnx_path)
+    assert inspect_artifact(onnx_path)["verification"]["state"] == "stale"
+    report = d / "run.onnx.verify.json"
+    old = json.loads(report.read_text())
+    old.pop("artifact_sha256")
+    report.write_text(json.dumps(old))
+    assert inspect_artifact(onnx_path)["verification"]["state"] == "unhashed"
+    report.write_text("[" * 100000)
+    assert inspect_artifact(onnx_path)["verification"]["state"] == "unreadable"
+
+
+def test_external_data_files_are_listed(work):
+    _, d = work
+    model = onnx.load(d / "run.onnx")
+    total = sum(len(t.raw_data) for t in model.graph.initializer)
+    onnx.save_model(model, d / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    info = inspect_artifact(d / "ext.onnx")
+    (f,) = info["external_data"]
+    assert f["file"] == "w.bin" and f["present"] and f["bytes"] == total and f["size"] == (d / "w.bin").stat().st_size
+    assert info["initializers"]["bytes"] < total  # what stays in the .onnx itself
+    (d / "w.bin").unlink()
+    assert inspect_artifact(d / "ext.onnx")["external_data"][0]["present"] is False
+    assert "MISSING" in dict(summary_rows(inspect_artifact(d / "ext.onnx")))["external data"]
+
+
+def test_onnx_and_engine_inspection_import_no_torch(work):
+    _, d = work
+    code = ("import sys, json; from vfpt_deploy.inspect_artifact import inspect_artifact; "
+            f"i = inspect_artifact({str(d / 'run.onnx')!r}); assert i['classes'] == list('abcd'); "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- TensorRT engines (built on CPU with TensorRT-RTX) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(exported_run, tmp_path_factory):
+    from vfpt_deploy.errors import VFPTError
+    from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine
+    from vfpt_deploy.runtime.tensorrt_runner import import_tensorrt
+
+    try:
+        import_tensorrt("trt-rtx")
+    except VFPTError as e:
+        pytest.skip(f"TensorRT-RTX builder unavailable, no engine can be built: {e}")
+    d = tmp_path_factory.mktemp("engine")
+    shutil.copy(exported_run[1], d / "run.onnx")
+    return build_engine(d / "run.onnx", d / "run.engine", BuildSettings(flavor="trt-rtx", opt_batch=2, max_batch=4))
+
+
+def test_engine_sidecar(engine, tmp_path):
+    info = inspect_artifact(engine.engine_path)
+    assert info["kind"] == "engine" and info["classes"] == ["a", "b", "c", "d"]
+    assert info["tensorrt"] == engine.sidecar["tensorrt"] and info["tensorrt"]["flavor"] == "trt-rtx"
+    assert info["profile"]["max"] == [4, 3, 32, 32] and info["profile"]["opt"] == [2, 3, 32, 32]
+    assert info["sha256_matches_sidecar"] is True and info["precision"] == "fp32"
+    assert info["source_onnx"] == {"file": "run.onnx", "sha256": engine.sidecar["onnx"]["sha256"], "present": True,
+                                   "sha256_matches": True}
+    strict_json(dumps_json(info))
+    # a changed engine file is shown, not hidden (the runtime refuses it when it loads)
+    shutil.copy(engine.engine_path, tmp_path / "m.engine")
+    shutil.copy(engine.sidecar_path, tmp_path / "m.engine.json")
+    with open(tmp_path / "m.engine", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    info = inspect_artifact(tmp_path / "m.engine")
+    assert info["sha256_matches_sidecar"] is False and info["source_onnx"]["present"] is False
+    assert "DOES NOT match" in dict(summary_rows(info))["engine sha256"]
+    (tmp_path / "m.engine.json").unlink()
+    with pytest.raises(ArtifactError, match="has no sidecar m.engine.json"):
+        inspect_artifact(tmp_path / "m.engine")
+
+
+def test_engine_inspection_imports_no_torch(engine):
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact; "
+            f"i = inspect_artifact({str(engine.engine_path)!r}); assert i['sha256_matches_sidecar']; "
+            "assert 'torch' not in sys.modules and 'tensorrt_rtx' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- hostile files ----------------------------------------------------------------------------------------
+def _with_meta(src, dst, **props):
+    model = onnx.load(src)
+    for k, v in props.items():
+        for p in model.metadata_props:
+            if p.key == f"vfpt.{k}":
+                p.value = v
+    onnx.save(model, dst)
+    return dst
+
+
+def _file(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _truncated(d):
+    data = (d / "run.onnx").read_bytes()
+    (d / "cut.onnx").write_bytes(data[: len(data) // 2])
+    return d / "cut.onnx"
+
+
+def _external(d, location):
+    model = onnx.load(d / "run.onnx")
+    t = model.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    onnx.save(model, d / "escape.onnx")
+    return d / "escape.onnx"
+
+
+HOSTILE = [
+    ("text", lambda d: _file(d / "t.onnx", b"not a model at all\n"), "not a readable ONNX model"),
+    ("empty", lambda d: _file(d / "e.onnx", b""), "holds no graph"),
+    ("truncated", _truncated, "not a readable ONNX model"),
+    ("classes-not-a-list", lambda d: _with_meta(d / "run.onnx", d / "c.onnx", classes="5"), "classes must be"),
+    ("huge-resize", lambda d: _with_meta(d / "run.onnx", d / "r.onnx", preprocess=json.dumps({"resize": [10**9, 32]})),
+     "resize"),
+    ("other-image-size", lambda d: _with_meta(d / "run.onnx", d / "s.onnx", preprocess=json.dumps({"resize": [64, 64]})),
+     "does not belong to this model|image_size"),
+    ("escaping-external-data", lambda d: _external(d, "../../etc/passwd"), "outside the model's folder"),
+    ("absolute-external-data", lambda d: _external(d, "/etc/passwd"), "outside the model's folder"),
+    ("engine-without-sidecar", lambda d: _file(d / "x.engine", b"\0" * 64), "has no sidecar"),
+    ("unknown-suffix", lambda d: _file(d / "x.txt", b"hello"), "not a file vfpt-deploy knows"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "match"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_files_are_one_artifact_error(work, case, make, match):
+    _, d = work
+    path = make(d)
+    with pytest.raises(ArtifactError, match=match):
+        inspect_artifact(path)
+    res = invoke("inspect", path)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and res.output.startswith("error:") and len(res.output.splitlines()) <= 3
+
+
+def test_crafted_metadata_that_is_only_shown(work):
+    """Informative fields may hold anything: deep nesting, control characters, a NaN. Printing them is
+    bounded, strict JSON, and no escape sequence reaches the terminal."""
+    _, d = work
+    deep = "[" * 400 + "]" * 400
+    path = _with_meta(d / "run.onnx", d / "odd.onnx", config=deep, backbone='{"name": "\\u001b[2Jwiped", "x": NaN}',
+                      classes=json.dumps(["\x1b[31mred", "b", "c", "d"]))
+    info = inspect_artifact(path)
+    text = dumps_json(info)
+    strict_json(text)
+    assert "<nested too deeply to show>" in text
+    rows = summary_rows(info)
+    assert not any("\x1b" in k or "\x1b" in v for k, v in rows)
+    res = invoke("inspect", path)
+    assert res.exit_code == 0 and "\x1b[2J" not in res.output and "\x1b[31m" not in res.output
+
+
+def test_a_folder_and_a_missing_file(tmp_path):
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(ArtifactError, match="is a folder"):
+        inspect_artifact(tmp_path / "dir.onnx")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        inspect_artifact(tmp_path / "nope.onnx")
+    with pytest.raises(InputError, match="does not exist"):
+        inspect_artifact(tmp_path / "nope.pt")
+    with pytest.raises(UsageError, match="names no file"):
+        inspect_artifact("")
+
+
+# -- the command line -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["inspect", "info"])
+def test_cli_on_every_kind(work, command):
+    _, d = work
+    for name, first_row in (("run.pt", "run.pt (VFPT checkpoint)"), ("run.onnx", "ONNX model")):
+        res = invoke(command, d / name)
+        assert res.exit_code == 0, res.output
+        assert first_row in res.output and "classification, 4 classes" in res.output
+        res = invoke(command, d / name, "--json")
+        assert res.exit_code == 0, res.output
+        info = strict_json(res.output)
+        assert info["classes"] == ["a", "b", "c", "d"] and info["sha256"] == file_sha256(d / name)
+
+
+def test_info_on_an_onnx_is_no_longer_a_truncated_checkpoint(work):
+    _, d = work
+    res = invoke("info", "--ckpt", d / "run.onnx")
+    assert res.exit_code == 0, res.output
+    assert "truncated" not in res.output and "input images" in res.output and "float32 [batch, 3, 32, 32]" in res.output
+
+
+def test_cli_engine(engine):
+    res = invoke("inspect", engine.engine_path)
+    assert res.exit_code == 0, res.output
+    assert "TensorRT engine (trt-rtx)" in res.output and "matches the sidecar" in res.output

@@ -1,0 +1,400 @@
+"""What an artifact holds, read without running it (Polygraphy's `inspect model`, for vfpt-deploy files).
+
+  run.pt        task, classes, preprocessing, VFPT config, backbone identity, tuned/total parameters,
+                provenance. Read with torch.load(weights_only=True) and checked like any load, but no
+                backbone weights are needed: sizes come from a meta-device skeleton.
+  .onnx         vfpt metadata, producer, opsets, inputs/outputs (symbolic dims by name), op histogram,
+                initializers, external data files. The graph is read without its external weights.
+  .engine/.plan the JSON sidecar (TensorRT flavour and version, GPU, profile, precision, build settings)
+                and whether the engine file still has the sha256 the sidecar records. The engine is
+                never deserialized (that needs its TensorRT and a GPU).
+
+Every kind also gets its file sha256 and what its verification report (NAME.verify.json) says about this
+very file. The result is a plain dict of JSON values (strict: `files.dumps_json` prints it) and
+`summary_rows` turns it into the rows a table shows.
+
+Torch-free for ONNX and engines: torch is imported only to read a run.pt.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path, PurePosixPath
+
+from .errors import ArtifactError, InputError, UsageError, VFPTError
+from .files import file_sha256, read_json
+from .schema import (ONNX_SUFFIXES, check_metadata, graph_facts, is_engine, load_onnx, op_histogram, report_path,
+                     sidecar_path)
+
+TASK = "classification"
+MAX_REPORT_BYTES = 16 * 2**20  # a verification report is a few kB; a bigger one is not read
+MAX_DEPTH = 32  # nesting kept from values a file supplies; deeper parts are shown as text
+_ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
+
+
+def inspect_artifact(path: str | os.PathLike, *, backbone_weights: str | None = None) -> dict:
+    """Inspect a run.pt, an ONNX file or a TensorRT engine (chosen by suffix; a .pt/.pth or any zip file
+    is read as a run.pt). backbone_weights: also check these weights against a run.pt's recorded hash."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise UsageError(f"{str(path)!r} names no file; pass a run.pt, an .onnx or an .engine/.plan")
+    if is_engine(path):
+        return inspect_engine(path)
+    if path.suffix.lower() in ONNX_SUFFIXES:
+        return inspect_onnx(path)
+    if path.suffix.lower() in (".pt", ".pth") or not path.is_file() or _is_zip(path):
+        return inspect_run(path, backbone_weights=backbone_weights)
+    raise ArtifactError(f"{path}: not a file vfpt-deploy knows by its suffix; inspect reads a run.pt (.pt/.pth), "
+                        "an ONNX model (.onnx) or a TensorRT engine (.engine/.plan)")
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # torch.save's format
+
+
+def _existing(path: Path, what: str, fix: str) -> None:
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ArtifactError(f"{what} {path} {state}; {fix}")
+
+
+# -- values taken from files -------------------------------------------------------------------------
+def plain(value, depth: int = 0):
+    """A file-supplied value as plain JSON data: dicts (string keys), lists, strings, finite numbers,
+    booleans, None. Anything else (a tensor in a crafted run.pt meta) becomes a short tag; nesting deeper
+    than MAX_DEPTH becomes text, so printing never recurses without bound."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= MAX_DEPTH:
+        return "<nested too deeply to show>"
+    if isinstance(value, dict):
+        return {str(k): plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, depth + 1) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def _model_facts(meta: dict) -> dict:
+    """The fields every kind shows the same way, from checked metadata."""
+    pre = meta["preprocess"]
+    return {"task": TASK, "num_classes": len(meta["classes"]), "classes": list(meta["classes"]),
+            "preprocess": pre.to_dict() if hasattr(pre, "to_dict") else pre}
+
+
+# -- verification reports ------------------------------------------------------------------------------
+def verification(artifact: Path, sha256: str) -> dict:
+    """What NAME.verify.json says, and whether it speaks about this very file (its artifact_sha256).
+    state: passed, failed, missing, stale (about another file), unhashed (written before reports
+    recorded the file's sha256), unreadable."""
+    rep = report_path(artifact)
+    out = {"report": rep.name, "state": "missing", "passed": False, "sha256_matches": None}
+    if not rep.is_file():
+        return out
+    try:
+        if rep.stat().st_size > MAX_REPORT_BYTES:
+            raise InputError("too large")
+        data = read_json(rep, "report", "run verify again")
+    except (InputError, OSError):
+        return {**out, "state": "unreadable"}
+    if not isinstance(data, dict):
+        return {**out, "state": "unreadable"}
+    recorded = data.get("artifact_sha256")
+    matches = recorded == sha256 if isinstance(recorded, str) and recorded else None
+    passed = data.get("passed") is True
+    state = "failed" if not passed else "unhashed" if matches is None else "passed" if matches else "stale"
+    return {**out, "state": state, "passed": passed, "sha256_matches": matches,
+            "tolerances": plain(data.get("tolerances")), "backend": plain(data.get("backend"))}
+
+
+# -- ONNX ------------------------------------------------------------------------------------------------
+def onnx_dtype(elem_type: int) -> str:
+    """An ONNX tensor element type as a numpy-style name: FLOAT -> float32, FLOAT16 -> float16, INT64 -> int64."""
+    from onnx import TensorProto
+
+    try:
+        name = TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"unknown({elem_type})"
+    return _ONNX_DTYPES.get(name, name.lower())
+
+
+def _value_info(vi) -> dict:
+    """name, dtype and shape of a graph input/output; a symbolic dim by its name, an unknown one as '?'."""
+    if vi.type.WhichOneof("value") != "tensor_type":
+        return {"name": vi.name, "dtype": vi.type.WhichOneof("value") or "unknown", "shape": None}
+    t = vi.type.tensor_type
+    shape = None
+    if t.HasField("shape"):
+        shape = [d.dim_value if d.WhichOneof("value") == "dim_value" else d.dim_param or "?" for d in t.shape.dim]
+    return {"name": vi.name, "dtype": onnx_dtype(t.elem_type), "shape": shape}
+
+
+def external_locations(model, folder: Path) -> dict[str, dict]:
+    """External-data files the initializers name, by location: tensors and bytes each holds. A location
+    that leaves the model's folder (absolute, '..', or a link out of it) is refused."""
+    from onnx import TensorProto
+
+    files: dict[str, dict] = {}
+    base = folder.resolve()
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in t.external_data}
+        loc = entries.get("location", "")
+        parts = PurePosixPath(loc.replace("\\", "/")).parts
+        inside = (base / loc).resolve().is_relative_to(base) if loc else False
+        if not loc or PurePosixPath(loc).is_absolute() or ".." in parts or os.path.isabs(loc) or not inside:
+            raise ArtifactError(f"{folder}: tensor {t.name[:60]!r} keeps its data at {loc[:120]!r}, outside the "
+                                "model's folder; refused (re-export the model)")
+        f = files.setdefault(loc, {"file": loc, "tensors": 0, "bytes": 0})
+        f["tensors"] += 1
+        f["bytes"] += _tensor_bytes(t, entries)
+    for loc, f in files.items():
+        p = folder / loc
+        f["present"] = p.is_file()
+        f["size"] = p.stat().st_size if f["present"] else None
+    return files
+
+
+def _is_external(t) -> bool:
+    from onnx import TensorProto
+
+    return t.data_location == TensorProto.EXTERNAL
+
+
+def _tensor_bytes(t, entries: dict | None = None) -> int:
+    """A tensor's data size: its external 'length', its raw bytes, or shape x element size."""
+    length = (entries or {}).get("length", "")
+    if length.isdigit():
+        return int(length)
+    if t.raw_data:
+        return len(t.raw_data)
+    try:
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        itemsize = tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 0
+    return max(0, math.prod(t.dims)) * itemsize
+
+
+def onnx_metadata(meta: dict, inputs: list[dict], path: Path) -> dict | None:
+    """The checked vfpt metadata of an ONNX file, or None when it carries none (made elsewhere).
+    Metadata that is there but unusable is an ArtifactError, as the runtime would refuse it."""
+    if not meta:
+        return None
+    shape = inputs[0]["shape"] if len(inputs) == 1 else None
+    return check_metadata(meta, str(path), shape if shape and len(shape) == 4 else None)
+
+
+def inspect_onnx(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    _existing(path, "ONNX model", "pass an exported .onnx")
+    model = load_onnx(path)
+    g, facts = model.graph, graph_facts(model)
+    init_names = {t.name for t in g.initializer}
+    inputs = [_value_info(i) for i in g.input if i.name not in init_names]
+    checked = onnx_metadata(facts.metadata, inputs, path)
+    ops = op_histogram(model)
+    sha = file_sha256(path)
+    out = {"kind": "onnx", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
+           **(_model_facts(checked) if checked else {"task": None}),
+           "vfpt_metadata": plain({k: v for k, v in facts.metadata.items() if k not in ("classes", "preprocess")}),
+           "precision": {"metadata": checked["precision"] if checked else None, "graph": facts.precision},
+           "producer": {"name": model.producer_name, "version": model.producer_version},
+           "ir_version": model.ir_version,
+           "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+           "inputs": inputs, "outputs": [_value_info(o) for o in g.output],
+           "nodes": sum(ops.values()), "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+           "initializers": {"count": len(g.initializer),
+                            "bytes": sum(_tensor_bytes(t) for t in g.initializer if not _is_external(t))},
+           "external_data": list(external_locations(model, path.parent).values()),
+           "verification": verification(path, sha)}
+    return out
+
+
+# -- TensorRT engines -----------------------------------------------------------------------------------
+def inspect_engine(path: str | os.PathLike) -> dict:
+    """The engine's sidecar, checked as the runtime checks it, and the engine file's sha256 against it."""
+    from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+
+    path = Path(path)
+    side = read_sidecar(path)
+    sha = file_sha256(path)
+    meta = check_metadata(side["metadata"], str(sidecar_path(path)), side["profile"]["max"])
+    src = side.get("onnx") if isinstance(side.get("onnx"), dict) else {}
+    src_name = src.get("file") if isinstance(src.get("file"), str) else None
+    src_path = path.parent / src_name if src_name and Path(src_name).name == src_name else None
+    source = {"file": src_name, "sha256": plain(src.get("sha256")),
+              "present": bool(src_path and src_path.is_file()),
+              "sha256_matches": (file_sha256(src_path) == src.get("sha256")) if src_path and src_path.is_file() else None}
+    return {"kind": "engine", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
+            "sha256_matches_sidecar": sha == side["engine"]["sha256"], "sidecar": sidecar_path(path).name,
+            **_model_facts(meta),
+            "vfpt_metadata": plain({k: v for k, v in side["metadata"].items() if k not in ("classes", "preprocess")}),
+            "precision": meta["precision"], "tensorrt": plain(side["tensorrt"]), "gpu": plain(side.get("gpu")),
+            "profile": plain(side["profile"]), "build": plain(side["build"]), "source_onnx": source,
+            "tool_version": plain(side.get("tool_version")), "created": plain(side.get("created")),
+            "verification": verification(path, sha)}
+
+
+# -- run.pt ------------------------------------------------------------------------------------------------
+def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None) -> dict:
+    """A run.pt, checked as a load checks it (every field and tensor), without its backbone weights:
+    parameter counts come from a meta-device skeleton. backbone_weights: also load with these weights,
+    which checks them against the recorded hash."""
+    from .backbone import state_sha256
+    from .checkpoint import check_run, load_run, parse_run, read_run_dict
+
+    path = Path(path)
+    parts = parse_run(read_run_dict(path), path)
+    skeleton = check_run(parts, path)
+    tuned = sum(t.numel() for t in parts.tuned.values())
+    frozen = sum(p.numel() for p in skeleton.parameters())
+    checked = "weights not checked (pass --backbone FILE to check them against it)"
+    if parts.state is not None:
+        stored = state_sha256(parts.state)
+        checked = ("matches the stored weights" if not parts.info.sha256 or stored == parts.info.sha256 else
+                   f"DOES NOT match the stored weights ({stored[:12]}): the file was altered")
+    elif backbone_weights is not None:
+        load_run(path, backbone_weights=backbone_weights)  # refuses weights with another hash, in one line
+        checked = f"matches {backbone_weights}"
+    bb = parts.info
+    return {"kind": "run", "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+            **_model_facts({"classes": parts.classes, "preprocess": parts.preprocess}),
+            "image_size": list(parts.preprocess.size),
+            "vfpt": {**parts.config.to_dict(), "num_fourier": parts.config.num_fourier},
+            "backbone": {"name": bb.name, "kwargs": plain(bb.kwargs), "source": bb.source, "sha256": bb.sha256,
+                         "included": parts.state is not None, "hash_check": checked},
+            "parameters": {"tuned": tuned, "frozen": frozen, "total": tuned + frozen},
+            "provenance": plain(parts.meta)}
+
+
+# -- rows for a table ----------------------------------------------------------------------------------------
+def printable(v, limit: int = 300) -> str:
+    """One cell: JSON for structures, printable characters only (a crafted name cannot move the cursor)."""
+    s = v if isinstance(v, str) else json.dumps(v)
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _shape(t: dict) -> str:
+    dims = "?" if t["shape"] is None else "[" + ", ".join(map(str, t["shape"])) + "]"
+    return f"{t['dtype']} {dims}"
+
+
+def prompts_text(cfg: dict) -> str:
+    return (f"M={cfg['num_prompts']} {'deep' if cfg['deep'] else 'shallow'}, alpha={cfg['alpha']} "
+            f"(m={cfg['num_fourier']} Fourier), location={cfg['location']}, project={cfg['project']}, "
+            f"dropout={cfg['dropout']}")
+
+
+def _vfpt_config(meta: dict) -> dict | None:
+    """An artifact's recorded VFPT config with num_fourier, when it is a valid one."""
+    from .config import VFPTConfig
+
+    try:
+        cfg = VFPTConfig.from_dict(meta.get("config"))
+    except (VFPTError, TypeError):
+        return None
+    return {**cfg.to_dict(), "num_fourier": cfg.num_fourier}
+
+
+def _common_rows(info: dict) -> list[tuple[str, str]]:
+    classes = info["classes"]
+    shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
+    p = info["preprocess"]
+    return [("task", f"{info['task']}, {info['num_classes']} classes"), ("classes", shown),
+            ("preprocess", f"resize {p['resize']}, crop {p['crop']}, mean {p['mean']}, std {p['std']}, "
+                           f"{p['interpolation']}")]
+
+
+def _verification_row(v: dict) -> tuple[str, str]:
+    words = {"passed": "passed, and the report is about this very file (same sha256)",
+             "failed": "FAILED (see the report)", "missing": "no report: run 'vfpt-deploy verify'",
+             "stale": "the report is about another file (sha256 differs): verify again",
+             "unhashed": "passed, but the report does not record the file's sha256: verify again",
+             "unreadable": "the report is unreadable: verify again"}
+    return "verification", f"{words[v['state']]} ({v['report']})"
+
+
+def _artifact_rows(info: dict) -> list[tuple[str, str]]:
+    meta = info["vfpt_metadata"]
+    cfg = _vfpt_config(meta)
+    bb = meta.get("backbone") if isinstance(meta.get("backbone"), dict) else {}
+    rows = [("fold", printable(meta.get("fold", "?")))]
+    if cfg:
+        rows.append(("prompts", prompts_text(cfg)))
+    if bb:
+        rows.append(("backbone", f"{printable(bb.get('name', '?'))} {printable(bb.get('kwargs', {}))}"))
+    rows.append(("source checkpoint", f"{printable(meta.get('checkpoint', '?'))} sha256 {printable(meta.get('checkpoint_sha256', '?'))}"))
+    rows.append(("written by", f"vfpt-deploy {printable(meta.get('tool_version', '?'))}"))
+    return rows
+
+
+def _onnx_rows(info: dict) -> list[tuple[str, str]]:
+    rows = [("kind", "ONNX model" + ("" if info["task"] else " without vfpt-deploy metadata (made elsewhere)"))]
+    if info["task"]:
+        prec = info["precision"]
+        rows += _common_rows(info) + _artifact_rows(info)
+        rows.append(("precision", f"{prec['metadata']} (the graph computes in {prec['graph']})"))
+    ops = info["ops"]
+    top = ", ".join(f"{printable(k, 60)} {v}" for k, v in list(ops.items())[:12])
+    ext = info["external_data"]
+    rows += [("producer", f"{printable(info['producer']['name'])} {printable(info['producer']['version'])}, IR {info['ir_version']}"),
+             ("opsets", ", ".join(f"{printable(d, 60)} {v}" for d, v in info["opsets"].items())),
+             *((f"input {printable(t['name'], 80)}", _shape(t)) for t in info["inputs"]),
+             *((f"output {printable(t['name'], 80)}", _shape(t)) for t in info["outputs"]),
+             ("ops", f"{info['nodes']} nodes, {len(ops)} types: {top}{' ...' if len(ops) > 12 else ''}"),
+             ("initializers", f"{info['initializers']['count']} tensors, {_mib(info['initializers']['bytes'])} in the file"),
+             ("external data", "none" if not ext else "; ".join(
+                 f"{printable(f['file'], 80)} ({f['tensors']} tensors, {_mib(f['bytes'])}, "
+                 f"{'present' if f['present'] else 'MISSING'})" for f in ext))]
+    return rows
+
+
+def _engine_rows(info: dict) -> list[tuple[str, str]]:
+    trt, prof, build, src = info["tensorrt"], info["profile"], info["build"], info["source_onnx"]
+    gpu = info["gpu"]
+    src_state = ("not beside the engine" if not src["present"] else
+                 "present, same sha256" if src["sha256_matches"] else "present, but its sha256 DIFFERS")
+    return [("kind", f"TensorRT engine ({trt.get('flavor')}), described by {info['sidecar']}"),
+            *_common_rows(info), *_artifact_rows(info),
+            ("precision", f"{info['precision']} ({printable(build.get('precision_mode', '?'))})"),
+            ("tensorrt", f"{printable(trt.get('module'))} {printable(trt.get('version'))}"),
+            ("gpu", "none (built without a GPU)" if not gpu else f"{printable(gpu.get('name'))} (sm {printable(gpu.get('compute_capability'))})"),
+            ("profile", f"{printable(prof.get('input'))}: min {prof['min']}, opt {prof['opt']}, max {prof['max']}"),
+            ("build", ", ".join(f"{k}={printable(v, 60)}" for k, v in build.items())),
+            ("engine sha256", "matches the sidecar" if info["sha256_matches_sidecar"]
+             else "DOES NOT match the sidecar: the engine file was changed or replaced; rebuild it"),
+            ("built from", f"{printable(src['file'])} ({src_state})")]
+
+
+def _run_rows(info: dict) -> list[tuple[str, str]]:
+    bb, n, prov = info["backbone"], info["parameters"], info["provenance"]
+    train = prov.get("train") if isinstance(prov.get("train"), dict) else {}
+    return [("kind", "run.pt (VFPT checkpoint)" + ("" if bb["included"] else ", prompts only (backbone weights not included)")),
+            *_common_rows(info), ("image size", "x".join(map(str, info["image_size"]))),
+            ("prompts", prompts_text(info["vfpt"])),
+            ("backbone", f"{printable(bb['name'])} {printable(bb['kwargs'])}"), ("weights", printable(bb["source"])),
+            ("backbone sha256", f"{bb['sha256'] or '?'} ({bb['hash_check']})"),
+            ("parameters", f"tuned {n['tuned']:,} / total {n['total']:,} ({100.0 * n['tuned'] / max(n['total'], 1):.3f}%)"),
+            ("training", printable(", ".join(f"{k}={v}" for k, v in train.items()) or "-")),
+            ("written by", f"vfpt-deploy {printable(prov.get('tool_version', '?'))} at {printable(prov.get('created', '?'))}")]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def summary_rows(info: dict) -> list[tuple[str, str]]:
+    """(label, text) rows for a two-column table, printable text only."""
+    rows = {"onnx": _onnx_rows, "engine": _engine_rows, "run": _run_rows}[info["kind"]](info)
+    rows += [("file", f"{_mib(info['bytes'])}, sha256 {info['sha256']}")]
+    if "verification" in info:
+        rows.append(_verification_row(info["verification"]))
+    return [(k, printable(v, 2000)) for k, v in rows]

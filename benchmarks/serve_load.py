@@ -1,0 +1,304 @@
+"""A bounded load test of `vfpt-deploy serve` on loopback, against in-process inference at the same batch sizes.
+
+For each model: start `vfpt-deploy serve` (a subprocess, free ports), then for 1, 8 and 32 concurrent
+clients (each a thread with its own keep-alive HTTP connection, sending one encoded JPEG per V2 REST
+request, back to back) run a warm-up and then a fixed time, and report requests/s, p50/p99 latency, failed
+requests, and the server-side batch sizes seen (the server's `vfpt_batch_size` Prometheus histogram, read
+before and after each window). Then, with the server stopped, time OnnxPredictor.infer in this process on
+preprocessed batches of 1, 8 and 32 for the same time: what the model alone does at those batch sizes.
+
+Models: `demo` (the built-in demo's architecture: ViT 4 blocks, width 64, 32 x 32 input, 8 deep prompts,
+kv fold, random weights: seconds to build) and `vitb16` (ViT-B/16, 50 deep prompts, kv fold, 100 classes,
+random weights: ~1 min and ~2 GB RAM to build; pass --models demo,vitb16). Or --onnx NAME=PATH for any
+exported artifact. Clients and server share this machine's CPUs: on a small machine the clients' own work
+(JSON, base64) is part of what is measured.
+
+    .venv/bin/python benchmarks/serve_load.py --duration 3                 # the demo-sized model, seconds
+    .venv/bin/python benchmarks/serve_load.py --models demo,vitb16 --duration 20 --work serve-work --out docs/benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vfpt_deploy.files import atomic_write, dumps_json  # noqa: E402
+from vfpt_deploy.runtime.timing import machine_info  # noqa: E402
+
+MODELS = {  # name -> (timm name, kwargs, prompts M, classes)
+    "demo": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4}, 8, 10),
+    "vitb16": ("vit_base_patch16_224", {}, 50, 100),
+}
+
+
+def build(model: str, work: Path) -> Path:
+    """A run.pt with random weights (scaled prompts, as trained ones are far from their init), exported kv."""
+    path = work / f"{model}_kv.onnx"
+    if path.is_file():
+        return path
+    import torch
+
+    from vfpt_deploy.backbone import create_backbone
+    from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+    from vfpt_deploy.config import VFPTConfig
+    from vfpt_deploy.exporters.onnx import export_onnx
+    from vfpt_deploy.model import VFPTViT
+    from vfpt_deploy.runs import preprocess_for
+
+    name, kwargs, prompts, classes = MODELS[model]
+    torch.manual_seed(0)
+    backbone = create_backbone(name, **kwargs)
+    vfpt = VFPTViT(backbone, classes, VFPTConfig(num_prompts=prompts, deep=True, alpha=0.5)).eval()
+    with torch.no_grad():
+        for p in vfpt.tuned_parameters().values():
+            p.mul_(10.0)
+    save_run(work / f"{model}.pt", vfpt, BackboneInfo(name, kwargs), [f"class{i}" for i in range(classes)],
+             preprocess_for(backbone))
+    export_onnx(load_run(work / f"{model}.pt"), path, fold="kv")
+    return path
+
+
+def photo_jpeg(seed: int, size=(320, 240)) -> bytes:
+    """A smooth, photo-like JPEG (gradients and blobs): decodes like a photo, unlike noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    img = np.stack([np.sin(6 * x * rng.uniform(0.5, 2) + rng.uniform(0, 6)) + np.cos(5 * y * rng.uniform(0.5, 2))
+                    for _ in range(3)], -1)
+    img = ((img - img.min()) / (np.ptp(img) + 1e-9) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_server(name: str, onnx: Path, args, log: Path) -> tuple[subprocess.Popen, list[int]]:
+    ports = free_ports(3)
+    cmd = [sys.executable, "-c", "from vfpt_deploy.cli import run; run()", "serve", f"{name}={onnx}",
+           "--host", "127.0.0.1", "--port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+           "--max-batch-size", args.max_batch_size, "--max-batch-delay-ms", args.max_batch_delay_ms,
+           "--providers", "cpu", *(["--threads", args.threads] if args.threads else [])]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the server exited:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc, ports
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("error: the server was not ready after 600 s")
+
+
+def histogram(metrics_port: int, name: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.startswith("vfpt_batch_size") and s.labels.get("model_name") == name and s.name.endswith(
+                    ("_bucket", "_count", "_sum")):
+                out[s.labels["le"] if s.name.endswith("_bucket") else s.name.rsplit("_", 1)[1]] = s.value
+    return out
+
+
+def batch_summary(before: dict, after: dict) -> dict:
+    """Batches in the window: how many, mean rows per batch, and how many fell in each bucket."""
+    calls = after["count"] - before["count"]
+    rows = after["sum"] - before["sum"]
+    cum = {le: after[le] - before.get(le, 0.0) for le in after if le not in ("count", "sum")}
+    les = sorted(cum, key=float)
+    per = {f"<={float(le):g}": int(cum[le] - (cum[les[i - 1]] if i else 0)) for i, le in enumerate(les)}
+    return {"batches": int(calls), "rows": int(rows), "mean_rows": rows / calls if calls else 0.0,
+            "by_size": {k: v for k, v in per.items() if v}}
+
+
+def client(port: int, path: str, bodies: list[bytes], stop: float, out: list, failures: list) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    i = 0
+    while time.perf_counter() < stop:
+        body = bodies[i % len(bodies)]
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            ok = resp.status == 200 and b'"top_k_labels"' in data
+        except (OSError, http.client.HTTPException) as e:
+            ok, data = False, repr(e).encode()
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        (out if ok else failures).append(time.perf_counter() - t0 if ok else data[:200].decode(errors="replace"))
+    conn.close()
+
+
+def load_level(port: int, path: str, bodies: list[bytes], clients: int, seconds: float) -> tuple[list, list, float]:
+    lat: list = []
+    failures: list = []
+    stop = time.perf_counter() + seconds
+    threads = [threading.Thread(target=client, args=(port, path, bodies[i::clients] or bodies, stop, lat, failures))
+               for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, failures, time.perf_counter() - t0
+
+
+def serve_levels(name: str, onnx: Path, args, bodies: list[bytes], log: Path) -> list[dict]:
+    proc, (http_port, _, metrics_port) = start_server(name, onnx, args, log)
+    path = f"/v2/models/{name}/infer"
+    rows = []
+    try:
+        for clients in args.clients:
+            load_level(http_port, path, bodies, clients, args.warmup)
+            before = histogram(metrics_port, name)
+            lat, failures, wall = load_level(http_port, path, bodies, clients, args.duration)
+            batches = batch_summary(before, histogram(metrics_port, name))
+            ms = np.asarray(lat) * 1e3
+            rows.append({"clients": clients, "requests": len(lat), "failed": len(failures),
+                         "failures": failures[:3], "seconds": wall, "requests_per_s": len(lat) / wall,
+                         "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+                         "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None, **batches})
+            print(f"  {name} {clients:3d} clients: {rows[-1]['requests_per_s']:8.1f} req/s  p50 {rows[-1]['p50_ms']:8.1f} ms"
+                  f"  p99 {rows[-1]['p99_ms']:8.1f} ms  failed {len(failures)}  batches {batches['batches']}"
+                  f" (mean {batches['mean_rows']:.1f} rows, {batches['by_size']})", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    return rows
+
+
+def in_process(onnx: Path, jpeg: bytes, args) -> list[dict]:
+    """OnnxPredictor.infer on preprocessed batches (the JPEG decoded and preprocessed once, outside the timing)."""
+    from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+    from vfpt_deploy.runtime.preprocess import load_image
+
+    rows = []
+    with OnnxPredictor(onnx, ["cpu"], threads=args.threads) as p:
+        x1 = p.preprocess.batch([load_image(io.BytesIO(jpeg))])
+        for b in args.batches:
+            x = np.repeat(x1, b, axis=0)
+            p.infer(x)
+            t, calls, stop = [], 0, time.perf_counter() + args.duration
+            while time.perf_counter() < stop or calls < 3:
+                t0 = time.perf_counter()
+                p.infer(x)
+                t.append(time.perf_counter() - t0)
+                calls += 1
+            rows.append({"batch": b, "calls": calls, "p50_ms": float(np.median(t)) * 1e3,
+                         "images_per_s": b * calls / sum(t)})
+            print(f"  in-process batch {b:3d}: {rows[-1]['images_per_s']:8.1f} img/s  p50 {rows[-1]['p50_ms']:8.1f} ms/call",
+                  flush=True)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | clients | req/s | p50 ms | p99 ms | failed | batches | mean rows/batch | batch sizes seen |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        for row in r["serve"]:
+            sizes = ", ".join(f"{k}: {v}" for k, v in row["by_size"].items())
+            lines.append(f"| {name} | {row['clients']} | {row['requests_per_s']:.1f} | {row['p50_ms']:.1f} | "
+                         f"{row['p99_ms']:.1f} | {row['failed']} | {row['batches']} | {row['mean_rows']:.2f} | {sizes} |")
+    lines += ["", "| model | in-process batch | img/s | p50 ms per call |", "|---|---|---|---|"]
+    for name, r in results["models"].items():
+        for row in r["in_process"]:
+            lines.append(f"| {name} | {row['batch']} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="demo", help="comma-separated: demo, vitb16 (built with random weights)")
+    ap.add_argument("--onnx", action="append", default=[], help="NAME=PATH of an exported artifact (repeatable)")
+    ap.add_argument("--clients", default="1,8,32", help="concurrent clients per level")
+    ap.add_argument("--batches", default="1,8,32", help="in-process batch sizes")
+    ap.add_argument("--duration", type=float, default=10.0, help="timed seconds per level and per batch size")
+    ap.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each level")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (server and in-process)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the built ONNX files and server logs here, and reuse them (default: a temporary folder)")
+    ap.add_argument("--out", type=Path, default=None, help="write serve_load{tag}.json here")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    args = ap.parse_args(argv)
+    args.clients = [int(v) for v in args.clients.split(",")]
+    args.batches = [int(v) for v in args.batches.split(",")]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.work is None:
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as work:
+            args.work = Path(work)
+            return run(args)
+    args.work.mkdir(parents=True, exist_ok=True)
+    return run(args)
+
+
+def run(args) -> None:
+    artifacts = {m: None for m in args.models.split(",") if m}
+    artifacts.update(dict(item.split("=", 1) for item in args.onnx))
+    bodies = [json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                      "data": [base64.b64encode(photo_jpeg(i)).decode()]}]}).encode() for i in range(64)]
+    results = {"machine": machine_info(), "mlserver": metadata.version("mlserver"), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "load_average_start": os.getloadavg(), "models": {}}
+    for name, path in artifacts.items():
+        t0 = time.perf_counter()
+        onnx = Path(path) if path else build(name, args.work)
+        print(f"{name}: {onnx} ({onnx.stat().st_size / 2**20:.1f} MiB, ready in {time.perf_counter() - t0:.0f} s)", flush=True)
+        serve = serve_levels(name, onnx, args, bodies, args.work / f"{name}_server.log")
+        results["models"][name] = {"onnx_mib": onnx.stat().st_size / 2**20, "serve": serve,
+                                   "in_process": in_process(onnx, photo_jpeg(0), args)}
+    results["load_average_end"] = os.getloadavg()
+    print(markdown(results))
+    if args.out:
+        out = args.out / f"serve_load{args.tag}.json"
+        atomic_write(out, lambda tmp: Path(tmp).write_text(dumps_json(results, indent=2) + "\n"))
+        print(f"wrote {out}")
+    if any(row["failed"] for r in results["models"].values() for row in r["serve"]):
+        raise SystemExit("error: some requests failed (see 'failures' in the rows)")
+
+
+if __name__ == "__main__":
+    main()

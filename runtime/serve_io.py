@@ -1,0 +1,222 @@
+"""What a served VFPT model takes and gives over the V2 / Open Inference Protocol (REST and gRPC alike).
+
+A request carries exactly one input:
+  images       FP32  [B, 3, H, W]  preprocessed tensors, the exported model's own input (same name as in
+                                   the ONNX, so one request body also works against Triton)
+  image_bytes  BYTES [B]           encoded images (JPEG, PNG, ...), preprocessed on the server with the
+                                   artifact's own preprocessing. REST/JSON cannot carry raw bytes: each
+                                   element is a base64 string there. gRPC elements are the raw file bytes
+                                   (base64 too if the input's parameters say content_type "base64").
+and optionally the request parameter `top_k` (integer >= 1, default DEFAULT_TOP_K, at most the number of
+classes) and the V2 `outputs` list to ask for some outputs only. The response has, per row of the request:
+  logits               FP32  [B, C]
+  top_k_labels         BYTES [B, k]  class names, best first (content_type "str")
+  top_k_probabilities  FP32  [B, k]  softmax probabilities of those classes
+  top_k_indices        INT64 [B, k]  their class indices
+A request that breaks any of this gets BadRequest: HTTP 400 / gRPC INVALID_ARGUMENT with one line that
+names the problem. Torch-free.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from mlserver.errors import MLServerError
+from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
+
+from vfpt_deploy.errors import ImageError
+from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME
+
+from .preprocess import Preprocess, load_image
+
+BYTES_INPUT = "image_bytes"
+LABELS, PROBS, INDICES = "top_k_labels", "top_k_probabilities", "top_k_indices"
+OUTPUTS = (OUTPUT_NAME, LABELS, PROBS, INDICES)
+DEFAULT_TOP_K = 5
+_INPUTS_HINT = (f"send one input: '{BYTES_INPUT}' (BYTES [B], encoded JPEG/PNG; base64 strings in JSON) "
+                f"or '{INPUT_NAME}' (FP32 [B, 3, H, W], preprocessed)")
+
+
+class BadRequest(MLServerError):
+    """A request this model cannot answer as sent (HTTP 400, gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, 400)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A checked request: either float32 rows (x) or encoded images (blobs), never both."""
+
+    rows: int
+    top_k: int
+    outputs: tuple[str, ...]
+    x: np.ndarray | None = None
+    blobs: tuple[bytes, ...] | None = None
+
+
+def _datatype(inp) -> str:
+    return str(getattr(inp.datatype, "value", inp.datatype))
+
+
+def _data(inp) -> list:
+    data = getattr(inp.data, "root", inp.data)
+    return list(data) if data is not None else []
+
+
+def parse_request(payload: InferenceRequest, size: tuple[int, int], max_rows: int, num_classes: int) -> Parsed:
+    """Check one request against the model (input size, classes) and the server's batch limit."""
+    inputs = list(payload.inputs or [])
+    if not inputs:
+        raise BadRequest(f"the request has no inputs; {_INPUTS_HINT}")
+    if len(inputs) > 1:
+        raise BadRequest(f"the request has {len(inputs)} inputs ({', '.join(repr(i.name) for i in inputs)}); "
+                         f"{_INPUTS_HINT}, not both")
+    inp = inputs[0]
+    top_k, outputs = _top_k(payload, num_classes), _outputs(payload)
+    if inp.name == INPUT_NAME:
+        x = _tensor(inp, size, max_rows)
+        return Parsed(rows=len(x), top_k=top_k, outputs=outputs, x=x)
+    if inp.name == BYTES_INPUT:
+        blobs = _blobs(inp, max_rows)
+        return Parsed(rows=len(blobs), top_k=top_k, outputs=outputs, blobs=blobs)
+    raise BadRequest(f"unknown input {inp.name!r}; {_INPUTS_HINT}")
+
+
+def _rows(shape, max_rows: int, name: str) -> int:
+    b = shape[0]
+    if b < 1:
+        raise BadRequest(f"input '{name}' has batch size {b}; send at least one image")
+    if b > max_rows:
+        raise BadRequest(f"input '{name}' has batch size {b}, over this server's maximum of {max_rows} "
+                         "(--max-batch-size); split the request")
+    return b
+
+
+def _tensor(inp, size: tuple[int, int], max_rows: int) -> np.ndarray:
+    want = f"FP32 [B, 3, {size[0]}, {size[1]}]"
+    if _datatype(inp) != "FP32":
+        raise BadRequest(f"input '{INPUT_NAME}' must be {want}, got datatype {_datatype(inp)}; "
+                         f"send float32 values, or encoded images as '{BYTES_INPUT}' (BYTES)")
+    shape = [int(d) for d in inp.shape]
+    if len(shape) != 4 or shape[1:] != [3, *size]:
+        raise BadRequest(f"input '{INPUT_NAME}' must be {want}, got shape {shape}; preprocess the images to "
+                         f"{size[0]}x{size[1]}, or send them encoded as '{BYTES_INPUT}'")
+    rows = _rows(shape, max_rows, INPUT_NAME)
+    try:
+        x = np.asarray(_data(inp), dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"input '{INPUT_NAME}' data are not all numbers; send {want} float32 values") from None
+    if x.size != math.prod(shape):
+        raise BadRequest(f"input '{INPUT_NAME}' has {x.size} values but shape {shape} needs {math.prod(shape)}")
+    if not np.isfinite(x).all():
+        raise BadRequest(f"input '{INPUT_NAME}' holds NaN or Inf values (or numbers beyond float32); "
+                         "send finite preprocessed values")
+    return x.reshape(rows, 3, *size)
+
+
+def _blobs(inp, max_rows: int) -> tuple[bytes, ...]:
+    if _datatype(inp) != "BYTES":
+        raise BadRequest(f"input '{BYTES_INPUT}' must be BYTES (encoded images), got datatype {_datatype(inp)}; "
+                         f"send preprocessed float32 tensors as '{INPUT_NAME}'")
+    shape = [int(d) for d in inp.shape]
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise BadRequest(f"input '{BYTES_INPUT}' must have shape [B] (one encoded image per element), got {shape}")
+    rows = _rows(shape, max_rows, BYTES_INPUT)
+    data = _data(inp)
+    if data and isinstance(data[0], list):  # a nested JSON list: [[b64], [b64]] for shape [B, 1]
+        data = [e for row in data for e in (row if isinstance(row, list) else [row])]
+    if len(data) != rows:
+        raise BadRequest(f"input '{BYTES_INPUT}' has {len(data)} elements but shape {shape}")
+    b64 = str(getattr(inp.parameters, "content_type", "") or "") == "base64" if inp.parameters else False
+    return tuple(_blob(e, i, b64) for i, e in enumerate(data))
+
+
+def _blob(e, i: int, b64: bool) -> bytes:
+    if isinstance(e, str) or b64:  # JSON strings are base64; gRPC bytes only when the client says so
+        try:
+            return base64.b64decode(e, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise BadRequest(f"{BYTES_INPUT}[{i}] is not valid base64; over REST/JSON send each encoded image "
+                             "as a base64 string") from None
+    if isinstance(e, (bytes, bytearray)):
+        return bytes(e)
+    raise BadRequest(f"{BYTES_INPUT}[{i}] is a {type(e).__name__}, not an encoded image")
+
+
+class _Named(io.BytesIO):
+    """Image bytes that name themselves in load_image's error lines ('image_bytes[3] is not ...')."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self.label = name
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def decode_images(blobs: tuple[bytes, ...], preprocess: Preprocess) -> np.ndarray:
+    """Encoded images -> float32 [B, 3, H, W], with load_image's checks (pixel limit before decoding,
+    EXIF orientation, any mode to RGB). CPU work: run it off the event loop."""
+    try:
+        return preprocess.batch([load_image(_Named(b, f"{BYTES_INPUT}[{i}]")) for i, b in enumerate(blobs)])
+    except ImageError as e:
+        raise BadRequest(str(e)) from None
+
+
+def _top_k(payload: InferenceRequest, num_classes: int) -> int:
+    k = getattr(payload.parameters, "top_k", None) if payload.parameters is not None else None
+    if k is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    if isinstance(k, str) and k.strip().isdigit():  # gRPC clients often send parameters as strings
+        k = int(k)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise BadRequest(f"parameter top_k must be an integer >= 1, got {k!r}")
+    return min(k, num_classes)
+
+
+def _outputs(payload: InferenceRequest) -> tuple[str, ...]:
+    asked = [o.name for o in payload.outputs or []]
+    unknown = [n for n in asked if n not in OUTPUTS]
+    if unknown:
+        raise BadRequest(f"unknown output {unknown[0]!r}; this model gives {', '.join(OUTPUTS)}")
+    return tuple(dict.fromkeys(asked)) or OUTPUTS
+
+
+def encode_response(logits: np.ndarray, parsed: Parsed, classes: list[str], name: str,
+                    version: str | None) -> InferenceResponse:
+    """Logits [B, C] -> the outputs asked for. Top-k as Predictor.predict: softmax in float64, ties kept
+    in class order."""
+    z = logits.astype(np.float64)
+    if not np.isfinite(z).all():
+        bad = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
+        raise BadRequest(f"the model's logits are not finite (NaN or Inf) for row {bad} of this request; "
+                         "check that row's values")
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :parsed.top_k]
+    b, k = idx.shape
+    values = {
+        OUTPUT_NAME: ("FP32", list(logits.shape), logits.astype(np.float32).reshape(-1).tolist(), "np"),
+        LABELS: ("BYTES", [b, k], [classes[j].encode() for j in idx.reshape(-1)], "str"),  # JSON: strings again
+        PROBS: ("FP32", [b, k], np.take_along_axis(p, idx, axis=1).astype(np.float32).reshape(-1).tolist(), "np"),
+        INDICES: ("INT64", [b, k], idx.reshape(-1).tolist(), "np"),
+    }
+    outputs = [ResponseOutput(name=n, datatype=values[n][0], shape=values[n][1], data=values[n][2],
+                              parameters=Parameters(content_type=values[n][3])) for n in parsed.outputs]
+    return InferenceResponse(model_name=name, model_version=version, outputs=outputs)
+
+
+def metadata_tensors(size: tuple[int, int], num_classes: int) -> tuple[list, list]:
+    """The V2 model-metadata description of the inputs and outputs above (-1: any size)."""
+    inputs = [MetadataTensor(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, *size]),
+              MetadataTensor(name=BYTES_INPUT, datatype="BYTES", shape=[-1])]
+    outputs = [MetadataTensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, num_classes]),
+               MetadataTensor(name=LABELS, datatype="BYTES", shape=[-1, -1]),
+               MetadataTensor(name=PROBS, datatype="FP32", shape=[-1, -1]),
+               MetadataTensor(name=INDICES, datatype="INT64", shape=[-1, -1])]
+    return inputs, outputs

@@ -92,7 +92,7 @@ class BuildSettings:
             raise UsageError(f"--format must be one of {', '.join(TRT_FLAVORS)} for an engine, got {self.flavor!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}; "
-                             "pass --precision fp32 or fp16")
+                             "pass --precision fp32, fp16 or int8")
         for name in ("version_compatible", "hardware_compatible", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"--{name.replace('_', '-')} is a flag (true or false), got {getattr(self, name)!r}")
@@ -218,6 +218,12 @@ def precision_mode(trt, precision: str, onnx_precision: str, onnx_name: str) -> 
     """"strongly-typed" (the graph decides), "builder-flag" (TensorRT 10's FP16 flag) or "weakly-typed".
     The FP16 flag is used only where it exists; a request the installed TensorRT cannot honour is refused."""
     has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    if (onnx_precision == "int8") != (precision == "int8"):
+        raise UsageError(f"{onnx_name} is a{'n int8' if onnx_precision == 'int8' else ' float'} graph; build it with "
+                         f"precision {'int8' if onnx_precision == 'int8' else 'fp32 or fp16'}, or export with "
+                         "--precision int8 (the Q/DQ nodes in the ONNX carry the int8 precision)")
+    if onnx_precision == "int8":  # explicit Q/DQ: the graph decides every layer's precision
+        return "strongly-typed"
     if onnx_precision == "fp16":
         if precision != "fp16":
             raise UsageError(f"{onnx_name} is an fp16 graph; build it with precision fp16, or export an fp32 ONNX")

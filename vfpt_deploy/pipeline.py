@@ -21,14 +21,17 @@ from .files import Staging, check_outputs, check_suffix
 from .schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
 
 FOLD_DTYPES = ("float32", "float64")
-TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement")
+TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement", "max_top1_drop")
 
 
 @dataclass(frozen=True)
 class ExportSettings:
     """Everything an export decides. build: TensorRT builder settings (format trt / trt-rtx; its flavor
     and precision follow format and precision). tolerances: overrides of the precision's defaults.
-    data: real images for the verification besides the random inputs ('builtin[:name]' or a folder)."""
+    data: real images for the verification besides the random inputs ('builtin[:name]' or a folder).
+    quantize (precision int8): dynamic, static or modelopt (default: dynamic for onnx, static for engines);
+    calib: its calibration images ('builtin[:name]' or a folder; default: the run's built-in training
+    data), calib_samples of them."""
 
     format: str = "onnx"
     fold: str = "auto"
@@ -40,6 +43,9 @@ class ExportSettings:
     data: str | None = None
     num_random: int = 16
     threads: int | None = None
+    quantize: str | None = None
+    calib: str | None = None
+    calib_samples: int | None = None
 
     def check(self) -> "ExportSettings":
         for name, value, choices in (("--format", self.format, FORMATS), ("--fold", self.fold, EXPORT_FOLDS),
@@ -55,7 +61,26 @@ class ExportSettings:
         from .verify import Tolerances
 
         Tolerances.for_precision(self.precision).override(**self.tolerances)  # range-checks the overrides
+        self.quant_spec()
         return self
+
+    def quant_spec(self):
+        """The int8 quantization settings (exporters.quantize.QuantizeSpec, checked), or None for fp32/fp16."""
+        if self.precision != "int8":
+            if self.quantize is not None or self.calib is not None or self.calib_samples is not None:
+                raise UsageError("--quantize, --calib and --calib-samples apply to --precision int8 only")
+            return None
+        from vfpt_deploy.exporters.quantize import QuantizeSpec
+
+        mode = self.quantize or ("dynamic" if self.format == "onnx" else "static")
+        if mode == "dynamic" and (self.calib is not None or self.calib_samples is not None):
+            raise UsageError("dynamic quantization needs no calibration data; drop --calib/--calib-samples, or "
+                             "use --quantize static")
+        if self.calib_samples is not None and (isinstance(self.calib_samples, bool) or
+                                               not isinstance(self.calib_samples, int) or self.calib_samples < 1):
+            raise UsageError(f"--calib-samples must be a positive integer, got {self.calib_samples!r}")
+        target = "onnxruntime" if self.format == "onnx" and mode != "modelopt" else "tensorrt"
+        return QuantizeSpec(mode=mode, target=target).check()
 
     def builder(self):
         """The TensorRT builder settings with flavor and precision taken from this export."""
@@ -114,7 +139,7 @@ def plan_export(ckpt: Path | None, settings: ExportSettings, out: str | os.PathL
     or a one-line error. export_run calls it too."""
     settings.check()
     paths = export_paths(ckpt, settings, out)
-    check_outputs(paths.outputs(), {"--ckpt": ckpt, **(inputs or {}), "--data": settings.data})
+    check_outputs(paths.outputs(), {"--ckpt": ckpt, **(inputs or {}), "--data": settings.data, "--calib": settings.calib})
     return paths
 
 
@@ -138,9 +163,14 @@ def export_run(run: Run, settings: ExportSettings, out: str | os.PathLike | None
     data = settings.data if settings.data is not None else recorded_builtin_data(run)
     sets = input_sets(run, data, settings.num_random)  # a bad --data fails before any work
     notes = [] if settings.data is not None or data is None else [f"verified on the run's own data ({data}) too"]
+    spec = settings.quant_spec()
+    calib = _calibration(run, settings, spec)  # a bad --calib (or no ModelOpt) fails before any work too
     with Staging(paths.onnx.parent) as stage:
         step(f"folding ({settings.fold}) + exporting ONNX")
         onnx_result = _export_onnx(run, settings, stage.path(paths.onnx))
+        if spec is not None:
+            step(f"quantizing to int8 ({spec.mode}" + (f", {calib.info['count']} calibration images)" if calib else ")"))
+            onnx_result = _quantize(onnx_result, spec, calib, stage.path(paths.onnx), notes)
         built = None
         if builder is not None:
             step(f"building the {settings.format} engine")
@@ -153,12 +183,49 @@ def export_run(run: Run, settings: ExportSettings, out: str | os.PathLike | None
 
 
 def _export_onnx(run: Run, settings: ExportSettings, path: Path):
+    """The folded ONNX; for int8 the fp32 graph the quantizer starts from, beside `path` (not committed)."""
     import torch
 
     from vfpt_deploy.exporters.onnx import export_onnx
 
-    return export_onnx(run, path, fold=settings.fold, precision=settings.precision, opset=settings.opset,
+    int8 = settings.precision == "int8"
+    return export_onnx(run, path.with_name(path.stem + ".fp32.onnx") if int8 else path, fold=settings.fold,
+                       precision="fp32" if int8 else settings.precision, opset=settings.opset,
                        fold_dtype=getattr(torch, settings.fold_dtype))
+
+
+def _calibration(run: Run, settings: ExportSettings, spec):
+    """The calibration images of a static / ModelOpt int8 export (None for dynamic and float)."""
+    if spec is None or spec.mode == "dynamic":
+        return None
+    if spec.mode == "modelopt":
+        from vfpt_deploy.exporters.quantize import check_modelopt
+
+        check_modelopt()
+    source = settings.calib if settings.calib is not None else recorded_builtin_data(run)
+    if source is None:
+        raise UsageError(f"--quantize {spec.mode} needs calibration images: pass --calib DIR (a folder of images, "
+                         "or one with train/) or --calib builtin[:name]")
+    from .calibration import DEFAULT_SAMPLES, calibration_set
+
+    return calibration_set(run, source, settings.calib_samples or DEFAULT_SAMPLES)
+
+
+def _quantize(fp32, spec, calib, path: Path, notes: list[str]):
+    """fp32 export -> int8 at `path` (exporters.quantize); the ExportResult of the int8 file."""
+    from vfpt_deploy.exporters.onnx import check_ops
+    from vfpt_deploy.exporters.quantize import quantize_onnx
+
+    q = quantize_onnx(fp32.path, path, spec, calib=None if calib is None else calib.x,
+                      calib_info=None if calib is None else calib.info)
+    fp32.path.unlink(missing_ok=True)
+    if spec.target == "tensorrt":
+        check_ops(q.ops)  # Q/DQ around MatMul/Gemm/Conv only: what TensorRT's parser takes
+    elif spec.mode == "dynamic":
+        notes.append("int8 dynamic runs on onnxruntime only (MatMulInteger); for TensorRT export with "
+                     "--format trt/trt-rtx (static Q/DQ)")
+    return dataclasses.replace(fp32, path=path, precision="int8", opset=q.opset, size_bytes=path.stat().st_size,
+                               ops=q.ops)
 
 
 def _build(stage: Staging, paths: ExportPaths, builder):

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import Run
 from .errors import UsageError, VerificationError
-from .files import atomic_write, dumps_json
+from .files import atomic_write, dumps_json, file_sha256
 from .schema import is_engine, report_path as default_report_path
 
 TOP_K = 5
@@ -34,17 +34,23 @@ class Tolerances:
     the reference, in percent; topk_order (needs atol) the order of the top-5 classes wherever the
     reference's logits differ by more than atol (closer ones are ties and may swap). An order change
     needs two logits to move by more than atol together, so this catches what atol alone lets through:
-    two differences each within atol that still reorder the top classes."""
+    two differences each within atol that still reorder the top classes.
+    max_top1_drop: the most the dataset top-1 may fall below the reference's, in points, where labels
+    exist. gate_random: gate the random N(0,1) inputs too (int8 does not: its activation ranges are
+    calibrated on images, and noise far outside them says nothing about images; they are still reported,
+    and a non-finite logit still fails)."""
 
     atol: float | None = None
     rtol: float | None = None
     min_cosine: float | None = None
     min_agreement: float = 100.0
     topk_order: bool = False
+    max_top1_drop: float | None = None
+    gate_random: bool = True
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("atol", 0.0, 1e6), ("rtol", 0.0, 1e6), ("min_cosine", -1.0, 1.0),
-                             ("min_agreement", 0.0, 100.0)):
+                             ("min_agreement", 0.0, 100.0), ("max_top1_drop", 0.0, 100.0)):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -53,6 +59,8 @@ class Tolerances:
 
     @classmethod
     def for_precision(cls, precision: str) -> "Tolerances":
+        if precision == "int8":  # measured: docs/benchmarks.md, INT8
+            return cls(atol=None, min_cosine=0.99, min_agreement=98.0, max_top1_drop=1.0, gate_random=False)
         if precision == "fp16":
             return cls(atol=None, min_cosine=0.999, min_agreement=99.0)
         return cls(atol=1e-4, min_agreement=100.0, topk_order=True)
@@ -72,8 +80,15 @@ class Tolerances:
         parts.append(f"top-1 agreement >= {self.min_agreement:g}%")
         if self.topk_order and self.atol is not None:
             parts.append(f"top-{TOP_K} order kept (ties within {self.atol:g} may swap)")
+        if self.max_top1_drop is not None:
+            parts.append(f"dataset top-1 at most {self.max_top1_drop:g} points below the reference's (where labels exist)")
         parts.append("all logits finite")
+        if not self.gate_random:
+            parts.append("real images only (random inputs reported, not gated)")
         return ", ".join(parts)
+
+
+_UNGATED = Tolerances(min_agreement=0.0)  # what an ungated comparison is held to: finite logits only
 
 
 @dataclass
@@ -89,6 +104,7 @@ class Comparison:
     ref_top1: float | None = None  # dataset top-1 when labels are known
     artifact_top1: float | None = None
     failures: list[str] = field(default_factory=list)
+    gated: bool = True  # False: reported only (random inputs of an int8 artifact); non-finite logits still fail
 
 
 @dataclass
@@ -101,6 +117,8 @@ class VerifyReport:
     comparisons: list[Comparison]
     problems: list[str] = field(default_factory=list)  # failures not tied to one input set (metadata)
     notes: list[str] = field(default_factory=list)
+    artifact_sha256: str = ""  # of the file compared: a later step (triton) checks it is still this one
+    quantization: dict | None = None  # an int8 artifact's record: mode, what stayed float, calibration set
 
     @property
     def passed(self) -> bool:
@@ -128,9 +146,13 @@ def _topk_kept(ref: np.ndarray, out: np.ndarray, tie: float) -> np.ndarray:
     return (gap <= tie).all(axis=1)
 
 
-def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None = None) -> Comparison:
+def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None = None,
+            gated: bool = True) -> Comparison:
+    """gated False: only non-finite logits fail; the differences are reported."""
     with np.errstate(all="ignore"):  # overflowing logits are reported by the gate, not as warnings
-        return _compare(ref.astype(np.float64), out.astype(np.float64), tol, inputs, labels)
+        c = _compare(ref.astype(np.float64), out.astype(np.float64), tol if gated else _UNGATED, inputs, labels)
+    c.gated = gated
+    return c
 
 
 def _compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None) -> Comparison:
@@ -158,6 +180,9 @@ def _compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, lab
         c.failures.append(f"min cosine {c.min_cosine:.6f} < {tol.min_cosine:g}")
     if c.agreement < tol.min_agreement:
         c.failures.append(f"top-1 agreement {c.agreement:.2f}% < {tol.min_agreement:g}%")
+    if tol.max_top1_drop is not None and c.ref_top1 is not None and c.ref_top1 - c.artifact_top1 > tol.max_top1_drop:
+        c.failures.append(f"dataset top-1 {c.artifact_top1:.2f}% is {c.ref_top1 - c.artifact_top1:.2f} points below "
+                          f"the reference's {c.ref_top1:.2f}% (> {tol.max_top1_drop:g})")
     if tol.topk_order and tol.atol is not None and not kept.all():
         c.failures.append(f"top-{TOP_K} order differs on {int((~kept).sum())} of {len(kept)} samples")
     return c
@@ -168,6 +193,7 @@ class InputSet:
     what: str
     x: np.ndarray  # float32 NCHW, preprocessed
     labels: np.ndarray | None
+    random: bool = False  # N(0,1) noise, not images
 
 
 MAX_RANDOM = 4096
@@ -180,7 +206,8 @@ def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0) -> li
         raise UsageError(f"--num-random must be an integer in [1, {MAX_RANDOM}], got {num_random!r}")
     h, w = run.model.img_size
     g = torch.Generator().manual_seed(seed)
-    sets = [InputSet(f"random N(0,1) x{num_random}", torch.randn(num_random, 3, h, w, generator=g).numpy(), None)]
+    sets = [InputSet(f"random N(0,1) x{num_random}", torch.randn(num_random, 3, h, w, generator=g).numpy(), None,
+                     random=True)]
     if data:
         sets.append(_image_set(run, data))
     return sets
@@ -262,11 +289,15 @@ def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None =
         for s in inputs:
             ref = reference_logits(run, s.x, device=device)
             out = np.concatenate([predictor.infer(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
-            comparisons.append(compare(ref, out, tol, s.what, s.labels))
+            comparisons.append(compare(ref, out, tol, s.what, s.labels, gated=tol.gate_random or not s.random))
         meta = {**predictor.metadata, "preprocess": predictor.preprocess}
         backend = ", ".join(getattr(predictor, "providers", None) or ["TensorRT"])
     report = VerifyReport(name or str(artifact), str(run.path), f"{backend}; reference on {device}", precision,
-                          tol.describe(), comparisons, [p for p in [problem, *metadata_problems(meta, run)] if p])
+                          tol.describe(), comparisons, [p for p in [problem, *metadata_problems(meta, run)] if p],
+                          artifact_sha256=file_sha256(artifact), quantization=meta.get("quantization"))
+    if comparisons and not any(c.gated for c in comparisons):
+        report.problems.append(f"{precision} artifacts are gated on real images, and none were given: pass --data "
+                               "builtin[:name] or a folder of images")
     out_path = Path(report_path) if report_path else default_report_path(artifact)
     if not report.passed and out_path.exists():  # a failed verify never replaces the previous report
         out_path = out_path.with_name(out_path.name.removesuffix(".json") + ".failed.json")

@@ -11,6 +11,8 @@ latency is the median over repeats. Ratios to plain are taken within a repeat, t
 
     .venv/bin/python benchmarks/prompt_cost.py --out docs/benchmarks          # ViT-B/16, ~10 min on 2 cores
     .venv/bin/python benchmarks/prompt_cost.py --model tiny --prompts 0,4,16 --out /tmp/pc   # seconds
+    .venv/bin/python benchmarks/prompt_cost.py --model swin_base_patch4_window7_224 --prompts 0,10,50 \
+        --threads 1 --flush-denormals --out docs/benchmarks      # Swin-B (also times timm's own forward)
 
 Targets (issue 5): kv within 1.05x of plain at M = 50 and 1.10x at M = 200; tokens grows with M
 (about +25% at M = 50). --profile adds an onnxruntime per-op profile of plain / tokens / kv at the
@@ -40,13 +42,16 @@ from vfpt_deploy.files import atomic_write  # noqa: E402
 from vfpt_deploy.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.exporters.onnx import export_module  # noqa: E402
 from vfpt_deploy.fold import fold_model  # noqa: E402
-from vfpt_deploy.model import VFPTViT  # noqa: E402
+from vfpt_deploy.swin import VFPTSwin, vfpt_model  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import make_session  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info  # noqa: E402
 
 MODELS = {
     "vit_base_patch16_224": ("vit_base_patch16_224", {}),
     "tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}),
+    "swin_base_patch4_window7_224": ("swin_base_patch4_window7_224", {}),
+    "swin-tiny": ("swin_tiny_patch4_window7_224", {"img_size": 32, "patch_size": 2, "embed_dim": 16,
+                                                   "depths": [2, 2, 2, 2], "num_heads": [1, 2, 2, 4], "window_size": 4}),
 }
 TARGETS = {("kv", 50): 1.05, ("kv", 200): 1.10}
 NUM_CLASSES = 100
@@ -73,11 +78,15 @@ def build_forms(model_name: str, prompts: list[int], alpha: float, work: Path, l
     paths = {}
     for m in sorted(set(prompts) | {0}):
         torch.manual_seed(m + 1)
-        model = VFPTViT(backbone, NUM_CLASSES, VFPTConfig(num_prompts=m, deep=True, alpha=alpha)).eval()
+        model = vfpt_model(backbone, NUM_CLASSES, VFPTConfig(num_prompts=m, deep=True, alpha=alpha)).eval()
         with torch.no_grad():  # trained prompts are far from their tiny init; keep the values realistic
             for p in model.tuned_parameters().values():
                 p.mul_(10.0)
         forms = [("plain", model)] if m == 0 else [(f, fold_model(model, f)) for f in ("tokens", "kv")]
+        if m == 0 and isinstance(model, VFPTSwin):
+            # Also timm's own Swin forward (what exporting the plain timm model gives): VFPTSwin computes the
+            # blocks with constant sizes, so its plain form is the like-for-like baseline for the folds.
+            forms.append(("timm", torch.nn.Sequential(backbone, model.head).eval()))
         for form, module in forms:
             path = work / f"{form}_M{m}_a{alpha}.onnx"
             if path.is_file() and reuse:
@@ -89,6 +98,17 @@ def build_forms(model_name: str, prompts: list[int], alpha: float, work: Path, l
             log(f"  exported {form:6s} M={m:3d} in {time.perf_counter() - t0:5.1f} s ({path.stat().st_size / 2**20:.0f} MiB)")
             paths[(form, m)] = path
     return paths, image_size
+
+
+def open_session(path: Path, threads: int | None, flush_denormals: bool):
+    if not flush_denormals:
+        return make_session(path, threads=threads)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")  # onnxruntime's intra-op threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def time_calls(sess, feed, out_name, warmup: int, iters: int) -> float:
@@ -153,7 +173,8 @@ def plot(summary: list[dict], batches: list[int], title: str, path: Path) -> Non
         ax.legend(fontsize=8)
         for r in rows:
             if r["form"] != "plain":
-                ax.annotate(f"{r['ratio']:.2f}x", (r["M"], r["median_ms"]), textcoords="offset points",
+                ax.annotate(f"{'timm ' if r['form'] == 'timm' else ''}{r['ratio']:.2f}x", (r["M"], r["median_ms"]),
+                            textcoords="offset points",
                             xytext=(4, -12 if r["form"] == "kv" else 6), fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -163,7 +184,8 @@ def plot(summary: list[dict], batches: list[int], title: str, path: Path) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name, or 'tiny' (a smoke test)")
+    ap.add_argument("--model", default="vit_base_patch16_224",
+                    help="timm ViT or Swin name, or 'tiny' / 'swin-tiny' (smoke tests)")
     ap.add_argument("--prompts", default="0,10,50,100,200", help="deep prompt counts M (0 = the plain backbone)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--batches", default="1,8")
@@ -176,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="folder for the ONNX files, kept and reused by later runs (default: a temp folder)")
     ap.add_argument("--tag", default="", help="suffix of the output file names (prompt_cost<tag>.json/.png)")
     ap.add_argument("--profile", action="store_true", help="also profile plain/tokens/kv at the largest M")
+    ap.add_argument("--flush-denormals", action="store_true",
+                    help="treat float32 denormals as zero (flush-to-zero / denormals-are-zero): on this thread, where "
+                         "onnxruntime computes with --threads 1, and in onnxruntime's own threads. A Swin's shift mask "
+                         "(-100) makes softmax outputs denormal, which x86 CPUs compute very slowly")
     args = ap.parse_args(argv)
     prompts, batches = ints(args.prompts), ints(args.batches)
     if any(b < 1 for b in batches) or args.repeats < 1 or args.iters < 1 or args.warmup < 0:
@@ -197,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"exporting {args.model}, M in {prompts}, alpha {args.alpha}")
     paths, image_size = build_forms(args.model, prompts, args.alpha, work, log, reuse=args.work is not None)
     forms = sorted(paths, key=lambda k: (k[1], k[0]))  # (form, M)
-    sessions = {k: make_session(p, threads=args.threads) for k, p in paths.items()}
+    if args.flush_denormals:
+        torch.set_flush_denormal(True)
+    sessions = {k: open_session(p, args.threads, args.flush_denormals) for k, p in paths.items()}
     providers = {s.get_providers()[0] for s in sessions.values()}
     log(f"{len(sessions)} sessions on {', '.join(sorted(providers))}")
     in_name = next(iter(sessions.values())).get_inputs()[0].name
@@ -214,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 yt = sessions[("tokens", m)].run([out_name], feed)[0]
                 yk = sessions[("kv", m)].run([out_name], feed)[0]
                 agreement[m] = float(np.abs(yt - yk).max())
+            if ("timm", 0) in sessions:
+                yt = sessions[("timm", 0)].run([out_name], feed)[0]
+                agreement["timm_vs_plain"] = float(np.abs(yt - sessions[("plain", 0)].run([out_name], feed)[0]).max())
         per_repeat = {k: [] for k in forms}
         for r in range(args.repeats):
             order = forms[r % len(forms):] + forms[:r % len(forms)]
@@ -255,13 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         if r["form"] == "tokens" and r["M"] == 50:
             log(f"tokens M=50 batch {r['batch']}: {100 * (r['ratio'] - 1):+.1f}% (expected about +25%)")
     if agreement:
-        log("max |tokens - kv| logits: " + ", ".join(f"M={m}: {d:.1e}" for m, d in agreement.items()))
+        log("max |tokens - kv| logits: " + ", ".join(f"{'M=' if isinstance(m, int) else ''}{m}: {d:.1e}"
+                                                     for m, d in agreement.items()))
 
     profile = {}
     if args.profile:
         m_max = max(k[1] for k in forms)
         x1 = make_input(1, image_size, seed=1)
-        for k in [("plain", 0), ("tokens", m_max), ("kv", m_max)]:
+        for k in [("plain", 0), ("timm", 0), ("tokens", m_max), ("kv", m_max)]:
             if k in paths:
                 profile[f"{k[0]}_M{k[1]}"] = ops = profile_ops(paths[k], x1, args.threads, 10, work)
                 top = list(ops.items())[:8]
@@ -281,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out / f"{stem}.json"
     atomic_write(json_path, lambda tmp_: Path(tmp_).write_text(json.dumps(result, indent=2) + "\n"))
     title = (f"{args.model}, deep prompts, alpha {args.alpha}, onnxruntime CPU ({machine['cpu_model']}, "
-             f"{machine['usable_cpus']} CPUs, threads {args.threads or 'default'}), median of {args.repeats} repeats")
+             f"{machine['usable_cpus']} CPUs, threads {args.threads or 'default'}), median of {args.repeats} repeats"
+             + (", denormals flushed" if args.flush_denormals else ""))
     plot(summary, batches, title, args.out / f"{stem}.png")
     log(f"wrote {json_path} and {args.out / (stem + '.png')} in {elapsed:.0f} s (load {load_before[0]:.2f} -> {load_after[0]:.2f})")
     if tmp is not None:

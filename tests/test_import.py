@@ -326,7 +326,7 @@ BAD = {
                        "tensor enc.transformer.encoder.layer.2.ffn.fc2.weight has shape (32, 7) but (32, 48) fits"),
     "deep-depth-mismatch": (lambda: _reshaped(make_reference(M=2), "enc.transformer.deep_prompt_embeddings", (5, 2, D)), [],
                             "tensor enc.transformer.deep_prompt_embeddings has shape (5, 2, 32) but (2, 2, 32)"),
-    "swin": (_swin_like, [], "Swin checkpoint (enc.layers.*), which is not supported yet"),
+    "swin": (_swin_like, [], "Swin checkpoint (enc.layers.*): pass --arch swin"),
     "mlp-head": (_mlp_head, [], "MLP head (head.projection.*, MLP_NUM > 0), which is not supported yet"),
     "wrong-arch": (lambda: make_reference("mae", M=2), [], "pass --arch mae or --arch moco"),
     "mae-as-moco": (lambda: make_reference("mae", M=2), ["--arch", "moco"], "pass --arch mae"),

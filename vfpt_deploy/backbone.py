@@ -1,4 +1,4 @@
-"""Frozen timm ViT backbones: create by name, load weights from a file or the hub, hash the weights.
+"""Frozen timm ViT and Swin backbones: create by name, load weights from a file or the hub, hash the weights.
 
 Backbone names and keyword arguments come from the command line and from run.pt files alike, so they
 are bounded (check_backbone_kwargs) and the model is laid out on the meta device (backbone_skeleton)
@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError, UsageError, VFPTError
+from .swin import check_swin_backbone, check_swin_kwargs, is_swin_name
 
 POOLS = ("token", "avg")
 log = logging.getLogger("vfpt_deploy")
@@ -126,9 +127,10 @@ def _check_sizes(kwargs: dict) -> None:
                          f"(limit {MAX_PARAMS / 1e9:g} billion)")
 
 
-def check_backbone_kwargs(kwargs) -> dict:
+def check_backbone_kwargs(kwargs, name: str = "") -> dict:
     """Refuse, in one line naming the key, backbone keyword arguments that are not a dict of JSON-like
-    values, that vfpt sets itself, or that size a ViT out of range (see MAX_*). Returns kwargs."""
+    values, that vfpt sets itself, or that size a ViT (or, for a Swin `name`, a Swin) out of range (see
+    MAX_*). Returns kwargs."""
     if not isinstance(kwargs, dict):
         raise UsageError(f"backbone options must be a mapping of timm keyword arguments, got {type(kwargs).__name__}")
     if len(kwargs) > 64:
@@ -141,7 +143,7 @@ def check_backbone_kwargs(kwargs) -> dict:
         if not _json_like(value):
             raise UsageError(f"backbone option {key}={_show(value)}: values must be numbers, strings, "
                              "booleans or short lists of these")
-    _check_sizes(kwargs)
+    check_swin_kwargs(kwargs) if is_swin_name(name) else _check_sizes(kwargs)
     return kwargs
 
 
@@ -177,7 +179,7 @@ def backbone_skeleton(name: str, kwargs: dict) -> VisionTransformer:
     Checks the name and kwargs, then the model (a ViT VFPT supports, at most MAX_PARAMS parameters and
     MAX_PATCHES patches) before any real tensor is allocated."""
     _check_name(name)
-    check_backbone_kwargs(kwargs)
+    check_backbone_kwargs(kwargs, name)
     with torch.device("meta"):
         try:
             model = _timm_create(name, {**kwargs, "weight_init": "skip"}, pretrained=False)
@@ -185,7 +187,7 @@ def backbone_skeleton(name: str, kwargs: dict) -> VisionTransformer:
             if "weight_init" not in str(e):
                 raise
             model = _timm_create(name, kwargs, pretrained=False)  # not a timm ViT: refused just below
-    check_backbone(model, name)
+    check_supported(model, name)
     params = sum(t.numel() for t in model.state_dict().values())
     if params > MAX_PARAMS:
         raise UsageError(f"{name} with options {_show(kwargs)} has {params / 1e9:.1f} billion parameters, "
@@ -201,15 +203,22 @@ def create_backbone(name: str, **kwargs) -> VisionTransformer:
     are checked on a meta-device skeleton first (see backbone_skeleton)."""
     backbone_skeleton(name, kwargs)
     model = _timm_create(name, kwargs, pretrained=False)
-    check_backbone(model, name)
+    check_supported(model, name)
     return model
+
+
+def check_supported(model: torch.nn.Module, name: str = "backbone") -> None:
+    """A backbone VFPT supports: a timm Swin Transformer (swin.check_swin_backbone) or ViT (check_backbone)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    check_swin_backbone(model, name) if isinstance(model, SwinTransformer) else check_backbone(model, name)
 
 
 def check_backbone(model: torch.nn.Module, name: str = "backbone") -> None:
     if not isinstance(model, VisionTransformer):
         raise UsageError(
-            f"{name} is a {type(model).__name__}, not a timm VisionTransformer; VFPT here supports "
-            "ViTs with a class token (vit_tiny/small/base/large, patch 16/32)"
+            f"{name} is a {type(model).__name__}, not a timm VisionTransformer or SwinTransformer; VFPT here "
+            "supports ViTs with a class token (vit_tiny/small/base/large, patch 16/32) and Swin Transformers (swin_*)"
         )
     if model.cls_token is None:
         raise UsageError(f"{name} has no class token; VFPT places prompts after the CLS token")
@@ -264,6 +273,9 @@ def load_backbone_weights(model: VisionTransformer, path: str | os.PathLike,
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     path = Path(path)
+    if is_swin(model):
+        load_swin_weights(model, path, read_state_dict(path) if state is None else state)
+        return
     if path.suffix == ".npz":
         load_npz_weights(model, path)
         return
@@ -282,6 +294,10 @@ def read_weights_for(skeleton: VisionTransformer, path: str | os.PathLike) -> di
     """Read a weights file and refuse it, before the real model is built, when it holds another number
     of transformer blocks than the skeleton. Returns the state dict (None for a .npz, read by timm)."""
     path = Path(path)
+    if is_swin(skeleton):
+        sd = read_state_dict(path)
+        check_swin_depths(skeleton, sd, path)
+        return sd
     if path.suffix == ".npz":
         sd, depth = None, npz_depth(path)
     else:
@@ -335,6 +351,42 @@ def check_shapes_fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
         if not fits:
             raise InputError(f"{source}: tensor {k} has shape {got} but the model expects {want}; "
                             "the weights are for a different architecture (check the model name and --model-arg)")
+
+
+def is_swin(model: torch.nn.Module) -> bool:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
+def check_swin_depths(skeleton: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, before the real Swin is built, weights with other stage depths (layers.S.blocks.I names are
+    the same in timm's and Microsoft's layouts)."""
+    found: dict[int, set[int]] = {}
+    for k in sd:
+        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k):
+            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    depths = [len(found.get(s, ())) for s in range(max(found, default=-1) + 1)]
+    want = [len(stage.blocks) for stage in skeleton.layers]
+    if depths != want:
+        raise InputError(f"{path} holds a Swin with stage depths {depths} but the model has {want}; the weights are "
+                         "for a different architecture (check the model name and --model-arg)")
+
+
+def load_swin_weights(model: torch.nn.Module, path: Path, sd: dict[str, torch.Tensor]) -> None:
+    """Swin weights in timm's layout or Microsoft's (e.g. swin_base_patch4_window7_224_22k.pth: merging at
+    the end of a stage, saved position indices and masks, a `head.*` classifier), through timm's own Swin
+    checkpoint filter; the classifier is dropped (VFPT brings its own head), the rest loads strictly."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    try:
+        sd = checkpoint_filter_fn(sd, model)
+    except Exception as e:
+        raise InputError(f"{path}: timm could not adapt these weights to the Swin ({type(e).__name__}: "
+                         f"{str(e)[:160]}); are they for this Swin?") from None
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    check_shapes_fit(model, sd, str(path))
+    load_state_strict(model, sd, source=str(path))
 
 
 class _NameMisfitCopies(TorchFunctionMode):
@@ -495,7 +547,7 @@ def pretrained_backbone(name: str, kwargs: dict, *, skeleton: VisionTransformer 
     except UsageError as e:
         raise InputError(f"could not load pretrained weights for {name!r} ({e}); pass local weights with "
                          "--weights FILE, or --weights random for a test run") from None
-    check_backbone(model, name)
+    check_supported(model, name)
     check_tensors(model.state_dict(), f"pretrained weights for {name}")
     return model
 

@@ -32,6 +32,8 @@ from .config import VFPTConfig
 from .errors import InputError, UsageError, VFPTError
 from .files import atomic_write, file_sha256
 from .model import VFPTViT
+from .swin import check_swin_config, is_swin_name, vfpt_model
+from .swin import tuned_shapes as swin_tuned_shapes
 from vfpt_deploy.runtime.preprocess import Preprocess
 
 FORMAT = "vfpt-deploy.run"
@@ -190,7 +192,7 @@ def _parse_backbone(bb, path: Path) -> tuple[BackboneInfo, bool]:
         raise _damaged(path, f"backbone included must be true or false, got {_show(included)}")
     kwargs = bb.get("kwargs", {})
     try:
-        check_backbone_kwargs(kwargs)
+        check_backbone_kwargs(kwargs, name)
     except VFPTError as e:
         raise _damaged(path, str(e)) from None
     return BackboneInfo(name=name, kwargs=dict(kwargs), source=source, sha256=sha), included
@@ -301,7 +303,14 @@ def _check_tuned(parts: _Parts, skeleton, path: Path) -> None:
     if head is not None and head.ndim == 2 and head.shape[0] != len(parts.classes):
         raise _damaged(path, f"{len(parts.classes)} class names for a {head.shape[0]}-class head (head.weight "
                              f"{tuple(head.shape)})")
-    expected = tuned_shapes(parts.config, skeleton.embed_dim, len(skeleton.blocks), len(parts.classes))
+    if is_swin_name(parts.info.name):
+        try:
+            check_swin_config(parts.config)
+        except VFPTError as e:
+            raise _damaged(path, f"config: {e}") from None
+        expected = swin_tuned_shapes(parts.config, skeleton, len(parts.classes))
+    else:
+        expected = tuned_shapes(parts.config, skeleton.embed_dim, len(skeleton.blocks), len(parts.classes))
     for k, shape in expected.items():
         if k not in tuned:
             raise InputError(f"{path}: tensor {k} is missing; the checkpoint is incomplete")
@@ -320,9 +329,10 @@ def _check_tuned(parts: _Parts, skeleton, path: Path) -> None:
 def check_run(parts: _Parts, path: Path):
     """All sizes the metadata implies against the stored tensors; returns the backbone's meta-device
     skeleton. Nothing real is built or allocated here."""
-    if parts.state is not None:
+    vit = not is_swin_name(parts.info.name)  # a Swin's sizes: bounded by swin.check_swin_kwargs, then the skeleton
+    if vit and parts.state is not None:
         _check_stored_backbone(parts.info.kwargs, parts.state, path)
-    else:
+    elif vit:
         _check_prompts_only(parts.info.kwargs, parts.config, parts.tuned, path)
     skeleton = _skeleton(parts.info, path)
     if parts.state is not None:
@@ -358,6 +368,6 @@ def load_run(path: str | os.PathLike, *, backbone_weights: str | None = None) ->
     parts = parse_run(read_run_dict(path), path)
     skeleton = check_run(parts, path)
     backbone = _backbone(parts, skeleton, path, backbone_weights)
-    model = VFPTViT(backbone, num_classes=len(parts.classes), config=parts.config)
+    model = vfpt_model(backbone, num_classes=len(parts.classes), config=parts.config)
     model.load_state_dict({**{f"backbone.{k}": v for k, v in backbone.state_dict().items()}, **parts.tuned}, strict=True)
     return Run(model.eval(), parts.info, parts.classes, parts.preprocess, parts.meta, path, file_sha256(path))

@@ -163,6 +163,12 @@ def fold_model(model: VFPTViT, mode: str = "auto", dtype: torch.dtype = torch.fl
     dtype: the precision the constants are computed in (float32 or float64); they are stored as float32."""
     if dtype not in (torch.float32, torch.float64):
         raise VFPTError(f"fold in float32 or float64, not {dtype}")
+    from .swin import VFPTSwin
+
+    if isinstance(model, VFPTSwin):  # its own blocks and folds: swin_fold.py
+        from .swin_fold import fold_swin
+
+        return fold_swin(model, mode, dtype)
     mode = resolve_mode(model, mode)
     model.eval()
     folded = LiveVFPT(model) if mode == "none" else FoldedViT(model, mode, dtype)

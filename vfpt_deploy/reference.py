@@ -19,12 +19,12 @@ from .backbone import check_tensors, create_backbone
 from .files import check_outputs, check_suffix, file_sha256
 from .checkpoint import FORMAT, RUN_SUFFIXES, BackboneInfo, save_run
 from .config import VFPTConfig
-from .errors import InputError, VFPTError
+from .errors import InputError, UsageError, VFPTError
 from .model import VFPTViT
 from vfpt_deploy.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
-ARCHS = ("vit", "mae", "moco")
+ARCHS = ("vit", "mae", "moco", "swin")  # swin: swin_reference.py
 # Standard ViT heads by width (tiny, small, base, large, huge), and timm size names by (width, depth).
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 _SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1280, 32): "huge"}
@@ -100,8 +100,7 @@ def read_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
 def _refuse_unsupported(sd: dict[str, torch.Tensor], arch: str) -> None:
     keys = list(sd)
     if any(k.startswith("enc.layers.") or k.startswith("enc.deep_prompt_embeddings_") for k in keys):
-        raise VFPTError("this is a Swin checkpoint (enc.layers.*), which is not supported yet; "
-                        "only ViT reference checkpoints (--arch vit, mae or moco) can be imported")
+        raise VFPTError("this is a Swin checkpoint (enc.layers.*): pass --arch swin")
     if any(k.startswith("head.projection.") for k in keys):
         raise VFPTError("the checkpoint has an MLP head (head.projection.*, MLP_NUM > 0), which is not supported "
                         "yet; only the linear head (MLP_NUM = 0, the reference default) can be imported")
@@ -209,6 +208,13 @@ def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: 
 
     Fails on the first missing or mis-shaped reference tensor; returns the unused ones.
     """
+    if arch == "swin":
+        from .swin_reference import import_swin_state_dict
+
+        if heads is not None:
+            raise UsageError("--heads does not apply to --arch swin: a Swin's heads are read off its relative "
+                             "position tables; drop --heads")
+        return import_swin_state_dict(sd, alpha=alpha, location=location, source=source)
     _refuse_unsupported(sd, arch)
     P = _prefix(arch)
     prompts = _need(sd, P + "prompt_embeddings")

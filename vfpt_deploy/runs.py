@@ -15,6 +15,7 @@ from .data import TensorDataset, load_splits
 from .errors import UsageError
 from .files import check_outputs, check_suffix
 from .model import VFPTViT
+from .swin import vfpt_model
 from .train import EpochResult, History, TrainSettings, fit, seed_everything
 from vfpt_deploy.runtime.preprocess import Preprocess
 
@@ -62,7 +63,7 @@ def train_run(out: str | Path, *, data: str, model_name: str, model_kwargs: dict
     train_images, val_images = load_splits(data)
     preprocess = preprocess_for(backbone, crop_pct)
     train_set, val_set = TensorDataset(train_images, preprocess), TensorDataset(val_images, preprocess)
-    model = VFPTViT(backbone, num_classes=len(train_images.classes), config=config)
+    model = vfpt_model(backbone, num_classes=len(train_images.classes), config=config)  # a ViT or a Swin
     info = BackboneInfo(name=model_name, kwargs=model_kwargs, source=backbone_source or weights)
     meta = {"train": {"data": data, **settings.__dict__}}
 

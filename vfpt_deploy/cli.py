@@ -23,7 +23,10 @@ from rich.table import Table
 from . import __version__
 from .config import LOCATIONS
 from .errors import UsageError, VFPTError
-from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS
+from .extras import needs_extras
+from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
+                                       TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -44,7 +47,8 @@ NumRandomOpt = Annotated[int, typer.Option(min=1, max=4096, help="Random N(0,1) 
 AtolOpt = Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4; fp16 not gated).")]
 RtolOpt = Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")]
 CosineOpt = Annotated[Optional[float], typer.Option(help="Min per-sample cosine similarity of the logits (fp16 default 0.999).")]
-AgreementOpt = Annotated[Optional[float], typer.Option(help="Min top-1 agreement with PyTorch, percent (fp32 100, fp16 99).")]
+AgreementOpt = Annotated[Optional[float], typer.Option(help="Min top-1 agreement with PyTorch, percent (fp32 100, fp16 99, int8 98).")]
+Top1DropOpt = Annotated[Optional[float], typer.Option(help="Max points the dataset top-1 may fall below PyTorch's, where labels exist (int8 default 1).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of tables.")]
 
 
@@ -57,8 +61,9 @@ Location = choices("Location", LOCATIONS)
 Fold = choices("Fold", EXPORT_FOLDS)
 Format = choices("Format", FORMATS)
 Precision = choices("Precision", PRECISIONS)
+Quantize = choices("Quantize", QUANTIZE_MODES)
 FoldDtype = choices("FoldDtype", ("float32", "float64"))
-Arch = choices("Arch", ("vit", "mae", "moco"))
+Arch = choices("Arch", ("vit", "mae", "moco", "swin"))
 
 
 def cli_errors(fn):
@@ -67,7 +72,8 @@ def cli_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with needs_extras(f"vfpt-deploy {command_name(wrapper)}"):  # a missing extra: one line naming it
+                return fn(*args, **kwargs)
         except VFPTError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
@@ -81,6 +87,14 @@ def cli_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def command_name(callback) -> str:
+    """The name a command callback is registered under ('import' for import_reference)."""
+    for c in app.registered_commands:
+        if c.callback is callback:
+            return c.name or callback.__name__.replace("_", "-")
+    return callback.__name__.replace("_", "-")
 
 
 def _version(value: bool) -> None:
@@ -154,7 +168,7 @@ def print_json(obj) -> None:
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the best-by-val run.pt is written (.pt).")] = Path("run.pt"),
     data: Annotated[str, typer.Option(help="'builtin' (offline digits, shifted domain), 'builtin:digits', or a folder with train/ and val/ (a subfolder per class).")] = "builtin",
-    model: Annotated[str, typer.Option(help="timm ViT name.")] = "vit_base_patch16_224",
+    model: Annotated[str, typer.Option(help="timm ViT or Swin name (e.g. swin_base_patch4_window7_224).")] = "vit_base_patch16_224",
     model_arg: Annotated[Optional[list[str]], typer.Option("--model-arg", help="timm keyword argument KEY=VALUE, repeatable (e.g. img_size=384).")] = None,
     weights: Annotated[str, typer.Option(help="Backbone weights: 'pretrained' (timm hub), a local .pth/.safetensors/.npz, or 'random' (tests only).")] = "pretrained",
     prompts: Annotated[int, typer.Option(min=0, max=10000, help="Prompt tokens per layer (M).")] = 10,
@@ -175,7 +189,7 @@ def train(
     allow_fallback: FallbackOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Train VFPT prompts and a linear head on a frozen timm ViT."""
+    """Train VFPT prompts and a linear head on a frozen timm ViT or Swin Transformer."""
     from .config import VFPTConfig
     from .runs import train_run
     from .threads import set_torch_threads
@@ -204,41 +218,38 @@ def _epoch_printer(bar: Progress):
     return on_epoch
 
 
+ArtifactArg = Annotated[Path, typer.Argument(help="A run.pt, an exported .onnx, or a TensorRT .engine/.plan (with its .json sidecar).", show_default=False)]
+
+
+@app.command("inspect")
+@cli_errors
+def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
+    """Show what an artifact holds without running it: task, classes, preprocessing, VFPT config, fold and
+    precision, opsets, inputs/outputs, op histogram, engine sidecar, hashes and verification state."""
+    from .inspect_artifact import inspect_artifact as inspect
+
+    print_inspection(inspect(artifact, backbone_weights=backbone), as_json)
+
+
 @app.command()
 @cli_errors
 def info(ckpt_arg: CkptArg = None, ckpt: CkptOpt = None, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
-    """Show a run.pt: VFPT config, parameter counts, classes, preprocessing and provenance."""
-    from .checkpoint import load_run
+    """The same as 'inspect' (kept for scripts): a run.pt, .onnx or engine, given as the argument or --ckpt."""
+    from .inspect_artifact import inspect_artifact as inspect
 
-    run = load_run(pick_ckpt(ckpt, ckpt_arg), backbone_weights=backbone)
-    rows = run_summary(run)
+    print_inspection(inspect(pick_ckpt(ckpt, ckpt_arg), backbone_weights=backbone), as_json)
+
+
+def print_inspection(info: dict, as_json: bool) -> None:
+    from .inspect_artifact import summary_rows
+
     if as_json:
-        print_json(rows)
+        print_json(info)
         return
-    t = Table(title=str(run.path), show_header=False)
-    for k, v in rows.items():
-        t.add_row(k, v if isinstance(v, str) else json.dumps(v))
+    t = Table(title=escape(info["path"]), show_header=False)
+    for k, v in summary_rows(info):
+        t.add_row(escape(k), escape(v))
     console.print(t)
-
-
-def run_summary(run) -> dict:
-    cfg, p = run.config, run.preprocess
-    tuned = sum(x.numel() for x in run.model.tuned_parameters().values())
-    total = sum(x.numel() for x in run.model.parameters())
-    train_meta = run.meta.get("train") if isinstance(run.meta.get("train"), dict) else {}
-    return {
-        "prompts": f"M={cfg.num_prompts} {'deep' if cfg.deep else 'shallow'}, alpha={cfg.alpha} (m={cfg.num_fourier} "
-                   f"Fourier), location={cfg.location}, project={cfg.project}, dropout={cfg.dropout}",
-        "backbone": f"{run.backbone.name} {json.dumps(run.backbone.kwargs)}",
-        "weights": run.backbone.source, "backbone sha256": run.backbone.sha256,
-        "image size": "x".join(map(str, run.model.img_size)),
-        "parameters": f"tuned {tuned:,} / total {total:,} ({100.0 * tuned / total:.3f}%)",
-        "classes": f"{len(run.classes)}: {', '.join(run.classes[:10])}{' ...' if len(run.classes) > 10 else ''}",
-        "preprocess": f"resize {p.resize}, crop {p.crop}, mean {p.mean}, std {p.std}, {p.interpolation}",
-        "training": ", ".join(f"{k}={v}" for k, v in train_meta.items()),
-        "written by": f"vfpt-deploy {run.meta.get('tool_version', '?')} at {run.meta.get('created', '?')}",
-        "file sha256": run.sha256,
-    }
 
 
 @app.command()
@@ -278,7 +289,7 @@ def demo(
         outcome = export_demo(out, threads=n)
     print_export(outcome)
     finish_verify(outcome.report, outcome.written)
-    console.print(f"next: vfpt-deploy predict {outcome.paths.onnx} IMAGE...  |  vfpt-deploy info --ckpt {Path(out) / 'run.pt'}")
+    console.print(f"next: vfpt-deploy predict {outcome.paths.onnx} IMAGE...  |  vfpt-deploy inspect {Path(out) / 'run.pt'}")
 
 
 # -- export / verify ----------------------------------------------------------------------------------
@@ -289,12 +300,16 @@ def export(
     format: Annotated[Format, typer.Option("--format", "-f", help="Artifact: onnx, or a TensorRT engine (trt; trt-rtx builds without a GPU).")] = Format.onnx,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path: .onnx, or .engine/.plan for engines (default: beside the checkpoint).")] = None,
     fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; auto: kv where exact.")] = Fold.auto,
-    precision: Annotated[Precision, typer.Option(help="fp16 writes a typed fp16 graph (LayerNorm/Softmax/reductions in fp32).")] = Precision.fp32,
+    precision: Annotated[Precision, typer.Option(help="fp16 writes a typed fp16 graph (LayerNorm/Softmax/reductions in fp32); int8 quantizes the linear layers (see --quantize).")] = Precision.fp32,
+    quantize: Annotated[Optional[Quantize], typer.Option(help="int8: dynamic (no data; onnxruntime only), static (calibrated Q/DQ; TensorRT-parsable for trt/trt-rtx) or modelopt (NVIDIA ModelOpt Q/DQ; the modelopt extra). Default: dynamic for onnx, static for engines.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="int8 static/modelopt calibration images: 'builtin[:name]' (its train split) or a folder (its train/ if it has one). Default: the run's built-in data.")] = None,
+    calib_samples: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Calibration images, a seeded sample of the sorted file list (default 128).")] = None,
     opset: Annotated[int, typer.Option(min=17, max=23, help="ONNX opset.")] = 17,
     fold_dtype: Annotated[FoldDtype, typer.Option(help="Precision the constants are folded in.")] = FoldDtype.float32,
     data: DataOpt = None,
     num_random: NumRandomOpt = 16,
     atol: AtolOpt = None, rtol: RtolOpt = None, min_cosine: CosineOpt = None, min_agreement: AgreementOpt = None,
+    max_top1_drop: Top1DropOpt = None,
     backbone: BackboneOpt = None,
     threads: ThreadsOpt = None,
     batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help="TensorRT: fixed batch size (else --min/--opt/--max-batch).")] = None,
@@ -321,10 +336,11 @@ def export(
         build = BuildSettings(batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                               workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
                               version_compatible=version_compatible, hardware_compatible=hardware_compatible)
-    tolerances = {k: v for k, v in dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement).items()
-                  if v is not None}
+    tolerances = {k: v for k, v in dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
+                                        max_top1_drop=max_top1_drop).items() if v is not None}
     settings = ExportSettings(format=format.value, fold=fold.value, precision=precision.value, opset=opset,
-                              fold_dtype=fold_dtype.value,
+                              fold_dtype=fold_dtype.value, quantize=quantize.value if quantize else None,
+                              calib=calib, calib_samples=calib_samples,
                               build=build, tolerances=tolerances, data=data, num_random=num_random,
                               threads=set_torch_threads(threads))
     inputs = {"--backbone": backbone, "--timing-cache": None}
@@ -364,8 +380,10 @@ def print_verify(report) -> None:
     for col in ("inputs", "max |diff|", "max rel", "min cosine", "top-1 agree", "top-k order", "top-1 ref / artifact", "result"):
         t.add_column(col, overflow="fold")
     for c in report.comparisons:
-        acc = f"{c.ref_top1:.2f}% / {c.artifact_top1:.2f}%" if c.ref_top1 is not None else "-"
-        result = "[green]pass[/]" if not c.failures else "[red]FAIL: " + escape("; ".join(c.failures)) + "[/]"
+        acc = (f"{c.ref_top1:.2f}% / {c.artifact_top1:.2f}% ({c.artifact_top1 - c.ref_top1:+.2f})"
+               if c.ref_top1 is not None else "-")
+        result = ("[red]FAIL: " + escape("; ".join(c.failures)) + "[/]" if c.failures
+                  else "[green]pass[/]" if c.gated else "reported, not gated")
         t.add_row(escape(c.inputs), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}", f"{c.min_cosine:.7f}",
                   f"{c.agreement:.2f}%", f"{c.topk_order:.2f}%", acc, result)
     console.print(t)
@@ -380,7 +398,7 @@ def finish_verify(report, written: list | None = None) -> None:
         kept = ("nothing was written, the previous artifact and report are untouched" if written is not None
                 else "an earlier passing report was kept")
         err_console.print(f"[bold red]error:[/] the artifact is outside tolerance (see the table above; {kept}); "
-                          "re-export it, or state looser tolerances with --atol/--min-cosine/--min-agreement "
+                          "re-export it, or state looser tolerances with --atol/--min-cosine/--min-agreement/--max-top1-drop "
                           "if that is intended", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
@@ -393,6 +411,7 @@ def verify(
     data: DataOpt = None,
     num_random: NumRandomOpt = 16,
     atol: AtolOpt = None, rtol: RtolOpt = None, min_cosine: CosineOpt = None, min_agreement: AgreementOpt = None,
+    max_top1_drop: Top1DropOpt = None,
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
     report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json).")] = None,
@@ -407,7 +426,8 @@ def verify(
     from .verify import Tolerances, verify_artifact
 
     ckpt = pick_ckpt(ckpt, None)
-    overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement)
+    overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
+                     max_top1_drop=max_top1_drop)
     Tolerances().override(**overrides)  # range-check before any work
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--ckpt": ckpt, "--data": data, "--backbone": backbone})
@@ -416,6 +436,47 @@ def verify(
     rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
                           providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
     finish_verify(rep)
+
+
+TritonKind = choices("TritonKind", TRITON_KINDS)
+
+
+@app.command()
+@cli_errors
+def triton(
+    model: Annotated[Path, typer.Argument(help="A verified .onnx, or a TensorRT .engine/.plan with its .json sidecar.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The Triton model repository folder (created if missing; other models in it are left alone).")],
+    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). An existing model folder of that name is replaced.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help=f"max_batch_size (default: an engine's profile max; {TRITON_DEFAULT_BATCH} for an ONNX with a dynamic batch).")] = None,
+    preferred_batch: Annotated[Optional[list[int]], typer.Option("--preferred-batch", min=1, max=65536, help="Batch size the dynamic batcher aims for (repeatable; default: an engine's opt batch when below max, else none).")] = None,
+    max_queue_delay_us: Annotated[int, typer.Option(min=0, max=10_000_000, help="How long Triton may hold a request to batch it with later ones, microseconds.")] = TRITON_QUEUE_DELAY_US,
+    instances: Annotated[int, typer.Option(min=1, max=1024, help="Model instances (instance_group count).")] = 1,
+    kind: Annotated[TritonKind, typer.Option(help="Where the instances run (an engine: gpu only).")] = TritonKind.gpu,
+    no_verify_check: Annotated[bool, typer.Option("--no-verify-check", help="Write the repository even without a passing verification report for this very file.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write a Triton Inference Server model repository entry for a verified artifact: NAME/config.pbtxt
+    (Triton's own schema), NAME/labels.txt and NAME/1/model.onnx or model.plan."""
+    from vfpt_deploy.exporters.triton import TritonSettings, write_triton_repository
+
+    settings = TritonSettings(name=name, max_batch_size=max_batch, instances=instances, kind=kind.value,
+                              preferred_batch_sizes=tuple(preferred_batch) if preferred_batch else None,
+                              max_queue_delay_us=max_queue_delay_us)
+    res = write_triton_repository(model, out, settings, require_verified=not no_verify_check)
+    if as_json:
+        print_json({"model": str(model), "folder": str(res.folder), "name": res.name, "platform": res.platform,
+                    "max_batch_size": res.max_batch_size, "files": [str(f) for f in res.files], "notes": res.notes,
+                    "config_pbtxt": res.config_text})
+        return
+    console.print(f"wrote [bold]{escape(str(res.folder))}[/] ({res.platform}, max_batch_size {res.max_batch_size}):",
+                  highlight=False)
+    for f in res.files:
+        console.print(f"  {escape(str(f))}", highlight=False)
+    for note in res.notes:
+        console.print(f"[cyan]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    console.print(f"serve it: docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
+                  "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", highlight=False,
+                  soft_wrap=True)
 
 
 # -- predict / bench ----------------------------------------------------------------------------------
@@ -495,6 +556,7 @@ def bench(
     """Benchmark a run.pt and/or exported artifacts: latency statistics, throughput and peak memory per
     backend and batch size, with the machine they were measured on."""
     from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
+    from .extras import require
     from .files import check_outputs, check_suffix
     from .threads import resolve_threads
     from vfpt_deploy.runtime.timing import LoopSpec
@@ -504,6 +566,8 @@ def bench(
             (("--report", report, ".json"), ("--csv", csv_out, ".csv"), ("--plot", plot, ".png")) if p is not None}
     check_outputs(outs, {"--ckpt": ckpt, "--backbone": backbone,
                          **{f"--onnx {p}": p for p in onnx or []}, **{f"--engine {p}": p for p in engine or []}})
+    if plot is not None:
+        require("matplotlib", "vfpt-deploy bench --plot")  # before measuring, not after
     loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
                     iters=iters if iters is not None or duration is not None else 50, duration_s=duration).check()
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
@@ -522,6 +586,44 @@ def bench(
             err_console.print(f"wrote {write(path)}", highlight=False)
 
 
+# -- serve --------------------------------------------------------------------------------------------
+PortOpt = Optional[int]
+
+
+@app.command()
+@cli_errors
+def serve(
+    models: Annotated[list[str], typer.Argument(help="Exported models (.onnx, .engine, .plan): PATH (named by its file stem) or NAME=PATH.", show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface, as MLServer).")] = "0.0.0.0",
+    port: Annotated[PortOpt, typer.Option(min=1, max=65535, help="HTTP/REST port (default 8080).")] = None,
+    grpc_port: Annotated[PortOpt, typer.Option(min=1, max=65535, help="gRPC port (default 8081).")] = None,
+    metrics_port: Annotated[PortOpt, typer.Option(min=1, max=65535, help="Prometheus /metrics port (default 8082).")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, max=65536, help="Most images per inference call: concurrent requests are batched up to this many rows (Triton's max_batch_size); also the largest request accepted.")] = 32,
+    max_batch_delay_ms: Annotated[float, typer.Option(help="Most milliseconds a request waits for others to share its inference call, 0..60000 (MLServer's max_batch_time, Triton's max_queue_delay).")] = 5.0,
+    threads: ThreadsOpt = None,
+    providers: ProvidersOpt = None,
+    allow_fallback: FallbackOpt = False,
+    write_settings: Annotated[Optional[Path], typer.Option(help="Write the MLServer settings folder (settings.json, NAME/model-settings.json and a copy of each artifact) here and exit without serving: for 'mlserver start DIR' or a KServe storageUri.")] = None,
+) -> None:
+    """Serve exported models over the V2 / Open Inference Protocol (REST and gRPC) on MLServer, with
+    adaptive batching, health endpoints and Prometheus metrics; no torch needed. Ctrl-C stops it."""
+    from .extras import require
+
+    require("mlserver", "vfpt-deploy serve")  # before any work: one line naming the [serve] extra
+    from vfpt_deploy.runtime.serve_settings import ServeOptions, serve as run_server, write_settings as write_folder
+
+    opts = ServeOptions(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                        max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms, threads=threads,
+                        providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback)
+    status = lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False)  # noqa: E731
+    if write_settings is not None:
+        for path in write_folder(write_settings, models, opts, on_status=status):
+            console.print(f"wrote {escape(str(path))}", highlight=False)
+        return
+    run_server(models, opts, on_status=status)
+    err_console.print("server stopped", highlight=False)
+
+
 # -- import -------------------------------------------------------------------------------------------
 @app.command("import")
 @cli_errors
@@ -532,12 +634,12 @@ def import_reference(
     alpha: Annotated[float, typer.Option(help="Fourier fraction the checkpoint was trained with (FOURIER_PERCENTAGE; not saved by the reference).")] = ...,
     location: Annotated[Location, typer.Option(help="Where its Fourier prompts sit (FOURIER_LOCATION).")] = Location.prepend,
     classes: Annotated[Optional[str], typer.Option(help="Class names: a comma list or a file with one a line (default 0..C-1).")] = None,
-    heads: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Attention heads (default: the standard ViT value for the width: 192->3, 384->6, 768->12, 1024->16, 1280->16).")] = None,
-    arch: Annotated[Arch, typer.Option(help="vit: the reference ViT (enc.transformer.*); mae / moco: its MAE / MoCo-v3 ViTs (enc.blocks.*; MAE mean-pools).")] = Arch.vit,
+    heads: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Attention heads of a ViT (default: the standard value for the width: 192->3, 384->6, 768->12, 1024->16, 1280->16; a Swin's are read off the checkpoint).")] = None,
+    arch: Annotated[Arch, typer.Option(help="vit: the reference ViT (enc.transformer.*); mae / moco: its MAE / MoCo-v3 ViTs (enc.blocks.*; MAE mean-pools); swin: its Swin (enc.layers.*; average pool).")] = Arch.vit,
     crop_pct: Annotated[float, typer.Option(help="1.0: resize to the model size (VTAB); <1: resize shorter side to size/crop_pct, center crop (FGVC: 0.875).")] = 1.0,
 ) -> None:
-    """Convert a reference VFPT/VPT ViT checkpoint into a run.pt (shapes give M, deep, width, depth, patch,
-    image size and classes; alpha, location, heads and class names come from the options)."""
+    """Convert a reference VFPT/VPT ViT or Swin checkpoint into a run.pt (shapes give M, deep, width, depth,
+    patch, image size and classes; alpha, location, heads and class names come from the options)."""
     from .reference import import_checkpoint
 
     src = pick_ckpt(ckpt, ckpt_arg)

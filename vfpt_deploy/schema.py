@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,12 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 SIDECAR_FORMAT = "vfpt-deploy.trt-engine"
 SIDECAR_VERSION = 1
 REPORT_SUFFIX = ".verify.json"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZE_MODES = ("dynamic", "static", "modelopt")  # int8: `export --quantize` (exporters/quantize.py)
+# Ops that make a graph int8: Q/DQ (static, ModelOpt) and onnxruntime's dynamic / integer kernels.
+QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                       "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul",
+                       "QLinearConv", "QGemm"})
 FORMATS = ("onnx", "trt", "trt-rtx")  # what `export --format` writes
 EXPORT_FOLDS = ("auto", "tokens", "kv")  # what `export --fold` takes (the live FFT is not exported)
 FOLDS = ("tokens", "kv", "none", "custom")  # what an artifact's metadata may record
@@ -82,13 +88,14 @@ class GraphFacts:
     """What an ONNX file's graph itself says, read without its external weights."""
 
     metadata: dict  # decoded vfpt.* props
-    precision: str  # "fp16" if the graph computes in half anywhere, else "fp32"
+    precision: str  # "int8" if it has quantization ops, else "fp16" if it computes in half anywhere, else "fp32"
     ops: frozenset  # top-level op types
 
 
-def read_graph(path: str | Path, *, strict: bool = True) -> GraphFacts | None:
-    """Parse an ONNX file once for its metadata, precision and ops. Unreadable: ArtifactError, or None
-    when not strict (the caller then leaves the verdict to onnxruntime); None too without the onnx package."""
+def load_onnx(path: str | Path, *, strict: bool = True):
+    """An ONNX file's ModelProto without its external weights (the graph, metadata and initializer
+    headers only). Unreadable, or no graph at all: ArtifactError, or None when not strict (the caller then
+    leaves the verdict to onnxruntime); None too without the onnx package."""
     try:
         import onnx
     except ImportError:
@@ -101,13 +108,48 @@ def read_graph(path: str | Path, *, strict: bool = True) -> GraphFacts | None:
         if not strict:
             return None
         raise ArtifactError(f"{path} is not a readable ONNX model ({str(e).strip()[:120]})") from None
+    if strict and not model.graph.node and not model.graph.input:  # protobuf parses an empty file, too
+        raise ArtifactError(f"{path} is not an ONNX model (it holds no graph); pass an exported .onnx")
+    return model
+
+
+def op_histogram(model) -> Counter:
+    """Op types of the whole graph, subgraphs included (a non-default domain as 'domain::Op')."""
+    ops: Counter = Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            ops[op] += 1
+            for attr in node.attribute:
+                if attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return ops
+
+
+def graph_facts(model) -> GraphFacts:
+    """Metadata, precision and top-level ops of a loaded ModelProto."""
+    import onnx
+
     g, half = model.graph, onnx.TensorProto.FLOAT16
     typed_half = (any(i.type.tensor_type.elem_type == half for i in g.input)
                   or any(t.data_type == half for t in g.initializer)
                   or any(a.name == "to" and a.i == half for n in g.node if n.op_type == "Cast" for a in n.attribute)
                   or any(a.t.data_type == half for n in g.node if n.op_type == "Constant" for a in n.attribute if a.t))
     return GraphFacts(decode_metadata({p.key: p.value for p in model.metadata_props}),
-                      "fp16" if typed_half else "fp32", frozenset(n.op_type for n in g.node))
+                      "int8" if any(n.op_type in QUANT_OPS for n in g.node) else "fp16" if typed_half else "fp32",
+                      frozenset(n.op_type for n in g.node))
+
+
+def read_graph(path: str | Path, *, strict: bool = True) -> GraphFacts | None:
+    """Parse an ONNX file once for its metadata, precision and ops. Unreadable: ArtifactError, or None
+    when not strict (the caller then leaves the verdict to onnxruntime); None too without the onnx package."""
+    model = load_onnx(path, strict=strict)
+    return None if model is None else graph_facts(model)
 
 
 # -- checks ------------------------------------------------------------------------------------------
@@ -148,6 +190,11 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
                             f"({list(pre.size)}); re-export the artifact")
     if "fold" in meta:
         _str(meta["fold"], "fold", source, FOLDS)
+    if meta.get("quantization") is not None:
+        q = meta["quantization"]
+        if not isinstance(q, dict):
+            raise ArtifactError(f"{source}: quantization must be an object; re-export the artifact")
+        _str(q.get("mode"), "quantization.mode", source, QUANTIZE_MODES)
     if "opset" in meta:
         _int(meta["opset"], "opset", 1, 1000, source)
     if "checkpoint_sha256" in meta:

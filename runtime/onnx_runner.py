@@ -59,7 +59,9 @@ def provider_name(name: str) -> str:
     return _ALIASES.get(name.lower(), name)
 
 
-def resolve_providers(names: list[str] | None) -> list[str]:
+def resolve_providers(names: list[str] | None, allow_fallback: bool = False) -> list[str]:
+    """Full provider names. One this onnxruntime lacks (the CPU build has no CUDA) is an error, unless
+    allow_fallback: then it is left out, and the CPU runs what nothing else can."""
     import onnxruntime as ort
 
     if not names:
@@ -69,10 +71,13 @@ def resolve_providers(names: list[str] | None) -> list[str]:
     for n in names:
         full = provider_name(n)
         if full not in available:
+            if allow_fallback:
+                continue
             raise RuntimeSetupError(f"execution provider {n!r} is not available in this onnxruntime "
-                                    f"(available: {', '.join(available)})")
+                                    f"(available: {', '.join(available)}); use --providers cpu, or "
+                                    "--allow-fallback to accept the CPU")
         out.append(full)
-    return out
+    return out or ["CPUExecutionProvider"]
 
 
 def check_threads(threads) -> int | None:
@@ -152,7 +157,7 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     if not path.is_file():
         what = "is a folder, not a model file" if path.is_dir() else "does not exist"
         raise ArtifactError(f"model {path} {what}; export one with 'vfpt-deploy export'")
-    asked = resolve_providers(providers)
+    asked = resolve_providers(providers, allow_fallback)
     wanted = _with_options(asked, provider_options)
     try:
         with quiet_onnxruntime():

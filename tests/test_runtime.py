@@ -190,3 +190,35 @@ def test_concurrent_sessions_leave_the_terminal_streams_alone(onnx_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: make_session(onnx_path, ["cpu"]), range(32)))
     assert (sys.stdout, sys.stderr) == before
+
+
+# Whichever onnxruntime build is installed (CI's is the CPU one, where the tests above skip).
+def test_gpu_provider_missing_or_unusable_is_refused_in_one_line(onnx_path, capfd):
+    with pytest.raises(RuntimeSetupError) as e:
+        OnnxPredictor(onnx_path, ["cuda"])
+    msg = str(e.value)
+    assert "\n" not in msg and "--providers cpu" in msg and "--allow-fallback" in msg
+    assert capfd.readouterr() == ("", "")
+
+
+def test_allow_fallback_runs_on_the_cpu_whichever_onnxruntime(onnx_path, capfd):
+    with OnnxPredictor(onnx_path, ["tensorrt", "cuda"], allow_fallback=True) as p:
+        assert p.providers == ["CPUExecutionProvider"]
+        assert p.infer(batch()).shape == (2, 5)
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("asked, used, refused", [
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"], True),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"], False),
+    (["CPUExecutionProvider"], ["CPUExecutionProvider"], False),
+    (["CUDAExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"], False),
+])
+def test_fallback_rule(asked, used, refused):
+    from vfpt_deploy.runtime.onnx_runner import check_fallback
+
+    if refused:
+        with pytest.raises(RuntimeSetupError, match="fell back to CPU"):
+            check_fallback(asked, used)
+    else:
+        check_fallback(asked, used)

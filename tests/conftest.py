@@ -29,6 +29,21 @@ def tiny_model(num_classes: int = 5, seed: int = 0, scale: float = 1.0, **cfg) -
     return model
 
 
+def color_image_folder(root, per_class: int = 3) -> None:
+    """root/train and root/val, classes red and blue: noisy solid 40x48 PNGs (an image-folder dataset)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, color in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                a = np.clip(np.array(color) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(d / f"{i}.png")
+
+
 @pytest.fixture
 def images():
     torch.manual_seed(123)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from vfpt_deploy.checkpoint import load_run
 from vfpt_deploy.cli import app
 
-from conftest import TINY, TINY_KWARGS
+from conftest import TINY, TINY_KWARGS, color_image_folder
 
 runner = CliRunner()
 TINY_ARGS = ["--model", TINY, *sum((["--model-arg", f"{k}={v}"] for k, v in TINY_KWARGS.items()), []),
@@ -71,17 +71,7 @@ def test_pretrained_offline_fails_fast(tmp_path, monkeypatch):
 
 
 def test_train_on_an_image_folder(tmp_path):
-    from PIL import Image
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c, color in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
-            d = tmp_path / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(3):
-                a = np.clip(np.array(color) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(d / f"{i}.png")
+    color_image_folder(tmp_path / "data")
     out = tmp_path / "run.pt"
     res = invoke("train", "--data", tmp_path / "data", "--out", out, *TINY_ARGS, "--epochs", 2, "--prompts", 2,
                  "--batch-size", 4, "--warmup-epochs", 1)

@@ -31,6 +31,8 @@ from vfpt_deploy.runtime.preprocess import Preprocess
 from vfpt_deploy.swin import VFPTSwin, check_swin_kwargs
 from vfpt_deploy.swin_reference import infer_swin_backbone
 
+from conftest import color_image_folder
+
 SWIN = "swin_tiny_patch4_window7_224"
 # Grids 16, 8, 4, 2 with window 4: stages 0-1 have several windows and shifted odd blocks; stage 2 is one
 # window (grid = window, no shift); stage 3's window shrinks to its 2x2 grid.
@@ -517,16 +519,7 @@ def test_swin_weights_from_timm_and_microsoft_files(tmp_path):
 
 
 def test_train_a_swin_and_reload_prompts_only(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c, color in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
-            d = tmp_path / "data" / split / c
-            d.mkdir(parents=True)
-            for i in range(3):
-                a = np.clip(np.array(color) + rng.integers(-20, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(d / f"{i}.png")
+    color_image_folder(tmp_path / "data")
     torch.manual_seed(0)
     from safetensors.torch import save_file
 

@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach for the hub
 
@@ -27,6 +28,17 @@ def tiny_model(num_classes: int = 5, seed: int = 0, scale: float = 1.0, **cfg) -
         for p in model.tuned_parameters().values():
             p.mul_(scale)
     return model
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (all held open at once, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def color_image_folder(root, per_class: int = 3) -> None:

@@ -10,7 +10,6 @@ by the test venv. Needs the package index that .ci/run installs from; pip's cach
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from vfpt_deploy.extras import ORT_DISTRIBUTIONS, check_one_onnxruntime, install
 from vfpt_deploy.errors import RuntimeSetupError
 from vfpt_deploy.runtime import open_predictor
 from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME
+
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = typer.main.get_command(app).commands
@@ -232,12 +233,6 @@ def test_lean_serve_names_the_extra(lean, exported_run, tmp_path):
 
 
 # -- serve: the base install plus [serve] ----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, data: bytes | None = None, timeout: float = 5.0):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -255,7 +250,7 @@ def lean_serve(lean):
 @pytest.mark.skipif("serve" not in COMMANDS, reason="serve not built yet")
 def test_lean_serve_rest_inference(lean_serve, exported_run, tmp_path):
     options = {p.name for p in COMMANDS["serve"].params}
-    ports = {"port": _free_port(), "grpc_port": _free_port(), "metrics_port": _free_port()}
+    ports = dict(zip(("port", "grpc_port", "metrics_port"), free_ports(3)))  # distinct: held open together
     args = ["serve", exported_run[1], "--host", "127.0.0.1"]
     args += [a for k, v in ports.items() if k in options for a in (f"--{k.replace('_', '-')}", v)]
     log = (tmp_path / "serve.log").open("w")

@@ -36,6 +36,7 @@ from vfpt_deploy.cli import app  # noqa: E402
 from vfpt_deploy.runtime.batcher import Batcher  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor  # noqa: E402
 from vfpt_deploy.runtime.preprocess import load_image  # noqa: E402
+from conftest import free_ports  # noqa: E402
 
 MAX_BATCH = 8
 DELAY_MS = 50  # long enough that concurrent requests meet in one batch even on a busy 2-core machine
@@ -59,14 +60,15 @@ run()
 """
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (serve's clean stop), then kill if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
@@ -135,13 +137,7 @@ def server(exported_run, tmp_path_factory):
         wait_ready(srv.url, proc, log)
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -610,9 +606,4 @@ def test_write_settings_folder_runs_under_mlserver_start(exported_run, predictor
         np.testing.assert_allclose(outputs(body)["logits"], want, rtol=1e-5, atol=1e-5)
         assert srv.post({"inputs": [tensor_input(tensors(5))]})[0] == 400  # its own max_batch_size, 4
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

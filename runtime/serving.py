@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections import Counter
 
 import numpy as np
@@ -48,8 +47,6 @@ BATCH_METRIC = "vfpt_batch_size"
 _opened: dict[tuple[str, str], Predictor] = globals().get("_opened", {})  # (name, real path) -> opened by serve
 started: set[str] = globals().get("started", set())  # models whose load() finished here (kept after unload)
 _histogram = globals().get("_histogram")
-# One artifact opens at a time (MLServer loads models concurrently): opening is the memory peak.
-_open_lock: threading.Lock = globals().get("_open_lock") or threading.Lock()
 
 
 def open_artifact(path: str | os.PathLike, providers=None, threads: int | None = None,
@@ -59,10 +56,10 @@ def open_artifact(path: str | os.PathLike, providers=None, threads: int | None =
 
     if isinstance(providers, str):
         providers = [p.strip() for p in providers.split(",") if p.strip()]
-    with _open_lock:
-        if is_engine(path):
-            return open_predictor(path)
-        return open_predictor(path, providers or None, threads=resolve_threads(threads), allow_fallback=allow_fallback)
+    # Concurrent loads are safe: onnx_runner serializes the part of session creation that is not.
+    if is_engine(path):
+        return open_predictor(path)
+    return open_predictor(path, providers or None, threads=resolve_threads(threads), allow_fallback=allow_fallback)
 
 
 def hand_over(name: str, path: str | os.PathLike, predictor: Predictor) -> None:

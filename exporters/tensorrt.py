@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
-
 from vfpt_deploy import __version__
 from vfpt_deploy.errors import ArtifactError, InputError, RuntimeSetupError, UsageError, VFPTError
 from vfpt_deploy.files import Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256

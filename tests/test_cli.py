@@ -1,7 +1,4 @@
-import json
-
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vfpt_deploy.checkpoint import load_run

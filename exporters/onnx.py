@@ -21,7 +21,7 @@ from vfpt_deploy.checkpoint import Run
 from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.files import atomic_write
 from vfpt_deploy.fold import fold_model
-from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, encode_metadata, op_histogram  # noqa: F401
+from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, TASK_INPUT, encode_metadata, op_histogram  # noqa: F401
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization: avoids TensorRT's fp16 LayerNorm overflow
 MAX_PROTOBUF = 2 * 1024**3
@@ -83,12 +83,16 @@ def unfused_attention(module: torch.nn.Module):
             m.fused_attn = v
 
 
-def _torch_export(module: torch.nn.Module, tmp: str, image_size: tuple[int, int], opset: int) -> None:
-    x = torch.randn(2, 3, *image_size)
+def _torch_export(module: torch.nn.Module, tmp: str, image_size: tuple[int, int], opset: int,
+                  num_tasks: int | None = None) -> None:
+    args: tuple = (torch.randn(2, 3, *image_size),)
+    names = [INPUT_NAME]
+    if num_tasks:  # multi-task: a task index per sample
+        args, names = (*args, torch.tensor([0, num_tasks - 1])), [INPUT_NAME, TASK_INPUT]
     with warnings.catch_warnings(), torch.no_grad(), unfused_attention(module):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), tmp, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(module, args, tmp, dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}})
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -116,7 +120,7 @@ def export_module(module: torch.nn.Module, path: str | os.PathLike, *, image_siz
 
     def write(tmp: str) -> None:
         try:
-            _torch_export(module, tmp, image_size, opset)
+            _torch_export(module, tmp, image_size, opset, getattr(module, "num_tasks", None))
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise VFPTError(f"ONNX export (TorchScript) failed: {first}") from None
@@ -168,3 +172,30 @@ def export_onnx(run: Run, path: str | os.PathLike, *, fold: str = "auto", precis
     folded = fold_model(run.model, fold, fold_dtype)
     return export_module(folded, path, image_size=run.model.img_size, opset=opset, precision=precision,
                          metadata=run_metadata(run))
+
+
+def tasks_metadata(tasks, folds: list[str]) -> dict:
+    """A multi-task artifact's metadata: the shared backbone and preprocessing once, then per task (in
+    index order) what a runtime and a verifier need: name, classes, fold and where it came from."""
+    first = run_metadata(tasks.first)
+    shared = {k: first[k] for k in ("preprocess", "backbone")}
+    per_task = [{"name": name, "classes": run.classes, "fold": fold, "num_prompts": run.config.num_prompts,
+                 "config": run.config.to_dict(), "checkpoint_sha256": run.sha256,
+                 "checkpoint": run.path.name if run.path else ""}
+                for name, run, fold in zip(tasks.names, tasks.runs, folds)]
+    return {**shared, "fold": folds[0] if len(set(folds)) == 1 else "mixed", "tasks": per_task}
+
+
+def export_tasks(tasks, path: str | os.PathLike, *, fold: str = "auto", precision: str = "fp32",
+                 opset: int = DEFAULT_OPSET, fold_dtype: torch.dtype = torch.float32) -> ExportResult:
+    """A multitask.TaskSet -> one ONNX holding the backbone once and every task's constants and head.
+    Inputs `images` and `task` (int64 [batch]); output `logits` [batch, widest task's classes]."""
+    from vfpt_deploy.multitask import fold_tasks
+
+    if fold == "none":
+        raise UsageError("fold 'none' cannot be exported; use --fold auto, tokens or kv")
+    module = fold_tasks(tasks, fold, fold_dtype)
+    result = export_module(module, path, image_size=tasks.first.model.img_size, opset=opset, precision=precision,
+                           metadata=tasks_metadata(tasks, module.task_folds))
+    result.fold_mode = "mixed" if len(set(module.task_folds)) > 1 else module.task_folds[0]
+    return result

@@ -18,7 +18,7 @@ import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
-from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, check_metadata, check_output_width, decode_metadata,
+from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width, decode_metadata,
                                 is_engine, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
@@ -205,11 +205,14 @@ class OnnxPredictor(Predictor):
         path = self.path
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]:
+        want = [INPUT_NAME, TASK_INPUT] if "tasks" in self.metadata else [INPUT_NAME]
+        if [i.name for i in inputs] != want or [o.name for o in outputs] != [OUTPUT_NAME]:
             raise ArtifactError(f"{path} has inputs {[i.name for i in inputs]} and outputs {[o.name for o in outputs]}; "
-                                f"vfpt-deploy models take '{INPUT_NAME}' and give '{OUTPUT_NAME}'")
+                                f"this vfpt-deploy model should take {want} and give '{OUTPUT_NAME}'")
+        if len(inputs) > 1 and inputs[1].type != "tensor(int64)":
+            raise ArtifactError(f"{path}: input '{TASK_INPUT}' is {inputs[1].type}, not tensor(int64); re-export it")
         checked = check_metadata(self.metadata, str(path), inputs[0].shape)
-        check_output_width(outputs[0].shape[-1], checked["classes"], str(path))
+        check_output_width(outputs[0].shape[-1], checked, str(path))
         self.preprocess = checked["preprocess"]
 
     @property
@@ -217,11 +220,15 @@ class OnnxPredictor(Predictor):
         """The providers the session really uses (not the ones asked for); empty once closed."""
         return list(self.session.get_providers()) if self.session is not None else []
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
         if self.session is None:
             raise RuntimeSetupError(f"the predictor for {self.path} is closed; open a new one")
+        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        ids = self.check_task_ids(batch, task_ids)
+        if ids is not None:
+            feed[TASK_INPUT] = ids
         try:
-            return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+            return self.session.run(None, feed)[0]
         except Exception as e:  # onnxruntime's own Fail / RuntimeException types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {first}; "

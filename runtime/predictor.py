@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vfpt_deploy.errors import ImageError
-from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata  # noqa: F401
+from vfpt_deploy.errors import ImageError, UsageError
+from vfpt_deploy.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata,  # noqa: F401
+                                task_names)
 
 from .preprocess import Preprocess, load_image
 
@@ -24,10 +25,15 @@ class Prediction:
     source: str
     top: list[tuple[str, float]]  # (class name, probability), best first; empty when error is set
     error: str | None = None  # why this input could not be classified (the others still are)
+    task: str | None = None  # multi-task artifacts: the task it was classified for
 
 
 class Predictor:
-    """Base class. Subclasses set self.metadata (decoded) and implement infer()."""
+    """Base class. Subclasses set self.metadata (decoded) and implement infer().
+
+    A multi-task artifact (metadata `tasks`) takes a task index per sample besides the images, and its
+    logits are as wide as its widest task; `task_ids` turns names into indices (one line naming the
+    tasks for a wrong one) and `task_logits` trims a row to its task's classes."""
 
     metadata: dict  # decoded, as stored
     preprocess: Preprocess  # checked (schema.check_metadata) when the predictor opens
@@ -36,7 +42,36 @@ class Predictor:
 
     @property
     def classes(self) -> list[str]:
+        """The class names of a single-task artifact ([] for a multi-task one: see classes_of)."""
         return list(self.metadata.get("classes") or [])
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in index order; [] for a single-task artifact."""
+        return task_names(self.metadata)
+
+    def classes_of(self, task: int | None) -> list[str]:
+        """The class names a sample of task index `task` is classified into (None: single-task)."""
+        return self.classes if task is None else list(self.metadata["tasks"][task]["classes"])
+
+    def task_ids(self, task: str | list[str] | None, count: int) -> np.ndarray | None:
+        """int64 task indices for `count` samples from one name or one per sample; None for a single-task
+        artifact (which refuses a task)."""
+        names = self.tasks
+        if not names:
+            if task is not None:
+                raise UsageError("this artifact holds a single task; drop --task")
+            return None
+        if task is None:
+            raise UsageError(f"this artifact holds {len(names)} tasks ({', '.join(names)}); pick one with --task NAME")
+        wanted = [task] * count if isinstance(task, str) else list(task)
+        if len(wanted) != count:
+            raise UsageError(f"{len(wanted)} task names for {count} inputs; give one task, or one per input")
+        index = {n: i for i, n in enumerate(names)}
+        bad = next((t for t in wanted if t not in index), None)
+        if bad is not None:
+            raise UsageError(f"unknown task {str(bad)[:80]!r}; this artifact holds {', '.join(names)}")
+        return np.array([index[t] for t in wanted], dtype=np.int64)
 
     def close(self) -> None:
         """Release the session / device memory. Safe to call twice."""
@@ -47,18 +82,39 @@ class Predictor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """float32 [B, 3, H, W] -> float32 logits [B, C]."""
+    def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
+        """float32 [B, 3, H, W] (+ int64 [B] task indices for a multi-task artifact) -> float32 logits [B, C]."""
         raise NotImplementedError
 
-    def logits(self, images: list[Image.Image]) -> np.ndarray:
-        pre = self.preprocess
-        outs = [self.infer(pre.batch(images[i:i + self.max_batch])) for i in range(0, len(images), self.max_batch)]
-        return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
+    def check_task_ids(self, batch: np.ndarray, task_ids: np.ndarray | None) -> np.ndarray | None:
+        """The backends' guard: a multi-task artifact needs one in-range index per sample (a graph's Gather
+        would wrap a negative one or fail on a large one), a single-task one none."""
+        if not self.tasks:
+            if task_ids is not None:
+                raise UsageError("this artifact holds a single task; it takes no task indices")
+            return None
+        ids = np.asarray(task_ids if task_ids is not None else [], dtype=np.int64).reshape(-1)
+        if task_ids is None or len(ids) != len(batch) or (len(ids) and not (0 <= ids.min() and ids.max() < len(self.tasks))):
+            raise UsageError(f"a multi-task artifact needs one task index in [0, {len(self.tasks)}) per image")
+        return np.ascontiguousarray(ids)
 
-    def predict(self, sources: list[str | Path | Image.Image], top_k: int = 5) -> list[Prediction]:
-        """Top-k per input, in input order. An unreadable image, or an input whose logits are not
-        finite, gets a Prediction with `error` set; the others are still classified."""
+    def logits(self, images: list[Image.Image], task_ids: np.ndarray | None = None) -> np.ndarray:
+        pre, n = self.preprocess, self.max_batch
+        outs = [self.infer(pre.batch(images[i:i + n]), None if task_ids is None else task_ids[i:i + n])
+                for i in range(0, len(images), n)]
+        width = len(self.classes) or max([len(t["classes"]) for t in self.metadata.get("tasks") or []] or [0])
+        return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+
+    def task_logits(self, row: np.ndarray, task: int | None) -> np.ndarray:
+        """A logits row trimmed to its task's classes (the graph pads the rest with -inf)."""
+        return row if task is None else row[:len(self.classes_of(task))]
+
+    def predict(self, sources: list[str | Path | Image.Image], top_k: int = 5,
+                task: str | list[str] | None = None) -> list[Prediction]:
+        """Top-k per input, in input order. task: the task name for every input, or one per input
+        (multi-task artifacts only). An unreadable image, or an input whose logits are not finite, gets a
+        Prediction with `error` set; the others are still classified."""
+        ids = self.task_ids(task, len(sources))
         names = [str(s) if not isinstance(s, Image.Image) else "<image>" for s in sources]
         images, errors = [], {}
         for i, s in enumerate(sources):
@@ -67,15 +123,19 @@ class Predictor:
             except ImageError as e:
                 errors[i] = str(e)
         ok = [i for i in range(len(sources)) if i not in errors]
-        logits = self.logits(images).astype(np.float64)
-        out = {i: Prediction(names[i], [], err) for i, err in errors.items()}
-        classes = self.classes or [str(c) for c in range(logits.shape[1])]
-        for i, row in zip(ok, logits):
+        logits = self.logits(images, None if ids is None else ids[ok]).astype(np.float64)
+        tname = (lambda i: None) if ids is None else (lambda i: self.tasks[ids[i]])
+        out = {i: Prediction(names[i], [], err, tname(i)) for i, err in errors.items()}
+        for i, full in zip(ok, logits):
+            t = None if ids is None else int(ids[i])
+            row = self.task_logits(full, t)
+            classes = self.classes_of(t) or [str(c) for c in range(len(row))]
             if not np.isfinite(row).all():
-                out[i] = Prediction(names[i], [], f"{names[i]}: the model's logits are not finite (NaN or Inf) for this input")
+                out[i] = Prediction(names[i], [], f"{names[i]}: the model's logits are not finite (NaN or Inf) for "
+                                    "this input", tname(i))
                 continue
             z = np.exp(row - row.max())
             p = z / z.sum()
             idx = np.argsort(-p, kind="stable")[:min(top_k, len(p))]
-            out[i] = Prediction(names[i], [(classes[j], float(p[j])) for j in idx])
+            out[i] = Prediction(names[i], [(classes[j], float(p[j])) for j in idx], None, tname(i))
         return [out[i] for i in range(len(sources))]

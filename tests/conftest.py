@@ -75,3 +75,58 @@ def exported_run(tmp_path_factory):
     save_run(d / "run.pt", model, BackboneInfo(TINY, dict(TINY_KWARGS)), ["a", "b", "c", "d"], pre)
     run = load_run(d / "run.pt")
     return run, export_onnx(run, d / "run.onnx").path
+
+
+# Three tiny runs on one backbone, as a multi-task artifact holds them: deep with 6 prompts and 4 classes,
+# deep with 3 prompts and 7 classes (alpha 1: every prompt through the FFT), shallow with 5 prompts, 2 classes.
+TASK_SPECS = {"cars": dict(num_classes=4, num_prompts=6, alpha=0.5),
+              "birds": dict(num_classes=7, num_prompts=3, alpha=1.0),
+              "flat": dict(num_classes=2, num_prompts=5, alpha=0.4, deep=False)}
+
+
+def save_task_runs(folder, specs: dict = TASK_SPECS, **backbone) -> dict:
+    """run.pt files (name -> path) of tiny runs sharing one backbone; each task's prompts and head differ."""
+    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.runtime.preprocess import Preprocess
+
+    pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+    paths = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        model = tiny_model(scale=4.0, seed=0, **spec) if not backbone else _tiny_on(backbone, spec)
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.tuned_parameters().values():
+                p.add_(torch.randn_like(p) * 0.5)
+        paths[name] = folder / f"{name}.pt"
+        save_run(paths[name], model, BackboneInfo(TINY, {**TINY_KWARGS, **backbone}),
+                 [f"{name}-{c}" for c in range(spec["num_classes"])], pre)
+    return paths
+
+
+def _tiny_on(backbone: dict, spec: dict) -> VFPTViT:
+    spec = dict(spec)
+    n = spec.pop("num_classes")
+    model = VFPTViT(tiny_backbone(0, **backbone), n, VFPTConfig(**spec)).eval()
+    with torch.no_grad():
+        for p in model.tuned_parameters().values():
+            p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def task_runs(tmp_path_factory) -> dict:
+    """name -> run.pt of the three TASK_SPECS runs (shared backbone)."""
+    return save_task_runs(tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.fixture(scope="session")
+def tasks_onnx(task_runs):
+    """A verified multi-task ONNX of task_runs (tasks cars, birds, flat in that order), written by the pipeline."""
+    from vfpt_deploy.multitask import load_tasks
+    from vfpt_deploy.pipeline import ExportSettings, export_run
+
+    tasks = load_tasks(list(task_runs.items()))
+    out = next(iter(task_runs.values())).parent / "tasks.onnx"
+    outcome = export_run(tasks, ExportSettings(), out)
+    assert outcome.passed, outcome.report.to_json()
+    return out

@@ -35,6 +35,8 @@ err_console = Console(stderr=True)
 
 # -- options shared by several commands (one name, one meaning) -------------------------------------
 CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
+CkptsOpt = Annotated[Optional[list[Path]], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo); repeat it for a multi-task artifact (tasks named by the file stems).")]
+TaskOpt = Annotated[Optional[list[str]], typer.Option("--task", help="A multi-task artifact's task as NAME=PATH (a run.pt); repeatable, with or instead of --ckpt.")]
 CkptArg = Annotated[Optional[Path], typer.Argument(help="The run.pt (same as --ckpt).", show_default=False)]
 BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt (a file, or 'pretrained').")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, max=1024, help="CPU threads for torch and onnxruntime (default: every usable CPU; waiting threads sleep, so a busy machine does not stall them). Results repeat bit for bit for the same thread count.")]
@@ -296,7 +298,8 @@ def demo(
 @app.command()
 @cli_errors
 def export(
-    ckpt: CkptOpt = None,
+    ckpt: CkptsOpt = None,
+    task: TaskOpt = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="Artifact: onnx, or a TensorRT engine (trt; trt-rtx builds without a GPU).")] = Format.onnx,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path: .onnx, or .engine/.plan for engines (default: beside the checkpoint).")] = None,
     fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; auto: kv where exact.")] = Fold.auto,
@@ -323,12 +326,11 @@ def export(
     hardware_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on Ampere and newer GPUs.")] = False,
 ) -> None:
     """Fold a run.pt, export it to ONNX (and a TensorRT engine), verify it against the PyTorch model, and
-    only then put it in place (a failed export or verify leaves the previous artifact untouched)."""
-    from .checkpoint import load_run
-    from .pipeline import ExportSettings, export_run, plan_export
+    only then put it in place (a failed export or verify leaves the previous artifact untouched). Several
+    runs on one backbone (--ckpt a.pt --ckpt b.pt, or --task NAME=PATH) become one multi-task artifact."""
+    from .pipeline import ExportSettings, export_run
     from .threads import set_torch_threads
 
-    ckpt = pick_ckpt(ckpt, None)
     build = None
     if format != Format.onnx:
         from vfpt_deploy.exporters.tensorrt import BuildSettings
@@ -344,14 +346,30 @@ def export(
                               build=build, tolerances=tolerances, data=data, num_random=num_random,
                               threads=set_torch_threads(threads))
     inputs = {"--backbone": backbone, "--timing-cache": None}
-    plan_export(ckpt, settings, out, inputs)  # refuse bad settings and outputs before loading anything
+    load = plan_export_source(ckpt or [], task or [], settings, out, inputs)  # refuses bad input before loading
     with progress() as bar:
-        task = bar.add_task("loading the checkpoint", total=None)
-        run = load_run(ckpt, backbone_weights=backbone)
-        outcome = export_run(run, settings, out, inputs=inputs, on_step=lambda s: bar.update(task, description=s))
-        bar.update(task, description="done", total=1, completed=1)
+        step = bar.add_task("loading the checkpoint", total=None)
+        run = load(backbone)
+        outcome = export_run(run, settings, out, inputs=inputs, on_step=lambda s: bar.update(step, description=s))
+        bar.update(step, description="done", total=1, completed=1)
     print_export(outcome)
     finish_verify(outcome.report, outcome.written)
+
+
+def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path | None, inputs: dict):
+    """Check an export's settings, sources and outputs; return what loads its run (or its TaskSet)."""
+    from .checkpoint import load_run
+    from .multitask import load_tasks, task_sources
+    from .pipeline import check_multitask_settings, plan_export
+
+    if len(ckpts) > 1 or tasks:
+        sources = task_sources(ckpts, tasks)
+        check_multitask_settings(settings)
+        plan_export(None, settings, out, {**inputs, **{f"--task {n}": p for n, p in sources}})
+        return lambda backbone: load_tasks(sources, backbone)
+    path = pick_ckpt(ckpts[0] if ckpts else None, None)
+    plan_export(path, settings, out, inputs)
+    return lambda backbone: load_run(path, backbone_weights=backbone)
 
 
 def print_export(outcome) -> None:
@@ -363,6 +381,8 @@ def print_export(outcome) -> None:
         for note in eng.notes:
             t.add_row("note", note)
     t.add_row("fold / precision / opset", f"{onnx.fold_mode} / {onnx.precision} / {onnx.opset}")
+    if outcome.report.tasks:
+        t.add_row("tasks", escape(", ".join(outcome.report.tasks)))
     t.add_row("ops", f"{onnx.op_count} ({', '.join(f'{k} {v}' for k, v in onnx.ops.most_common(6))}, ...); "
               f"FFT ops {sum(v for k, v in onnx.ops.items() if k in ('DFT', 'STFT'))}")
     for note in outcome.notes:
@@ -407,7 +427,8 @@ def finish_verify(report, written: list | None = None) -> None:
 @cli_errors
 def verify(
     artifact: Annotated[Path, typer.Argument(help="An exported .onnx (or a TensorRT .engine/.plan).")],
-    ckpt: CkptOpt = None,
+    ckpt: CkptsOpt = None,
+    task: TaskOpt = None,
     data: DataOpt = None,
     num_random: NumRandomOpt = 16,
     atol: AtolOpt = None, rtol: RtolOpt = None, min_cosine: CosineOpt = None, min_agreement: AgreementOpt = None,
@@ -418,24 +439,43 @@ def verify(
     backbone: BackboneOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Compare an artifact with the unfolded PyTorch model on random inputs (and real images)."""
-    from .checkpoint import load_run
+    """Compare an artifact with the unfolded PyTorch model on random inputs (and real images). A multi-task
+    artifact is checked task by task against each task's own run.pt (--ckpt files are matched to tasks by
+    the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream."""
     from .files import check_outputs, check_suffix
     from .schema import report_path
     from .threads import set_torch_threads
     from .verify import Tolerances, verify_artifact
 
-    ckpt = pick_ckpt(ckpt, None)
     overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                      max_top1_drop=max_top1_drop)
     Tolerances().override(**overrides)  # range-check before any work
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
-    check_outputs({"--report": out}, {"ARTIFACT": artifact, "--ckpt": ckpt, "--data": data, "--backbone": backbone})
+    load, sources = plan_verify_source(artifact, ckpt or [], task or [])
+    check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
     n = set_torch_threads(threads)
-    run = load_run(ckpt, backbone_weights=backbone)
+    run = load(backbone)
     rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
                           providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
     finish_verify(rep)
+
+
+def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
+    """What verify loads: one run, or (for a multi-task artifact) each task's run matched to it; and the
+    input files by option, so the report never overwrites one."""
+    from .checkpoint import load_run
+    from .multitask import load_tasks, match_tasks, task_sources
+    from .schema import artifact_tasks
+
+    recorded = artifact_tasks(artifact) if ckpts or tasks else []
+    if recorded or tasks or len(ckpts) > 1:
+        if not recorded:
+            raise UsageError(f"{artifact} is a single-task artifact; pass its one run.pt with --ckpt")
+        named = task_sources([], tasks)
+        sources = match_tasks(recorded, ckpts, named)
+        return (lambda backbone: load_tasks(sources, backbone)), {f"--task {n}": p for n, p in sources}
+    path = pick_ckpt(ckpts[0] if ckpts else None, None)
+    return (lambda backbone: load_run(path, backbone_weights=backbone)), {"--ckpt": path}
 
 
 TritonKind = choices("TritonKind", TRITON_KINDS)
@@ -491,6 +531,7 @@ def predict(
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
     threads: ThreadsOpt = None,
+    task: Annotated[Optional[str], typer.Option(help="Multi-task artifacts: the task to classify for (inspect lists them).")] = None,
 ) -> None:
     """Classify images with an exported model (no torch needed). An unreadable image is reported and the
     others still run; the exit code is 1 if any failed."""
@@ -503,10 +544,11 @@ def predict(
     kwargs = {} if is_engine(model) else {"threads": resolve_threads(threads), "allow_fallback": allow_fallback}
     with open_predictor(model, split_list(providers), **kwargs) as predictor:
         predictor.max_batch = batch
-        preds = predictor.predict(find_images(images), top_k=top_k)
+        predictor.task_ids(task, 0 if task is None else 1)  # a wrong or missing --task: one line, before any image
+        preds = predictor.predict(find_images(images), top_k=top_k, task=task)
         used = list(getattr(predictor, "providers", None) or ["TensorRT"])
     if as_json:
-        print_json({"model": str(model), "providers": used, "predictions": [
+        print_json({"model": str(model), "providers": used, **({"task": task} if task else {}), "predictions": [
             {"image": p.source, "error": p.error} if p.error else
             {"image": p.source, "top": [{"class": c, "prob": s} for c, s in p.top]} for p in preds]})
     else:
@@ -552,9 +594,11 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of latency and throughput vs batch size per backend (.png).")] = None,
     backbone: BackboneOpt = None,
     export_dir: Annotated[Optional[Path], typer.Option(help="Keep the ONNX exported from the run.pt in this folder (default: a temp folder).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Multi-task .onnx/.engine: after each mixed-task batch (the default stream: tasks drawn at random, seeded), also time a batch of this task alone, to compare the two (inspect lists the tasks).")] = None,
 ) -> None:
     """Benchmark a run.pt and/or exported artifacts: latency statistics, throughput and peak memory per
-    backend and batch size, with the machine they were measured on."""
+    backend and batch size, with the machine they were measured on. A multi-task artifact replays a
+    mixed-task stream (every batch mixes tasks); each row says which stream it measured."""
     from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
     from .extras import require
     from .files import check_outputs, check_suffix
@@ -571,7 +615,7 @@ def bench(
     loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
                     iters=iters if iters is not None or duration is not None else 50, duration_s=duration).check()
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
-                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device)
+                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task)
     result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
                        backbone_weights=backbone, export_dir=export_dir,
                        on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))
@@ -593,7 +637,7 @@ PortOpt = Optional[int]
 @app.command()
 @cli_errors
 def serve(
-    models: Annotated[list[str], typer.Argument(help="Exported models (.onnx, .engine, .plan): PATH (named by its file stem) or NAME=PATH.", show_default=False)],
+    models: Annotated[list[str], typer.Argument(help="Exported models (.onnx, .engine, .plan): PATH (named by its file stem) or NAME=PATH. A multi-task artifact serves one model per task, named TASK (NAME.TASK with NAME=PATH), all on one session and batcher.", show_default=False)],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface, as MLServer).")] = "0.0.0.0",
     port: Annotated[PortOpt, typer.Option(min=1, max=65535, help="HTTP/REST port (default 8080).")] = None,
     grpc_port: Annotated[PortOpt, typer.Option(min=1, max=65535, help="gRPC port (default 8081).")] = None,

@@ -18,6 +18,7 @@ from typing import Callable
 from .checkpoint import Run
 from .errors import ArtifactError, UsageError, VFPTError
 from .files import Staging, check_outputs, check_suffix
+from .multitask import TaskSet
 from .schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
 
 FOLD_DTYPES = ("float32", "float64")
@@ -143,26 +144,28 @@ def plan_export(ckpt: Path | None, settings: ExportSettings, out: str | os.PathL
     return paths
 
 
-def export_run(run: Run, settings: ExportSettings, out: str | os.PathLike | None = None, *,
+def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathLike | None = None, *,
                inputs: dict[str, str | os.PathLike | None] | None = None,
                on_step: Callable[[str], None] | None = None) -> ExportOutcome:
     """Fold, export, (build,) verify, and only then move the new files into place.
 
+    run: one loaded run, or a multitask.TaskSet (one artifact for several runs sharing a backbone; every
+    task verified against its own unfolded model on one mixed-task stream).
     inputs: the command's other input files by option name (e.g. {'--backbone': path}), so no output
     can overwrite them. Returns the outcome; when verification fails, `written` is empty and the report
     says why (the previous artifact and report are untouched)."""
-    from .verify import input_sets
-
     step = on_step or (lambda s: None)
-    paths = plan_export(run.path, settings, out, inputs)
+    multi = isinstance(run, TaskSet)
+    if multi:
+        check_multitask_settings(settings)
+        inputs = {**(inputs or {}), **{f"--ckpt {p}": p for p in run.paths if p is not None}}
+    paths = plan_export(None if multi else run.path, settings, out, inputs)
     builder = settings.builder() if paths.engine is not None else None
     if builder is not None:
         from vfpt_deploy.exporters.tensorrt import check_trt_available
 
         check_trt_available(builder.flavor)  # one line, before any work
-    data = settings.data if settings.data is not None else recorded_builtin_data(run)
-    sets = input_sets(run, data, settings.num_random)  # a bad --data fails before any work
-    notes = [] if settings.data is not None or data is None else [f"verified on the run's own data ({data}) too"]
+    sets, notes = verification_inputs(run, settings)  # a bad --data fails before any work
     spec = settings.quant_spec()
     calib = _calibration(run, settings, spec)  # a bad --calib (or no ModelOpt) fails before any work too
     with Staging(paths.onnx.parent) as stage:
@@ -182,16 +185,40 @@ def export_run(run: Run, settings: ExportSettings, out: str | os.PathLike | None
     return ExportOutcome(paths, onnx_result, built, report, written, notes)
 
 
-def _export_onnx(run: Run, settings: ExportSettings, path: Path):
+def check_multitask_settings(settings: ExportSettings) -> None:
+    if settings.precision == "int8":
+        raise UsageError("int8 multi-task artifacts are not supported yet; export --precision fp32 or fp16, or "
+                         "quantize the tasks one by one")
+
+
+def verification_inputs(run: Run | TaskSet, settings: ExportSettings) -> tuple[list, list[str]]:
+    """What verification compares on: random inputs and --data, or else the run's own built-in data (per
+    task for a TaskSet: its own data, its own random inputs); and a note saying where that came from."""
+    from .verify import input_sets, task_input_sets
+
+    if isinstance(run, TaskSet):
+        if settings.data is not None:
+            return task_input_sets(run, settings.data, settings.num_random), []
+        own = [recorded_builtin_data(r) for r in run.runs]
+        used = sorted({d for d in own if d})
+        return (task_input_sets(run, own, settings.num_random),
+                [f"verified on each task's own data ({', '.join(used)}) too"] if used else [])
+    data = settings.data if settings.data is not None else recorded_builtin_data(run)
+    notes = [] if settings.data is not None or data is None else [f"verified on the run's own data ({data}) too"]
+    return input_sets(run, data, settings.num_random), notes
+
+
+def _export_onnx(run: Run | TaskSet, settings: ExportSettings, path: Path):
     """The folded ONNX; for int8 the fp32 graph the quantizer starts from, beside `path` (not committed)."""
     import torch
 
-    from vfpt_deploy.exporters.onnx import export_onnx
+    from vfpt_deploy.exporters.onnx import export_onnx, export_tasks
 
     int8 = settings.precision == "int8"
-    return export_onnx(run, path.with_name(path.stem + ".fp32.onnx") if int8 else path, fold=settings.fold,
-                       precision="fp32" if int8 else settings.precision, opset=settings.opset,
-                       fold_dtype=getattr(torch, settings.fold_dtype))
+    export = export_tasks if isinstance(run, TaskSet) else export_onnx
+    return export(run, path.with_name(path.stem + ".fp32.onnx") if int8 else path, fold=settings.fold,
+                  precision="fp32" if int8 else settings.precision, opset=settings.opset,
+                  fold_dtype=getattr(torch, settings.fold_dtype))
 
 
 def _calibration(run: Run, settings: ExportSettings, spec):
@@ -236,7 +263,7 @@ def _build(stage: Staging, paths: ExportPaths, builder):
     return build_engine(stage.dir / paths.onnx.name, engine, builder)
 
 
-def _verify(stage: Staging, paths: ExportPaths, run: Run, settings: ExportSettings, sets, has_engine: bool,
+def _verify(stage: Staging, paths: ExportPaths, run: Run | TaskSet, settings: ExportSettings, sets, has_engine: bool,
             notes: list[str]):
     """Verify the engine where it can run, else (TensorRT-RTX off an RTX GPU) the ONNX it was built from."""
     from .verify import verify_artifact

@@ -9,6 +9,10 @@ ONNX metadata_props (JSON values):
   vfpt.image_size        [H, W] of the `images` input
   vfpt.fold, vfpt.precision, vfpt.opset, vfpt.tool_version, vfpt.checkpoint_sha256, vfpt.checkpoint
   vfpt.config, vfpt.backbone   the VFPT config and backbone identity (informative)
+  vfpt.tasks             multi-task artifacts only (vfpt_deploy/multitask.py), instead of vfpt.classes:
+                         [{name, classes, fold, num_prompts, checkpoint, checkpoint_sha256, config}], in
+                         task-index order; the graph then takes a second input `task` (int64 [batch]) and
+                         its logits are [batch, max classes], -inf past a task's own classes
 
 Torch-free.
 """
@@ -24,11 +28,13 @@ from .errors import ArtifactError, VFPTError
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+TASK_INPUT = "task"  # multi-task artifacts: int64 [batch], the task index of each sample
 ARTIFACT_FORMAT = "vfpt-deploy.artifact"
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 SIDECAR_FORMAT = "vfpt-deploy.trt-engine"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # the newest read; a sidecar records the oldest that describes it (2: a task input)
+TASK_DTYPES = ("int64", "int32")  # what an engine's `task` input may be bound as (TensorRT >= 10: int64)
 REPORT_SUFFIX = ".verify.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZE_MODES = ("dynamic", "static", "modelopt")  # int8: `export --quantize` (exporters/quantize.py)
@@ -38,11 +44,13 @@ QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLin
                        "QLinearConv", "QGemm"})
 FORMATS = ("onnx", "trt", "trt-rtx")  # what `export --format` writes
 EXPORT_FOLDS = ("auto", "tokens", "kv")  # what `export --fold` takes (the live FFT is not exported)
-FOLDS = ("tokens", "kv", "none", "custom")  # what an artifact's metadata may record
+FOLDS = ("tokens", "kv", "none", "custom", "mixed")  # what an artifact's metadata may record (mixed: multi-task, per task)
 TRT_FLAVORS = ("trt", "trt-rtx")
 MAX_CLASSES = 1_000_000
 MAX_SIDE = 8192  # largest image side an artifact may ask for (resize, crop, input size)
 MAX_BATCH = 65536
+MAX_TASKS = 256
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # usable as a serving model name and a file stem
 
 
 def is_engine(path: str | Path) -> bool:
@@ -174,10 +182,10 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
 
     if not isinstance(meta, dict) or "preprocess" not in meta:
         raise ArtifactError(f"{source} has no vfpt-deploy metadata (vfpt.preprocess); export it with 'vfpt-deploy export'")
-    classes = meta.get("classes")
-    if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
-            or not all(isinstance(c, str) for c in classes)):
-        raise ArtifactError(f"{source}: classes must be a non-empty list of names; re-export the artifact")
+    if "tasks" in meta:
+        check_tasks(meta["tasks"], source)
+    else:
+        _check_classes(meta.get("classes"), "classes", source)
     try:
         pre = Preprocess.from_dict(meta["preprocess"])
     except VFPTError as e:
@@ -209,11 +217,60 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
     return out
 
 
-def check_output_width(num_outputs, classes: list, source: str) -> None:
-    """The logits width must match the class names the metadata gives."""
-    if isinstance(num_outputs, int) and num_outputs != len(classes):
-        raise ArtifactError(f"{source}: the model outputs {num_outputs} logits but the metadata names "
-                            f"{len(classes)} classes; re-export the artifact")
+def _check_classes(classes, what: str, source: str) -> list:
+    if (not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES
+            or not all(isinstance(c, str) for c in classes)):
+        raise ArtifactError(f"{source}: {what} must be a non-empty list of names; re-export the artifact")
+    return classes
+
+
+def check_tasks(tasks, source: str) -> list[dict]:
+    """A multi-task artifact's task list: 1..MAX_TASKS objects with a unique, name-safe `name` and
+    non-empty `classes`."""
+    if not isinstance(tasks, list) or not 1 <= len(tasks) <= MAX_TASKS:
+        raise ArtifactError(f"{source}: tasks must be a list of 1 to {MAX_TASKS} tasks; re-export the artifact")
+    seen = set()
+    for i, t in enumerate(tasks):
+        name = t.get("name") if isinstance(t, dict) else None
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or name in seen:
+            raise ArtifactError(f"{source}: task {i} needs a unique name of letters, digits, '_', '.', '-', got "
+                                f"{name!r}; re-export the artifact")
+        seen.add(name)
+        _check_classes(t.get("classes"), f"task {name!r} classes", source)
+    return tasks
+
+
+def artifact_tasks(artifact: str | Path) -> list[dict]:
+    """The tasks an exported artifact records (an ONNX file's metadata, or an engine's sidecar), checked;
+    [] for a single-task artifact. Reads the graph or sidecar only: no session, no engine."""
+    if is_engine(artifact):
+        from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+
+        meta = read_sidecar(artifact)["metadata"]
+    else:
+        meta = read_graph(artifact).metadata
+    return check_tasks(meta["tasks"], str(artifact)) if "tasks" in meta else []
+
+
+def task_names(meta: dict) -> list[str]:
+    """The tasks of a (checked) multi-task artifact in index order; [] for a single-task one."""
+    return [t["name"] for t in meta.get("tasks") or []]
+
+
+def output_classes(meta: dict) -> int:
+    """How wide the logits of a (checked) artifact are: its classes, or its widest task's."""
+    if meta.get("tasks"):
+        return max(len(t["classes"]) for t in meta["tasks"])
+    return len(meta["classes"])
+
+
+def check_output_width(num_outputs, meta: dict, source: str) -> None:
+    """The logits width must match the class names the (checked) metadata gives."""
+    want = output_classes(meta)
+    if isinstance(num_outputs, int) and num_outputs != want:
+        what = "its widest task has" if meta.get("tasks") else "the metadata names"
+        raise ArtifactError(f"{source}: the model outputs {num_outputs} logits but {what} {want} classes; "
+                            "re-export the artifact")
 
 
 def _profile_dims(v, source: str) -> list[int]:
@@ -262,4 +319,20 @@ def check_sidecar(side: dict, source: str) -> dict:
     if not mins[0] <= opts[0] <= maxs[0] or mins[1:] != maxs[1:] or opts[1:] != maxs[1:]:
         raise ArtifactError(f"{source}: profile min/opt/max are inconsistent ({mins}, {opts}, {maxs}); rebuild the engine")
     check_metadata(side["metadata"], source, maxs)
+    _check_task_profile(side, [mins[0], opts[0], maxs[0]], source)
     return side
+
+
+def _check_task_profile(side: dict, batches: list[int], source: str) -> None:
+    """A multi-task engine (metadata `tasks`) records its second input as profile.task = {input 'task',
+    dtype, min/opt/max [batch]} with the images' batches; a single-task one records none."""
+    task, multi = side["profile"].get("task"), "tasks" in side["metadata"]
+    if task is None and not multi:
+        return
+    if task is None or not multi:
+        why = "lists tasks but the profile has no task input" if multi else "lists no tasks but the profile has one"
+        raise ArtifactError(f"{source}: the metadata {why}; rebuild the engine")
+    if (not isinstance(task, dict) or task.get("input") != TASK_INPUT or task.get("dtype") not in TASK_DTYPES
+            or [task.get(k) for k in ("min", "opt", "max")] != [[b] for b in batches]):
+        raise ArtifactError(f"{source}: profile.task must be {{input '{TASK_INPUT}', dtype {' or '.join(TASK_DTYPES)}, "
+                            f"min/opt/max [batch] as the images'}}, got {str(task)[:120]}; rebuild the engine")

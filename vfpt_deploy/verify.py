@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .checkpoint import Run
-from .errors import UsageError, VerificationError
+from .errors import UsageError, VerificationError, VFPTError
+from .multitask import TaskSet
 from .files import atomic_write, dumps_json, file_sha256
 from .schema import is_engine, report_path as default_report_path
 
@@ -119,6 +120,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
     artifact_sha256: str = ""  # of the file compared: a later step (triton) checks it is still this one
     quantization: dict | None = None  # an int8 artifact's record: mode, what stayed float, calibration set
+    tasks: list[str] | None = None  # a multi-task artifact's tasks (comparisons name theirs)
 
     @property
     def passed(self) -> bool:
@@ -267,34 +269,98 @@ def metadata_problems(meta: dict, run: Run) -> list[str]:
     return problems
 
 
-def verify_artifact(artifact: str | os.PathLike, run: Run, *, data: str | None = None, num_random: int = 16,
+def _infer(predictor, x: np.ndarray, task_ids: np.ndarray | None = None, batch: int = 32) -> np.ndarray:
+    return np.concatenate([predictor.infer(x[i:i + batch], None if task_ids is None else task_ids[i:i + batch])
+                           for i in range(0, len(x), batch)])
+
+
+def task_input_sets(tasks: TaskSet, data: str | list[str | None] | None, num_random: int) -> list[list[InputSet]]:
+    """Per task: its own random inputs (seeded by task index, so the tasks of a mixed batch see different
+    images) and the images of `data` (one for all, or one per task), checked against that task's classes."""
+    out = []
+    for t, (name, run) in enumerate(zip(tasks.names, tasks.runs)):
+        try:
+            out.append(input_sets(run, data[t] if isinstance(data, list) else data, num_random, seed=t))
+        except UsageError:
+            raise
+        except VFPTError as e:
+            raise type(e)(f"task {name!r}: {e}") from None
+    return out
+
+
+def task_metadata_problems(meta: dict, tasks: TaskSet) -> list[str]:
+    """Where a multi-task artifact's tasks are not these checkpoints, in this order."""
+    recorded = meta.get("tasks") or []
+    if [t.get("name") for t in recorded] != list(tasks.names):
+        return [f"the artifact holds tasks {[t.get('name') for t in recorded]}, the checkpoints given are "
+                f"{list(tasks.names)}: pass each task's checkpoint (--task NAME=PATH)"]
+    problems = []
+    for t, run in zip(recorded, tasks.runs):
+        for p in metadata_problems({**t, "preprocess": meta.get("preprocess")}, run):
+            problems.append(f"task {t['name']!r}: {p}")
+    return problems
+
+
+def _task_comparisons(predictor, tasks: TaskSet, inputs: list[list[InputSet]], tol: Tolerances, device: str,
+                      problems: list[str]) -> list[Comparison]:
+    """Every task's inputs through the artifact as ONE shuffled mixed-task stream (batches of 32 hold several
+    tasks), each sample compared with its own task's unfolded model; padding logits must be -inf."""
+    flat = [(t, s) for t, sets in enumerate(inputs) for s in sets]
+    x = np.concatenate([s.x for _, s in flat])
+    ids = np.concatenate([np.full(len(s.x), t, np.int64) for t, s in flat])
+    order = np.random.default_rng(0).permutation(len(x))
+    out = np.empty((len(x), predictor.infer(x[:1], ids[:1]).shape[1]), np.float32)
+    out[order] = _infer(predictor, x[order], ids[order])
+    comparisons, start = [], 0
+    for t, s in flat:
+        run, name, width = tasks.runs[t], tasks.names[t], len(tasks.runs[t].classes)
+        rows = out[start:start + len(s.x)]
+        start += len(s.x)
+        if not np.all(np.isneginf(rows[:, width:])):
+            problems.append(f"task {name!r}: logits past its {width} classes are not -inf (padding must never win); "
+                            "re-export the artifact")
+        ref = reference_logits(run, s.x, device=device)
+        comparisons.append(compare(ref, rows[:, :width], tol, f"task {name}: {s.what}", s.labels,
+                                   gated=tol.gate_random or not s.random))
+    return comparisons
+
+
+def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: str | None = None, num_random: int = 16,
                     overrides: dict | None = None, providers: list[str] | None = None,
                     report_path: str | os.PathLike | None = None, inputs: list[InputSet] | None = None,
                     name: str | None = None, threads: int | None = None,
                     allow_fallback: bool = False) -> VerifyReport:
     """Compare an artifact (.onnx, or a TensorRT engine) with the checkpoint's unfolded model and write
     the JSON report (default: beside the artifact). overrides: atol / rtol / min_cosine / min_agreement
-    replacing the precision's defaults. name: how the report names the artifact (default: its path)."""
+    replacing the precision's defaults. name: how the report names the artifact (default: its path).
+    run: a multitask.TaskSet for a multi-task artifact (inputs then per task: task_input_sets)."""
     from vfpt_deploy.runtime.onnx_runner import open_predictor
 
     artifact = Path(artifact)
-    inputs = inputs if inputs is not None else input_sets(run, data, num_random)
     kwargs = {"threads": threads, "allow_fallback": allow_fallback} if not is_engine(artifact) else {}
+    multi = isinstance(run, TaskSet)
+    if inputs is None:
+        inputs = task_input_sets(run, data, num_random) if multi else input_sets(run, data, num_random)
     with open_predictor(artifact, providers, **kwargs) as predictor:
         precision, problem = graph_precision(predictor, predictor.metadata.get("precision", "fp32"))
         tol = Tolerances.for_precision(precision).override(**(overrides or {}))
         # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.
         device = "cuda" if is_engine(artifact) and torch.cuda.is_available() else "cpu"
-        comparisons = []
-        for s in inputs:
-            ref = reference_logits(run, s.x, device=device)
-            out = np.concatenate([predictor.infer(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
-            comparisons.append(compare(ref, out, tol, s.what, s.labels, gated=tol.gate_random or not s.random))
         meta = {**predictor.metadata, "preprocess": predictor.preprocess}
+        problems = [problem, *(task_metadata_problems(meta, run) if multi else metadata_problems(meta, run))]
+        if multi and not any(problems):
+            comparisons = _task_comparisons(predictor, run, inputs, tol, device, problems)
+        elif multi:
+            comparisons = []  # the tasks do not match the checkpoints: comparing them would say nothing
+        else:
+            comparisons = [compare(reference_logits(run, s.x, device=device), _infer(predictor, s.x), tol, s.what,
+                                   s.labels, gated=tol.gate_random or not s.random) for s in inputs]
         backend = ", ".join(getattr(predictor, "providers", None) or ["TensorRT"])
-    report = VerifyReport(name or str(artifact), str(run.path), f"{backend}; reference on {device}", precision,
-                          tol.describe(), comparisons, [p for p in [problem, *metadata_problems(meta, run)] if p],
-                          artifact_sha256=file_sha256(artifact), quantization=meta.get("quantization"))
+    checkpoint = ", ".join(str(r.path) for r in run.runs) if multi else str(run.path)
+    report = VerifyReport(name or str(artifact), checkpoint, f"{backend}; reference on {device}", precision,
+                          tol.describe(), comparisons, [p for p in problems if p],
+                          artifact_sha256=file_sha256(artifact), quantization=meta.get("quantization"),
+                          tasks=list(run.names) if multi else None)
     if comparisons and not any(c.gated for c in comparisons):
         report.problems.append(f"{precision} artifacts are gated on real images, and none were given: pass --data "
                                "builtin[:name] or a folder of images")

@@ -17,6 +17,10 @@ The sidecar (`<engine>.json`) carries what an engine cannot: the TensorRT versio
 for, the batch profile, precision, the source ONNX and checkpoint sha256, and the artifact metadata
 (class names, preprocessing, ...) that vfpt_deploy.runtime.tensorrt_runner needs to serve it.
 
+Multi-task ONNX (metadata `tasks`, vfpt_deploy/multitask.py) has a second input `task` (int64 [batch]).
+TensorRT >= 10 (and TensorRT-RTX) take int64 I/O natively, so it stays int64: the profile gives it the
+same min/opt/max batch as `images`, and the sidecar records it (profile.task, sidecar version 2).
+
 Torch-free at import time (and at build time, unless torch is already loaded and cuda-python is not).
 """
 from __future__ import annotations
@@ -27,12 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from vfpt_deploy import __version__
 from vfpt_deploy.errors import ArtifactError, InputError, RuntimeSetupError, UsageError, VFPTError
 from vfpt_deploy.files import Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256
 from vfpt_deploy.runtime.tensorrt_runner import FLAVORS, CudaDevice, cuda_device, import_tensorrt
 from vfpt_deploy.schema import (ARTIFACT_FORMAT, ENGINE_SUFFIXES, INPUT_NAME, MAX_BATCH, OUTPUT_NAME, PRECISIONS,
-                                SIDECAR_FORMAT, SIDECAR_VERSION, TRT_FLAVORS, read_graph, sidecar_path)
+                                SIDECAR_FORMAT, SIDECAR_VERSION, TASK_DTYPES, TASK_INPUT, TRT_FLAVORS, read_graph,
+                                sidecar_path)
 
 OPT_LEVELS = range(0, 6)  # TensorRT's builder optimization levels; 3 is its default
 MAX_WORKSPACE_MB = 1 << 20  # 1 TiB
@@ -279,8 +286,15 @@ class ParsedNetwork:
     seconds: float
 
 
-def parse(trt, onnx_path: Path, strongly_typed: bool, verbose: bool) -> ParsedNetwork:
-    """TensorRT's ONNX parser on the file (so external weights are found); one-line errors per node."""
+def input_names(meta: dict) -> list[str]:
+    """The inputs an artifact's graph takes: `images`, and `task` for a multi-task one."""
+    return [INPUT_NAME, TASK_INPUT] if "tasks" in meta else [INPUT_NAME]
+
+
+def parse(trt, onnx_path: Path, strongly_typed: bool, verbose: bool,
+          inputs: tuple[str, ...] | list[str] = (INPUT_NAME,)) -> ParsedNetwork:
+    """TensorRT's ONNX parser on the file (so external weights are found); one-line errors per node.
+    `inputs`: the input names the graph must have, in order (input_names of its metadata)."""
     logger = _make_logger(trt, verbose)
     builder = trt.Builder(logger)
     flags = 0
@@ -293,12 +307,26 @@ def parse(trt, onnx_path: Path, strongly_typed: bool, verbose: bool) -> ParsedNe
         raise ArtifactError(f"TensorRT's ONNX parser ({trt.__name__} {trt.__version__}) rejected {onnx_path.name}: "
                             f"{_parser_errors(parser)}")
     parsed = ParsedNetwork(logger, builder, network, parser, time.perf_counter() - t0)
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
-        raise ArtifactError(f"{onnx_path.name} has inputs {inputs} and outputs {outputs}; vfpt-deploy engines "
-                            f"need '{INPUT_NAME}' -> '{OUTPUT_NAME}'")
+    if names != list(inputs) or outputs != [OUTPUT_NAME]:
+        raise ArtifactError(f"{onnx_path.name} has inputs {names} and outputs {outputs}; its metadata says "
+                            f"{list(inputs)} -> ['{OUTPUT_NAME}']: re-export it with 'vfpt-deploy export'")
     return parsed
+
+
+def task_dtype(trt, network) -> str | None:
+    """The numpy dtype name TensorRT gives the `task` input ('int64'), None without one; a task input of
+    another type or rank is refused (the runtime binds int indices [batch])."""
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    task = next((t for t in tensors if t.name == TASK_INPUT), None)
+    if task is None:
+        return None
+    dtype = np.dtype(trt.nptype(task.dtype)).name
+    if dtype not in TASK_DTYPES or len(task.shape) != 1:
+        raise ArtifactError(f"TensorRT reads input '{TASK_INPUT}' as {dtype} {list(task.shape)}; vfpt-deploy "
+                            "multi-task graphs take int64 [batch]: re-export it with 'vfpt-deploy export'")
+    return dtype
 
 
 def profile_shapes(trt_input_shape, settings: BuildSettings) -> tuple[list, list, list]:
@@ -315,10 +343,14 @@ def profile_shapes(trt_input_shape, settings: BuildSettings) -> tuple[list, list
     return [min_batch, *shape], [opt_batch, *shape], [max_batch, *shape]
 
 
-def add_profile(parsed: ParsedNetwork, config, settings: BuildSettings) -> tuple[list, list, list]:
+def add_profile(parsed: ParsedNetwork, config, settings: BuildSettings, tasks: bool = False) -> tuple[list, list, list]:
+    """One optimization profile: `images` [batch, 3, H, W] and, for a multi-task graph, `task` [batch] over the
+    same batches (every dynamic input needs its range in the profile). Returns the images' shapes."""
     shapes = profile_shapes(parsed.network.get_input(0).shape, settings)
     profile = parsed.builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *shapes)
+    if tasks:
+        profile.set_shape(TASK_INPUT, *[s[:1] for s in shapes])
     config.add_optimization_profile(profile)
     return shapes
 
@@ -393,21 +425,29 @@ def serialize(trt, parsed: ParsedNetwork, config, onnx_name: str) -> tuple[memor
     return memoryview(serialized).cast("B"), seconds
 
 
+def profile_dict(shapes: tuple[list, list, list], task: str | None) -> dict:
+    """The sidecar's profile: the images' shapes, and a multi-task engine's `task` input with its dtype."""
+    out = {"input": INPUT_NAME, **dict(zip(("min", "opt", "max"), shapes))}
+    if task is not None:
+        out["task"] = {"input": TASK_INPUT, "dtype": task, **{k: v[:1] for k, v in zip(("min", "opt", "max"), shapes)}}
+    return out
+
+
 def sidecar_dict(trt, settings: BuildSettings, *, blob: memoryview, engine_path: Path, onnx_path: Path, meta: dict,
-                 shapes: tuple[list, list, list], mode: str, hardware: str, seconds: tuple[float, float]) -> dict:
+                 profile: dict, mode: str, hardware: str, seconds: tuple[float, float]) -> dict:
     """What the runtime needs to check and serve the engine (schema.check_sidecar reads it back)."""
     gpu = builder_gpu()
-    pmin, popt, pmax = shapes
     meta = {**meta, "format": meta.get("format", ARTIFACT_FORMAT), "precision": settings.precision}
     cache = settings.timing_cache if settings.flavor != "trt-rtx" else None
     return {
         "format": SIDECAR_FORMAT,
-        "version": SIDECAR_VERSION,
+        # The oldest sidecar version that describes this engine, so older readers still load single-task ones.
+        "version": SIDECAR_VERSION if "task" in profile else 1,
         "engine": {"file": engine_path.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": blob.nbytes},
         "tensorrt": {"flavor": settings.flavor, "module": trt.__name__, "version": trt.__version__},
         "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability} if gpu else None,
         "precision": settings.precision,
-        "profile": {"input": INPUT_NAME, "min": pmin, "opt": popt, "max": pmax},
+        "profile": profile,
         "build": {"precision_mode": mode, "tf32": False, "opt_level": settings.opt_level,
                   "workspace_mb": settings.workspace_mb, "version_compatible": settings.version_compatible,
                   "hardware_compatibility": hardware, "compute_capabilities": list(settings.compute_capabilities),
@@ -447,12 +487,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, settings: Build
     meta, onnx_precision = source_metadata(onnx_path, metadata)
     mode = precision_mode(trt, settings.precision, onnx_precision, onnx_path.name)
     notes: list[str] = []
-    parsed = parse(trt, onnx_path, mode == "strongly-typed", settings.verbose)
+    parsed = parse(trt, onnx_path, mode == "strongly-typed", settings.verbose, input_names(meta))
+    task = task_dtype(trt, parsed.network)
     config, hardware = builder_config(trt, parsed, settings, mode, notes)
-    shapes = add_profile(parsed, config, settings)
+    shapes = add_profile(parsed, config, settings, tasks=task is not None)
     cache = attach_timing_cache(config, settings, notes)
     blob, build_seconds = serialize(trt, parsed, config, onnx_path.name)
     sidecar = sidecar_dict(trt, settings, blob=blob, engine_path=engine_path, onnx_path=onnx_path, meta=meta,
-                           shapes=shapes, mode=mode, hardware=hardware, seconds=(parsed.seconds, build_seconds))
+                           profile=profile_dict(shapes, task), mode=mode, hardware=hardware,
+                           seconds=(parsed.seconds, build_seconds))
     side = write_outputs(engine_path, blob, sidecar, config, cache, settings)
     return EngineResult(engine_path, side, sidecar, parsed.seconds, build_seconds, notes)

@@ -19,6 +19,10 @@ The artifact must have passed verification (NAME.verify.json passed, and its art
 file's) unless the caller opts out. The model folder is built in a staging folder inside REPO, then
 swapped in with renames: an existing NAME is replaced as a whole (no stale versions or files are left
 for Triton to load), and a failure leaves it untouched. Torch-free.
+
+Multi-task artifacts (metadata `tasks`: inputs `images` and `task`, logits as wide as the widest task) are
+refused: Triton's classification extension maps an output to ONE labels file, while their class names
+depend on each request's task. `vfpt-deploy serve` serves them, each task under its own model name.
 """
 from __future__ import annotations
 
@@ -30,12 +34,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError
+from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError, VFPTError
 from vfpt_deploy.extras import MissingExtra, install_hint
 from vfpt_deploy.files import Staging, file_sha256, umask_mode
 from vfpt_deploy.inspect_artifact import inspect_artifact, printable
 from vfpt_deploy.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
-                                report_path)
+                                read_graph, report_path)
 
 KINDS = ("gpu", "cpu")
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "engine": ("tensorrt_plan", "model.plan")}
@@ -156,7 +160,7 @@ def _onnx_model(path: Path, info: dict) -> TritonModel:
     if len(inp.shape) != 4 or len(out.shape) != 2:
         raise ArtifactError(f"{path}: input {list(inp.shape)} / output {list(out.shape)} are not [batch, 3, H, W] / "
                             "[batch, classes]; re-export it")
-    check_output_width(out.shape[1] if out.shape[1] > 0 else None, info["classes"], str(path))
+    check_output_width(out.shape[1] if out.shape[1] > 0 else None, {"classes": info["classes"]}, str(path))
     fixed = inp.shape[0] if inp.shape[0] > 0 else None
     batch = None if fixed else (1, DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH)
     files = [(path, PLATFORMS["onnx"][1])] + [(path.parent / f["file"], f["file"]) for f in info["external_data"]]
@@ -204,6 +208,24 @@ def _engine_note(info: dict) -> str:
     return f"Triton must run TensorRT {version} (pick the tritonserver release that ships it) on {where}"
 
 
+def _refuse_multitask(path: Path) -> None:
+    """One line for a multi-task artifact (see the module docstring); anything unreadable is left to
+    inspect_artifact to report."""
+    try:
+        if is_engine(path):
+            from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+
+            meta = read_sidecar(path)["metadata"]
+        else:
+            meta = read_graph(path).metadata
+    except VFPTError:
+        return
+    if "tasks" in meta:
+        raise UsageError(f"{path} is a multi-task artifact: Triton's classification extension takes one labels file "
+                         "per output, but its class names depend on each request's task; serve it with "
+                         "'vfpt-deploy serve' (each task its own model name), or export the tasks one by one for Triton")
+
+
 def read_model(path: str | os.PathLike) -> tuple[TritonModel, dict]:
     """The artifact as Triton will see it (an ONNX file or a TensorRT engine with its sidecar), and
     its inspection."""
@@ -211,6 +233,7 @@ def read_model(path: str | os.PathLike) -> tuple[TritonModel, dict]:
     if not is_engine(path) and path.suffix.lower() not in ONNX_SUFFIXES:
         raise UsageError(f"{path}: Triton serves an exported .onnx or a TensorRT .engine/.plan; export the run "
                          "first ('vfpt-deploy export')")
+    _refuse_multitask(path)
     info = inspect_artifact(path)
     model = _engine_model(path, info) if info["kind"] == "engine" else _onnx_model(path, info)
     bad = next((c for c in model.classes if c and c.splitlines() != [c]), None)

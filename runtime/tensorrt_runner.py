@@ -10,6 +10,10 @@ cuda-python, `set_input_shape` + `set_tensor_address` + `execute_async_v3` on a 
 TensorRTPredictor's public API also serves benchmarks: `load(batch)` puts a batch on the device, `execute()`
 enqueues the engine alone on `stream`; `io_bytes` / `activation_bytes` give its device memory.
 
+A multi-task engine (sidecar metadata `tasks`, profile.task) has a second input `task`: the task index of
+each image, bound as the engine's own type (int64 with TensorRT >= 10) over the same batches as `images`;
+infer(batch, task_ids) and load(batch, task_ids) take the indices (Predictor.task_ids makes them from names).
+
 Imports numpy and the standard library at module level; TensorRT and cuda-python only when an engine is
 opened. Never torch or timm.
 """
@@ -24,7 +28,8 @@ import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError, VFPTError
 from vfpt_deploy.files import file_sha256, read_json
-from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, check_metadata, check_sidecar, sidecar_path  # noqa: F401
+from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, TASK_INPUT,  # noqa: F401
+                                check_metadata, check_output_width, check_sidecar, sidecar_path)
 
 from .predictor import Predictor
 
@@ -256,8 +261,9 @@ class TensorRTPredictor(Predictor):
         """Tensor names, the profile's batch range, input shape, dtypes and the number of classes."""
         engine, trt = self.engine, self.trt
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
-            raise ArtifactError(f"engine tensors are {names}, expected '{INPUT_NAME}' -> '{OUTPUT_NAME}'; "
+        inputs = [INPUT_NAME, TASK_INPUT] if self.tasks else [INPUT_NAME]
+        if sorted(names) != sorted([*inputs, OUTPUT_NAME]):
+            raise ArtifactError(f"engine tensors are {names}, its sidecar says {inputs} -> '{OUTPUT_NAME}'; "
                                 "rebuild the engine with 'vfpt-deploy export'")
         lo, _, hi = engine.get_tensor_profile_shape(INPUT_NAME, 0)
         # profile_max bounds every enqueue; max_batch (the Predictor's chunk size) may be set lower or higher.
@@ -267,13 +273,30 @@ class TensorRTPredictor(Predictor):
         self.in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(INPUT_NAME)))
         self.out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(OUTPUT_NAME)))
         self.num_classes = int(engine.get_tensor_shape(OUTPUT_NAME)[-1])
+        check_output_width(self.num_classes, self.metadata, str(self.engine_path))
+        self.task_dtype = self._read_task_input() if self.tasks else None
+
+    def _read_task_input(self) -> np.dtype:
+        """The `task` input's dtype; its profile must span the images' batches (every enqueue sets both)."""
+        engine = self.engine
+        dtype = np.dtype(self.trt.nptype(engine.get_tensor_dtype(TASK_INPUT)))
+        shapes = [tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(TASK_INPUT, 0)]
+        batches = [(int(s[0]),) for s in engine.get_tensor_profile_shape(INPUT_NAME, 0)]
+        if dtype.kind != "i" or shapes != batches:
+            raise ArtifactError(f"{self.engine_path}: input '{TASK_INPUT}' is {dtype.name} with profile {shapes}, "
+                                f"not int [batch] over the images' batches {batches}; rebuild the engine with "
+                                "'vfpt-deploy export'")
+        return dtype
 
     def _allocate(self) -> None:
         """A private stream; pinned host + device buffers for the profile's largest batch, allocated once."""
         cudart = self.cudart
         self._stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        for name, shape, dtype in ((INPUT_NAME, (self.profile_max, *self.input_shape), self.in_dtype),
-                                   (OUTPUT_NAME, (self.profile_max, self.num_classes), self.out_dtype)):
+        tensors = [(INPUT_NAME, (self.profile_max, *self.input_shape), self.in_dtype),
+                   (OUTPUT_NAME, (self.profile_max, self.num_classes), self.out_dtype)]
+        if self.task_dtype is not None:
+            tensors.append((TASK_INPUT, (self.profile_max,), self.task_dtype))
+        for name, shape, dtype in tensors:
             nbytes = int(np.prod(shape)) * dtype.itemsize
             host_ptr = cuda_check(cudart, cudart.cudaMallocHost(nbytes), "cudaMallocHost")
             try:
@@ -305,25 +328,22 @@ class TensorRTPredictor(Predictor):
             return 0
         return int(getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0))
 
-    def load(self, batch: np.ndarray) -> int:
+    def load(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> int:
         """Copy a batch (at most the profile's largest) into the device input buffer, zero-padded up to the
-        profile's smallest, and set the input shape. Returns the batch size the engine will run."""
+        profile's smallest, and set the input shape; a multi-task engine also takes each image's task index
+        (padding rows get task 0). Returns the batch size the engine will run."""
         self._check_open()
         batch = self._check_batch(batch)
+        ids = self.check_task_ids(batch, task_ids)
         n = len(batch)
         if not 1 <= n <= self.profile_max:
             raise UsageError(f"load() takes 1..{self.profile_max} images (the engine's profile), got {n}; "
                              "use infer() for larger batches")
         cudart, b = self.cudart, max(n, self.min_batch)
         cuda_check(cudart, cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")  # host buffer free
-        host_in, dev_in, _ = self._buffers[INPUT_NAME]
-        host_in[:n] = batch.astype(self.in_dtype, copy=False)
-        host_in[n:b] = 0
-        if self.context.set_input_shape(INPUT_NAME, (b, *self.input_shape)) is False:
-            raise UsageError(f"TensorRT refuses input shape {[b, *self.input_shape]} for {self.engine_path}")
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        copy = cudart.cudaMemcpyAsync(dev_in, host_in.ctypes.data, host_in[:b].nbytes, h2d, self._stream)
-        cuda_check(cudart, copy, "copy in")
+        self._copy_in(INPUT_NAME, batch, (b, *self.input_shape))
+        if ids is not None:
+            self._copy_in(TASK_INPUT, ids, (b,))
         self._loaded = (n, b)
         return b
 
@@ -335,10 +355,12 @@ class TensorRTPredictor(Predictor):
         if not self.context.execute_async_v3(int(self._stream)):
             raise RuntimeSetupError(f"TensorRT failed to run {self.engine_path} on a batch of {self._loaded[1]}")
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
         batch = self._check_batch(batch)
+        ids = self.check_task_ids(batch, task_ids)
         step = self.profile_max
-        outs = [self._run(batch[i:i + step]) for i in range(0, len(batch), step)]
+        outs = [self._run(batch[i:i + step], None if ids is None else ids[i:i + step])
+                for i in range(0, len(batch), step)]
         return np.concatenate(outs) if outs else np.zeros((0, self.num_classes), np.float32)
 
     def close(self) -> None:
@@ -369,10 +391,23 @@ class TensorRTPredictor(Predictor):
             raise UsageError(f"engine input is [N, {', '.join(map(str, self.input_shape))}], got {list(batch.shape)}")
         return batch
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
+    def _copy_in(self, name: str, values: np.ndarray, shape: tuple) -> None:
+        """values into `name`'s host buffer (zero rows up to shape[0]), the context's input shape, then the
+        copy to the device on the stream (the caller synchronized, so the host buffer is free)."""
+        host, dev, _ = self._buffers[name]
+        n, b = len(values), shape[0]
+        host[:n] = values.astype(host.dtype, copy=False)
+        host[n:b] = 0
+        if self.context.set_input_shape(name, shape) is False:
+            raise UsageError(f"TensorRT refuses input shape {list(shape)} for '{name}' of {self.engine_path}")
+        h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        copy = self.cudart.cudaMemcpyAsync(dev, host.ctypes.data, host[:b].nbytes, h2d, self._stream)
+        cuda_check(self.cudart, copy, f"copy in ({name})")
+
+    def _run(self, chunk: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Load, execute, copy the logits back and synchronize; padded rows are dropped."""
         n = len(chunk)
-        b = self.load(chunk)
+        b = self.load(chunk, ids)
         self.execute()
         cudart = self.cudart
         host_out, dev_out, _ = self._buffers[OUTPUT_NAME]

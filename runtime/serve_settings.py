@@ -6,6 +6,15 @@ The folder is what `mlserver start FOLDER` (and KServe's MLServer runtime) reads
     FOLDER/NAME/model-settings.json   one per model: VFPTModel, batching, uri, onnxruntime settings
     FOLDER/NAME/<artifact>            only with --write-settings (a self-contained copy to upload)
 
+A multi-task artifact NAME is served as one model per task, each in its own folder inside the artifact's:
+
+    FOLDER/NAME/<artifact>                    once (only with --write-settings)
+    FOLDER/NAME/MODEL/model-settings.json     uri ../<artifact>, parameters.extra {task, artifact: NAME}
+
+MODEL is the task's name, or NAME.TASK when the artifact was named on the command line (NAME=PATH), so
+two artifacts holding tasks of the same name can be served side by side; model names must be unique.
+In one process the task models of an artifact share one session and one batcher (runtime/serving.py).
+
 `serve` writes it to a temporary folder (the uri then points at the artifact where it is) and serves;
 `--write-settings DIR` writes it with copies of the artifacts and exits. Every artifact is opened once, up
 front, so a bad one fails in one line before anything listens. Torch-free.
@@ -21,7 +30,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, UsageError
 from vfpt_deploy.files import atomic_write, check_outputs, dumps_json
@@ -68,12 +77,29 @@ class ServeOptions:
         return {k: getattr(self, k) or v for k, v in DEFAULT_PORTS.items()}
 
 
-def parse_models(items: list[str]) -> list[tuple[str, Path]]:
-    """MODEL arguments -> (name, path): PATH (named by its file stem) or NAME=PATH; names unique."""
-    out: list[tuple[str, Path]] = []
+class Item(NamedTuple):
+    """One MODEL argument: the artifact's name, its path, and whether the name was given (NAME=PATH)."""
+
+    name: str
+    path: Path
+    named: bool = False
+
+
+class Served(NamedTuple):
+    """One model the server will have: its name, the artifact it comes from, and its task (multi-task)."""
+
+    name: str
+    item: Item
+    task: str | None = None
+
+
+def parse_models(items: list[str]) -> list[Item]:
+    """MODEL arguments -> Item: PATH (named by its file stem) or NAME=PATH; names unique."""
+    out: list[Item] = []
     for item in items:
         name, eq, rest = item.partition("=")
-        if eq and not Path(item).exists():
+        named = bool(eq) and not Path(item).exists()
+        if named:
             path = Path(rest)
         else:
             name, path = Path(item).stem, Path(item)
@@ -82,20 +108,43 @@ def parse_models(items: list[str]) -> list[tuple[str, Path]]:
                              "starting with a letter or digit; pass NAME=PATH")
         if not path.name:
             raise UsageError(f"{item!r} names no artifact file; pass PATH or NAME=PATH")
-        if name in {n for n, _ in out}:
+        if name in {i.name for i in out}:
             raise UsageError(f"two models are named {name!r}; name them with NAME=PATH")
-        out.append((name, path))
+        out.append(Item(name, path, named))
     if not out:
         raise UsageError("pass at least one exported model (.onnx, .engine or .plan)")
     return out
 
 
-def model_settings(name: str, uri: str, opts: ServeOptions) -> dict:
-    """One model's model-settings.json. Batching: MLServer's own field names (see runtime/serving.py)."""
+def served_models(items: list[Item], predictors: dict) -> list[Served]:
+    """The models to serve: one per single-task artifact, one per task of a multi-task artifact (named by
+    the task, or NAME.TASK for an artifact named NAME=PATH); one line if two would share a name."""
+    served: list[Served] = []
+    for item in items:
+        tasks = predictors[item.name].tasks
+        served += [Served(f"{item.name}.{t}" if item.named else t, item, t) for t in tasks] or [Served(item.name, item)]
+    seen: dict[str, Served] = {}
+    for s in served:
+        where = lambda s: f"task {s.task!r} of {s.item.path}" if s.task else str(s.item.path)  # noqa: E731
+        if s.name in seen:
+            raise UsageError(f"two served models would be named {s.name!r} ({where(seen[s.name])} and {where(s)}); "
+                             "name the artifacts with NAME=PATH (a multi-task artifact's models are then NAME.TASK)")
+        if not NAME_RE.fullmatch(s.name):
+            raise UsageError(f"model name {s.name!r} ({where(s)}) is over 100 characters; name {s.item.path} with a "
+                             "shorter NAME=PATH, or pass PATH alone")
+        seen[s.name] = s
+    return served
+
+
+def model_settings(name: str, uri: str, opts: ServeOptions, task: str | None = None,
+                   artifact: str | None = None) -> dict:
+    """One model's model-settings.json. Batching: MLServer's own field names (see runtime/serving.py). A
+    task model names its task and its artifact: the models of one artifact share its session in a process."""
     from .serving import IMPLEMENTATION
 
     extra = {"threads": opts.threads, "allow_fallback": opts.allow_fallback,
-             "providers": list(opts.providers) if opts.providers else None}
+             "providers": list(opts.providers) if opts.providers else None, "task": task,
+             "artifact": artifact if task is not None else None}
     return {"name": name, "implementation": IMPLEMENTATION, "max_batch_size": opts.max_batch_size,
             "max_batch_time": opts.max_batch_delay_ms / 1000.0,
             "parameters": {"uri": uri, "extra": {k: v for k, v in extra.items() if v is not None}}}
@@ -111,19 +160,22 @@ def server_settings(opts: ServeOptions, predictors: dict, all_ports: bool) -> di
             **({"host": opts.host} if all_ports or opts.host != ServeOptions.host else {}), **ports}
 
 
-def open_models(models: list[tuple[str, Path]], opts: ServeOptions, on_status: Callable[[str], None]) -> dict:
+def open_models(models: list[Item], opts: ServeOptions, on_status: Callable[[str], None]) -> dict:
     """Open every artifact once (name -> predictor); close them all if one fails."""
     from .serving import open_artifact
 
     opened: dict = {}
     try:
-        for name, path in models:
+        for name, path, _ in models:
             on_status(f"opening {name}: {path}")
             predictor = opened[name] = open_artifact(path, opts.providers, opts.threads, opts.allow_fallback)
             limit = getattr(predictor, "profile_max", None)
             if limit is not None and opts.max_batch_size > limit:
                 raise UsageError(f"--max-batch-size {opts.max_batch_size} is over the largest batch of {path}'s "
                                  f"profile ({limit}); lower it or rebuild the engine")
+            if predictor.tasks:
+                on_status(f"{name} holds {len(predictor.tasks)} tasks ({', '.join(predictor.tasks)}): one model "
+                          "per task, all on this one session and one batcher")
     except BaseException:
         for p in opened.values():
             p.close()
@@ -131,24 +183,27 @@ def open_models(models: list[tuple[str, Path]], opts: ServeOptions, on_status: C
     return opened
 
 
-def write_folder(folder: Path, models: list[tuple[str, Path]], opts: ServeOptions, predictors: dict,
+def write_folder(folder: Path, served: list[Served], opts: ServeOptions, predictors: dict,
                  copy: bool) -> list[Path]:
-    """settings.json and NAME/model-settings.json (with copies of the artifacts when `copy`)."""
+    """settings.json, NAME/model-settings.json per single-task artifact, NAME/MODEL/model-settings.json per
+    task of a multi-task one (with one copy of each artifact, in NAME/, when `copy`)."""
     written = [folder / "settings.json"]
     atomic_write(written[0], lambda tmp: Path(tmp).write_text(dumps_json(
         server_settings(opts, predictors, all_ports=not copy), indent=2) + "\n"))
-    for name, path in models:
+    items = list(dict.fromkeys(s.item for s in served))
+    for name, path, _ in items if copy else []:
         files = [path, sidecar_path(path)] if is_engine(path) else [path]
-        if copy:
-            targets = {f"{name}/{f.name}": folder / name / f.name for f in files}
-            check_outputs(targets, {str(f): f for _, p in models for f in [p, sidecar_path(p)]})
-            for f, dst in zip(files, targets.values()):
-                atomic_write(dst, lambda tmp, f=f: shutil.copyfile(f, tmp))
-                written.append(dst)
-        uri = f"./{path.name}" if copy else str(path.resolve())
-        dst = folder / name / "model-settings.json"
-        atomic_write(dst, lambda tmp, n=name, u=uri: Path(tmp).write_text(dumps_json(
-            model_settings(n, u, opts), indent=2) + "\n"))
+        targets = {f"{name}/{f.name}": folder / name / f.name for f in files}
+        check_outputs(targets, {str(f): f for i in items for f in [i.path, sidecar_path(i.path)]})
+        for f, dst in zip(files, targets.values()):
+            atomic_write(dst, lambda tmp, f=f: shutil.copyfile(f, tmp))
+            written.append(dst)
+    for name, (artifact, path, _), task in served:
+        sub = Path(artifact, name) if task is not None else Path(name)
+        uri = (f"../{path.name}" if task is not None else f"./{path.name}") if copy else str(path.resolve())
+        dst = folder / sub / "model-settings.json"
+        atomic_write(dst, lambda tmp, n=name, u=uri, t=task, a=artifact: Path(tmp).write_text(dumps_json(
+            model_settings(n, u, opts, t, a), indent=2) + "\n"))
         written.append(dst)
     return written
 
@@ -183,7 +238,7 @@ def write_settings(folder: str | os.PathLike, items: list[str], opts: ServeOptio
                           "(MLServer would also serve any model-settings.json already in it)")
     predictors = open_models(models, opts, on_status)
     try:
-        return write_folder(folder, models, opts, predictors, copy=True)
+        return write_folder(folder, served_models(models, predictors), opts, predictors, copy=True)
     finally:
         for p in predictors.values():
             p.close()
@@ -200,11 +255,12 @@ def serve(items: list[str], opts: ServeOptions, on_status: Callable[[str], None]
     check_ports_free(opts.host, opts.ports())
     predictors = open_models(models, opts, on_status)
     try:
+        served = served_models(models, predictors)
         with tempfile.TemporaryDirectory(prefix="vfpt-serve-") as folder:
-            write_folder(Path(folder), models, opts, predictors, copy=False)
+            write_folder(Path(folder), served, opts, predictors, copy=False)
             check_ports_free(opts.host, opts.ports())  # again: opening a large model takes a while
-            for name, path in models:
-                serving.hand_over(name, path, predictors[name])
+            for name, path, _ in models:  # a multi-task artifact: one predictor for all its task models
+                (serving.hand_over_tasks if predictors[name].tasks else serving.hand_over)(name, path, predictors[name])
             install_uvloop_event_loop()
             try:
                 asyncio.run(_run_mlserver(folder))
@@ -215,7 +271,7 @@ def serve(items: list[str], opts: ServeOptions, on_status: Callable[[str], None]
     finally:
         for p in predictors.values():
             p.close()
-    failed = [name for name, _ in models if name not in serving.started]
+    failed = [s.name for s in served if s.name not in serving.started]
     if failed:
         raise ArtifactError(f"MLServer could not load model {failed[0]} (its log above says why); the server stopped")
 

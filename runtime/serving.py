@@ -14,13 +14,21 @@ Triton's max_batch_size; MLServer's own batcher counts requests -- and seconds t
 batches after checking each request (see batcher.py for why), so MLServer's own request merger is kept off. Run with `parallel_workers: 0` (what `vfpt-deploy serve` writes): one process,
 whose onnxruntime threads use the cores; the batch-size histogram lives in that process's Prometheus
 registry. Torch-free: nothing here (or in what it imports) loads torch.
+
+Multi-task artifacts: one model per task, each naming its task in `parameters.extra.task` and the
+artifact's served name in `parameters.extra.artifact`. In one process the models of one artifact share ONE
+predictor (one onnxruntime session) and ONE batcher (`Shared` below), so requests for different tasks are
+inferred together: the batch carries each row's task index, and each model trims its rows to its own
+task's classes. The batch metrics of a shared batcher are labelled with the artifact's name.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import threading
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 from mlserver import MLModel
@@ -41,12 +49,16 @@ IMPLEMENTATION = "vfpt_deploy.runtime.serving.VFPTModel"
 WELLKNOWN = ["model.onnx", "model.plan", "model.engine"]  # found in a folder uri (KServe's /mnt/models)
 DEFAULT_MAX_ROWS = 32  # rows per request when batching is off (MLServer's max_batch_size 0 or 1)
 BATCH_METRIC = "vfpt_batch_size"
+TASKS_METRIC = "vfpt_batch_tasks"
 
 # MLServer re-executes this module (importlib.reload) for every model it loads from a model-settings.json,
 # so the process-wide state below is taken over from the previous execution, never made anew.
 _opened: dict[tuple[str, str], Predictor] = globals().get("_opened", {})  # (name, real path) -> opened by serve
 started: set[str] = globals().get("started", set())  # models whose load() finished here (kept after unload)
 _histogram = globals().get("_histogram")
+_tasks_histogram = globals().get("_tasks_histogram")
+_shared: dict = globals().get("_shared", {})  # (artifact name, real path) -> Shared, for multi-task artifacts
+_shared_lock: threading.Lock = globals().get("_shared_lock") or threading.Lock()  # loads run in threads
 
 
 def open_artifact(path: str | os.PathLike, providers=None, threads: int | None = None,
@@ -67,6 +79,12 @@ def hand_over(name: str, path: str | os.PathLike, predictor: Predictor) -> None:
     _opened[(name, os.path.realpath(path))] = predictor
 
 
+def hand_over_tasks(name: str, path: str | os.PathLike, predictor: Predictor) -> None:
+    """Give an opened multi-task predictor to the task models of artifact `name` (`path`) in this process."""
+    with _shared_lock:
+        _shared[(name, os.path.realpath(path))] = Shared(name, predictor)
+
+
 def batch_histogram():
     """rows per inference call, by model: a Prometheus histogram on the registry MLServer's /metrics
     serves (the default one, with parallel_workers 0). Made once per process."""
@@ -78,6 +96,86 @@ def batch_histogram():
                                ["model_name", "model_version"],
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, MAX_BATCH))
     return _histogram
+
+
+def tasks_histogram():
+    """distinct tasks per inference call of a multi-task artifact, by artifact name (see batch_histogram)."""
+    global _tasks_histogram
+    if _tasks_histogram is None:
+        from prometheus_client import Histogram
+
+        _tasks_histogram = Histogram(TASKS_METRIC, "Distinct tasks per inference call of a multi-task VFPT artifact",
+                                     ["model_name", "model_version"], buckets=(1, 2, 3, 4, 8, 16, 32, 64, 128, 256))
+    return _tasks_histogram
+
+
+@dataclass(eq=False)
+class Shared:
+    """One multi-task artifact's predictor and batcher, shared by the models of its tasks in this process.
+    `users`: id(model) -> model name of the models loaded on it; the last one to unload closes it."""
+
+    name: str  # the artifact's served name: the label of its batch metrics
+    predictor: Predictor
+    batcher: Batcher | None = None
+    batching: tuple | None = None  # (max_rows, max_delay_s, max_requests) the batcher was made with
+    users: dict = field(default_factory=dict)
+    batch_sizes: Counter = field(default_factory=Counter)
+
+    def batcher_for(self, model: str, batching: tuple) -> Batcher:
+        """The one batcher (made by the first task model to load); every task model must batch alike."""
+        if self.batcher is None:
+            rows, delay, max_requests = self.batching = batching
+            sizes = batch_histogram().labels(model_name=self.name, model_version="")
+            tasks = tasks_histogram().labels(model_name=self.name, model_version="")
+            self.batcher = Batcher(self.predictor.infer, rows, delay, max_requests=max_requests,
+                                   on_batch=lambda n: (self.batch_sizes.update([n]), sizes.observe(n)),
+                                   on_tasks=lambda ids: tasks.observe(len(set(ids.tolist()))))
+        elif batching != self.batching:
+            raise UsageError(f"model {model}: its batching {batching[:2]} differs from {self.batching[:2]} of the "
+                             f"other task models of {self.name}, which share one batcher; give them the same "
+                             "max_batch_size and max_batch_time")
+        return self.batcher
+
+
+def attach(name: str, path: str, extra: dict, model: "VFPTModel") -> Shared:
+    """The Shared of artifact `name` at `path`: the one handed over or already opened in this process, else
+    opened now (once, however many task models load at the same time). Runs in a worker thread."""
+    key = (name, os.path.realpath(path))
+    with _shared_lock:
+        shared = _shared.get(key)
+        if shared is None:
+            predictor = open_artifact(path, extra.get("providers"), extra.get("threads"),
+                                      bool(extra.get("allow_fallback", False)))
+            shared = _shared[key] = Shared(name, predictor)
+        shared.users[id(model)] = model.name
+        return shared
+
+
+def detach(shared: Shared, model: "VFPTModel") -> None:
+    """A task model unloads: the last one closes the batcher and the session."""
+    with _shared_lock:
+        shared.users.pop(id(model), None)
+        if shared.users:
+            return
+        for key in [k for k, v in _shared.items() if v is shared]:
+            del _shared[key]
+    if shared.batcher is not None:
+        shared.batcher.close()
+    shared.predictor.close()
+
+
+def task_index(predictor: Predictor, task, model: str, path: str) -> int | None:
+    """The index of the task a model serves (None: a single-task artifact); one line when they disagree."""
+    names = predictor.tasks
+    if task is None and names:
+        raise UsageError(f"model {model}: {path} holds {len(names)} tasks ({', '.join(names)}); serve one model per "
+                         "task, naming it in parameters.extra.task (as 'vfpt-deploy serve' does)")
+    if task is not None and not names:
+        raise UsageError(f"model {model}: parameters.extra.task is set, but {path} holds a single task; drop it")
+    if task is not None and task not in names:
+        raise UsageError(f"model {model}: parameters.extra.task {str(task)[:80]!r} is not a task of {path}, which "
+                         f"holds {', '.join(names)}; fix the task name")
+    return None if task is None else names.index(task)
 
 
 class _OneLineClientErrors(logging.Filter):
@@ -119,47 +217,78 @@ class VFPTModel(MLModel):
         self.predictor: Predictor | None = None
         self.batcher: Batcher | None = None
         self.batch_sizes: Counter = Counter()
+        self.shared: Shared | None = None  # a multi-task artifact's predictor and batcher, shared by its tasks
+        self.task: int | None = None  # the task index this model serves (None: a single-task artifact)
 
     async def load(self) -> bool:
         path = await get_model_uri(self.settings, wellknown_filenames=WELLKNOWN)
         extra = dict((self.settings.parameters.extra or {}) if self.settings.parameters else {})
-        self.predictor = _opened.pop((self.name, os.path.realpath(path)), None) or await asyncio.to_thread(
-            open_artifact, path, extra.get("providers"), extra.get("threads"), bool(extra.get("allow_fallback", False)))
-        self.classes = self.predictor.classes
+        if extra.get("task") is not None:
+            artifact = str(extra.get("artifact") or os.path.splitext(os.path.basename(path))[0])
+            self.shared = await asyncio.to_thread(attach, artifact, path, extra, self)
+            self.predictor = self.shared.predictor
+        else:
+            self.predictor = _opened.pop((self.name, os.path.realpath(path)), None) or await asyncio.to_thread(
+                open_artifact, path, extra.get("providers"), extra.get("threads"),
+                bool(extra.get("allow_fallback", False)))
+        self.task = task_index(self.predictor, extra.get("task"), self.name, path)
+        self.classes = self.predictor.classes_of(self.task)
         self.size = self.predictor.preprocess.size
+        batching = self._batching()
+        if self.shared is not None:
+            self.batcher = self.shared.batcher_for(self.name, batching)
+            self.batch_sizes = self.shared.batch_sizes
+        else:
+            labels = batch_histogram().labels(model_name=self.name, model_version=self.version or "")
+            self.batcher = Batcher(self.predictor.infer, *batching[:2], max_requests=batching[2],
+                                   on_batch=lambda rows: (self.batch_sizes.update([rows]), labels.observe(rows)))
+        quiet_client_errors()
+        started.add(self.name)
+        return True
+
+    def _batching(self) -> tuple[int, float, int | None]:
+        """(rows per call, seconds to wait, requests per call) from the settings and the artifact's limits."""
         batching = self.max_batch_size > 1
         limit = getattr(self.predictor, "profile_max", None)  # a TensorRT engine's largest batch
         self.max_rows = self.max_batch_size if batching else min(DEFAULT_MAX_ROWS, limit or DEFAULT_MAX_ROWS)
         if limit is not None and self.max_rows > limit:
             raise UsageError(f"model {self.name}: max_batch_size {self.max_rows} is over the engine's profile "
                              f"maximum of {limit}; lower it or rebuild the engine")
-        labels = batch_histogram().labels(model_name=self.name, model_version=self.version or "")
-        self.batcher = Batcher(self.predictor.infer, self.max_rows, self.max_batch_time if batching else 0.0,
-                               on_batch=lambda rows: (self.batch_sizes.update([rows]), labels.observe(rows)),
-                               max_requests=None if batching else 1)
-        quiet_client_errors()
-        started.add(self.name)
-        return True
+        return self.max_rows, self.max_batch_time if batching else 0.0, None if batching else 1
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         parsed = parse_request(payload, self.size, self.max_rows, len(self.classes))
         try:
             x = parsed.x if parsed.blobs is None else await asyncio.to_thread(
                 decode_images, parsed.blobs, self.predictor.preprocess)
-            logits = await self.batcher.submit(x)
+            logits = await self.batcher.submit(x, self.task)
         except VFPTError as e:  # the artifact failed to run: the server's fault, not the request's
             raise MLServerError(str(e), 500) from None
-        return encode_response(np.asarray(logits), parsed, self.classes, self.name, self.version)
+        # a multi-task graph pads every row to its widest task with -inf: keep this task's own classes
+        return encode_response(np.asarray(logits)[:, :len(self.classes)], parsed, self.classes, self.name,
+                               self.version)
 
     async def metadata(self) -> MetadataModelResponse:
         inputs, outputs = metadata_tensors(self.size, len(self.classes))
         platform = "tensorrt_plan" if hasattr(self.predictor, "profile_max") else "onnxruntime_onnx"
         params = Parameters(max_batch_size=self.max_rows, max_batch_time=self.max_batch_time,
-                            num_classes=len(self.classes))
+                            num_classes=len(self.classes), **self._task_metadata())
         return MetadataModelResponse(name=self.name, versions=[self.version] if self.version else None,
                                      platform=platform, inputs=inputs, outputs=outputs, parameters=params)
 
+    def _task_metadata(self) -> dict:
+        """For a task model: its task, its artifact's name, and the models sharing its session and batcher."""
+        if self.shared is None:
+            return {}
+        with _shared_lock:
+            models = sorted(set(self.shared.users.values()))
+        return {"task": self.predictor.tasks[self.task], "artifact": self.shared.name, "session_models": models}
+
     async def unload(self) -> bool:
+        if self.shared is not None:  # the session and batcher stay while other task models use them
+            shared, self.shared = self.shared, None
+            detach(shared, self)
+            return True
         if self.batcher is not None:
             self.batcher.close()
         if self.predictor is not None:

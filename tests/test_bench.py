@@ -290,3 +290,140 @@ def test_prompt_cost_script_tiny(tmp_path):
     assert all(r["ratio"] > 0 for r in data["summary"])
     assert data["tokens_vs_kv_max_abs_diff"]["4"] < 1e-3  # the two folds compute the same logits
     assert (tmp_path / "prompt_cost_tiny.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- multi-task artifacts (issue 11): mixed-task and single-task streams ------------------------------------
+from vfpt_deploy.bench import Stream, TensorRTBackend, stream_task_ids  # noqa: E402
+
+TASKS = ["cars", "birds", "flat"]  # tasks_onnx's, in index order
+QUICK = BenchSettings(batches=(1, 8), loop=LoopSpec(warmup=0, iters=2), threads=1)
+
+
+def test_mixed_stream_mixes_every_batch():
+    for batch in (2, 3, 7, 8, 32):
+        ids = stream_task_ids(TASKS, Stream(), batch, seed=0)
+        assert ids.dtype == np.int64 and ids.shape == (batch,) and set(ids) <= {0, 1, 2}
+        counts = np.bincount(ids, minlength=3)
+        assert (counts > 0).sum() == min(batch, 3) and counts.max() - counts.min() <= 1, (batch, counts)
+        np.testing.assert_array_equal(ids, stream_task_ids(TASKS, Stream(), batch, seed=0))  # seeded
+    # shuffled, not task after task; another seed gives another order
+    assert len({tuple(stream_task_ids(TASKS, Stream(), 8, s)) for s in range(5)}) == 5
+    # each sample's task is uniform: over 600 seeded batches of one, every task comes up about 200 times
+    firsts = np.bincount([stream_task_ids(TASKS, Stream(), 1, s)[0] for s in range(600)], minlength=3)
+    assert firsts.min() > 150, firsts
+    np.testing.assert_array_equal(stream_task_ids(TASKS, Stream("birds"), 4, 0), [1, 1, 1, 1])
+
+
+@pytest.fixture
+def fed(monkeypatch):
+    """The task indices every OnnxPredictor.infer call of the test received."""
+    from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+    calls, infer = [], OnnxPredictor.infer
+
+    def spy(self, batch, task_ids=None):
+        calls.append(None if task_ids is None else np.array(task_ids))
+        return infer(self, batch, task_ids)
+
+    monkeypatch.setattr(OnnxPredictor, "infer", spy)
+    return calls
+
+
+def test_multi_task_onnx_replays_a_mixed_stream(tasks_onnx, fed):
+    report = run_bench(onnx=[tasks_onnx], backends=["ort-cpu"], settings=QUICK)
+    assert [(r.batch, r.stream) for r in report.results] == [(1, "mixed"), (8, "mixed")]
+    assert len(fed) == 4 and all(ids is not None for ids in fed)  # every call fed the `task` input
+    assert {len(set(ids)) for ids in fed if len(ids) == 8} == {3}  # every batch of 8 holds every task
+    counts = report.results[1].detail["task_counts"]
+    assert set(counts) == set(TASKS) and sum(counts.values()) == 8
+    assert report.settings["task"] is None
+
+
+def test_task_adds_a_single_task_stream_on_the_same_session(tasks_onnx, fed):
+    report = run_bench(onnx=[tasks_onnx], backends=["ort-cpu"], settings=BenchSettings(**{**vars(QUICK), "task": "birds"}))
+    assert [(r.batch, r.stream) for r in report.results] == [(1, "mixed"), (1, "task:birds"), (8, "mixed"), (8, "task:birds")]
+    single = [r for r in report.results if r.stream == "task:birds"]
+    assert [r.detail["task_counts"] for r in single] == [{"birds": 1}, {"birds": 8}]
+    assert [ids.tolist() for ids in fed[2:4]] == [[1], [1]] and len(set(fed[-1])) == 1 and fed[-1][0] == 1
+    assert len(set(fed[4])) == 3  # the batch of 8 before it was mixed
+    assert report.settings["task"] == "birds"
+
+
+def test_single_task_rows_have_no_stream(exported_run):
+    report = run_bench(onnx=[exported_run[1]], backends=["ort-cpu"], settings=QUICK)
+    assert [r.stream for r in report.results] == [None, None] and "task_counts" not in report.results[0].detail
+
+
+def test_multi_task_cli_json_table_and_csv(tasks_onnx, tmp_path):
+    res = invoke("bench", "--onnx", tasks_onnx, "-b", "ort-cpu", *FAST, "--threads", "1", "--task", "flat", "--json",
+                 "--csv", tmp_path / "r.csv")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output[res.output.index("{"):res.output.rindex("}") + 1])
+    assert [(r["batch"], r["stream"]) for r in data["results"]] == [(1, "mixed"), (1, "task:flat"), (2, "mixed"),
+                                                                    (2, "task:flat")]
+    assert data["settings"]["task"] == "flat" and data["results"][3]["detail"]["task_counts"] == {"flat": 2}
+    assert len(data["results"][2]["detail"]["task_counts"]) == 2  # a batch of 2 mixes two tasks
+    with open(tmp_path / "r.csv") as f:
+        assert [r["stream"] for r in csv.DictReader(f)] == ["mixed", "task:flat", "mixed", "task:flat"]
+    res = invoke("bench", "--onnx", tasks_onnx, "-b", "ort-cpu", *FAST, "--threads", "1")
+    assert res.exit_code == 0, res.output
+    assert re.search(r"ort-cpu\s+1\s+mixed\s+3\s", res.output) and "task:" not in res.output  # the stream column
+    assert "3 tasks; streams: mixed" in flat(res.output)
+
+
+def test_multi_task_usage_errors(tasks_onnx, exported_run, run_pt, tmp_path):
+    engine = _fake_tasks_engine(tasks_onnx, tmp_path)
+    for args, words in [(("--onnx", tasks_onnx, "--task", "nope"), "has no such task; it holds cars, birds, flat"),
+                        (("--engine", engine, "--task", "nope"), "has no such task; it holds cars, birds, flat"),
+                        (("--onnx", exported_run[1], "--task", "cars"), "holds a single task; drop --task"),
+                        (("--onnx", tasks_onnx, "--onnx", exported_run[1], "--task", "cars"), "holds a single task"),
+                        ((run_pt, "--task", "cars"), "a run.pt holds a single task")]:
+        res = invoke("bench", *args, "-b", "ort-cpu", *FAST)
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (args, res.output)
+        assert words in flat(res.output) and "Traceback" not in res.output, (args, res.output)
+        assert len(res.output.strip().splitlines()) == 1 and "measuring" not in res.output, (args, res.output)
+
+
+def _fake_tasks_engine(onnx_path, folder):
+    """An engine file with the sidecar a build of onnx_path would write (bench reads the tasks from it
+    before anything runs; TensorRT never sees the file)."""
+    from vfpt_deploy.files import file_sha256
+    from vfpt_deploy.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
+
+    engine = folder / "tasks.engine"
+    engine.write_bytes(b"not a real engine")
+    side = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "engine": {"sha256": file_sha256(engine)},
+            "tensorrt": {"flavor": "trt-rtx", "module": "tensorrt_rtx", "version": "1.7.1"}, "build": {},
+            "profile": {"input": "images", **{k: [4, 3, 32, 32] for k in ("min", "opt", "max")},
+                        "task": {"input": "task", "dtype": "int64", "min": [4], "opt": [4], "max": [4]}},
+            "metadata": read_graph(onnx_path).metadata}
+    (folder / "tasks.engine.json").write_text(json.dumps(side))
+    return engine
+
+
+class FakeEngine:
+    """What TensorRTBackend.runner uses of a TensorRTPredictor, recording the task indices it is given."""
+
+    min_batch, profile_max = 1, 8
+
+    def __init__(self):
+        self.calls = []
+
+    def infer(self, batch, task_ids=None):
+        self.calls.append(("infer", task_ids))
+
+    def load(self, batch, task_ids=None):
+        self.calls.append(("load", task_ids))
+
+    def execute(self):
+        self.calls.append(("execute", None))
+
+
+def test_tensorrt_backend_feeds_task_ids():
+    backend = object.__new__(TensorRTBackend)  # no GPU here: the runner's half, on a stand-in predictor
+    backend.predictor, backend.image_size, backend.seed = FakeEngine(), (32, 32), 0
+    ids = stream_task_ids(TASKS, Stream(), 4, 0)
+    backend.runner(4, True, ids)()
+    backend.runner(4, False, ids)()
+    calls = backend.predictor.calls
+    assert [c[0] for c in calls] == ["infer", "load", "execute"] and calls[0][1] is ids and calls[1][1] is ids

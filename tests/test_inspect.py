@@ -313,3 +313,134 @@ def test_cli_engine(engine):
     res = invoke("inspect", engine.engine_path)
     assert res.exit_code == 0, res.output
     assert "TensorRT engine (trt-rtx)" in res.output and "matches the sidecar" in res.output
+
+
+# -- multi-task artifacts (issue 11) ------------------------------------------------------------------------
+def _retasked(src, dst, tasks: list):
+    """A copy of a single-task ONNX whose metadata says it holds `tasks` (its graph has no `task` input)."""
+    model = onnx.load(src)
+    props = [(p.key, p.value) for p in model.metadata_props if p.key != "vfpt.classes"]
+    del model.metadata_props[:]
+    for k, v in props + [("vfpt.tasks", json.dumps(tasks))]:
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, dst)
+    return dst
+
+
+def test_multi_task_onnx(tasks_onnx, task_runs):
+    info = inspect_artifact(tasks_onnx)
+    assert info["kind"] == "onnx" and info["task"] == "classification"
+    assert "classes" not in info and "num_classes" not in info  # one class list would be wrong for any task
+    assert [(t["index"], t["name"], t["num_classes"], t["fold"], t["num_prompts"], t["deep"]) for t in info["tasks"]] == [
+        (0, "cars", 4, "kv", 6, True), (1, "birds", 7, "kv", 3, True), (2, "flat", 2, "tokens", 5, False)]
+    assert info["tasks"][1]["classes"] == [f"birds-{c}" for c in range(7)]  # all of them in JSON
+    for t in info["tasks"]:
+        assert t["checkpoint"] == f"{t['name']}.pt" and t["checkpoint_sha256"] == file_sha256(task_runs[t["name"]])
+        assert t["config"]["num_prompts"] == t["num_prompts"] and "num_fourier" in t["config"]
+    assert info["inputs"] == [{"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32]},
+                              {"name": "task", "dtype": "int64", "shape": ["batch"]}]
+    assert info["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", 7]}]
+    assert info["task_input"]["in_graph"] is True and info["task_input"]["dtype"] == "int64"
+    assert info["logits"]["width"] == 7 and info["logits"]["widest_task"] == "birds"
+    assert "-inf" in info["logits"]["padding"] and "trims" in info["logits"]["padding"]
+    assert "tasks" not in info["vfpt_metadata"] and info["vfpt_metadata"]["fold"] == "mixed"
+    assert info["verification"]["state"] == "passed"  # the export pipeline verified every task
+    strict_json(dumps_json(info))
+
+
+def test_multi_task_table_rows(tasks_onnx):
+    rows = dict(summary_rows(inspect_artifact(tasks_onnx)))
+    assert rows["task"].startswith("classification, 3 tasks")
+    birds = rows["task 1: birds"]
+    assert birds.startswith("7 classes (birds-0, birds-1, birds-2, birds-3, birds-4, ...)") and "birds-5" not in birds
+    assert "fold kv" in birds and "M=3 deep" in birds and "from birds.pt" in birds
+    assert "M=5 shallow" in rows["task 2: flat"] and "fold tokens" in rows["task 2: flat"]
+    assert "0 = cars, 1 = birds, 2 = flat" in rows["task input"] and "MISSING" not in rows["task input"]
+    assert rows["logits"].startswith("7 wide") and "(birds)" in rows["logits"] and "-inf" in rows["logits"]
+    assert rows["input task"] == "int64 [batch]" and rows["output logits"] == "float32 [batch, 7]"
+    assert "prompts" not in rows and "source checkpoint" not in rows and "classes" not in rows  # per task instead
+
+
+def test_multi_task_metadata_on_a_graph_without_the_task_input(work):
+    """A crafted file: tasks in the metadata, no `task` input in the graph. Shown as such, with hostile task
+    fields printed harmlessly."""
+    _, d = work
+    tasks = [{"name": "one", "classes": ["a", "b", "c", "d"], "num_prompts": "[" * 300 + "]" * 300,
+              "checkpoint": "\x1b[2Jx.pt", "checkpoint_sha256": 5, "fold": "kv"},
+             {"name": "two", "classes": ["p"], "config": {"deep": "maybe"}}]
+    info = inspect_artifact(_retasked(d / "run.onnx", d / "crafted.onnx", tasks))
+    assert info["task_input"]["in_graph"] is False and [t["num_classes"] for t in info["tasks"]] == [4, 1]
+    assert info["tasks"][1]["deep"] is None and info["tasks"][1]["num_prompts"] is None
+    strict_json(dumps_json(info))
+    rows = summary_rows(info)
+    assert not any("\x1b" in k or "\x1b" in v for k, v in rows)
+    rows = dict(rows)
+    assert "MISSING from the graph" in rows["task input"] and "sha256 ?" in rows["task 0: one"]
+    assert "M=?" in rows["task 1: two"]
+    res = invoke("inspect", d / "crafted.onnx")
+    assert res.exit_code == 0 and "\x1b[2J" not in res.output
+
+
+def test_multi_task_names_are_checked(work):
+    _, d = work
+    path = _retasked(d / "run.onnx", d / "dup.onnx", [{"name": "a", "classes": ["x"]}, {"name": "a", "classes": ["y"]}])
+    with pytest.raises(ArtifactError, match="unique name"):
+        inspect_artifact(path)
+
+
+def test_multi_task_cli(tasks_onnx):
+    res = invoke("inspect", tasks_onnx)
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.replace("│", " ").split())
+    assert "3 tasks on one backbone" in out and "task 1: birds" in out and "7 wide" in out and "input task" in out
+    res = invoke("inspect", tasks_onnx, "--json")
+    assert res.exit_code == 0, res.output
+    info = strict_json(res.output)
+    assert [t["name"] for t in info["tasks"]] == ["cars", "birds", "flat"]
+    assert [len(t["classes"]) for t in info["tasks"]] == [4, 7, 2] and info["logits"]["width"] == 7
+
+
+def test_multi_task_inspection_imports_no_torch(tasks_onnx):
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows; "
+            f"i = inspect_artifact({str(tasks_onnx)!r}); summary_rows(i); assert len(i['tasks']) == 3; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def fake_engine(onnx_path, folder, name: str = "tasks.engine"):
+    """An engine file and the sidecar a build of `onnx_path` (profile batch 1..4) would write. inspect never
+    deserializes an engine, so it sees exactly what a real build gives, without TensorRT."""
+    from vfpt_deploy.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
+
+    engine = folder / name
+    engine.write_bytes(b"not a real engine")
+    shutil.copy(onnx_path, folder / "tasks.onnx")
+    profile = {"input": "images", "min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [4, 3, 32, 32],
+               "task": {"input": "task", "dtype": "int64", "min": [1], "opt": [2], "max": [4]}}
+    side = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
+            "engine": {"file": name, "sha256": file_sha256(engine), "bytes": engine.stat().st_size},
+            "tensorrt": {"flavor": "trt-rtx", "module": "tensorrt_rtx", "version": "1.7.1"}, "gpu": None,
+            "precision": "fp32", "profile": profile, "build": {"precision_mode": "strongly-typed"},
+            "onnx": {"file": "tasks.onnx", "sha256": file_sha256(onnx_path)}, "tool_version": "0.1.0",
+            "created": "2026-01-01T00:00:00Z", "metadata": read_graph(onnx_path).metadata}
+    (folder / f"{name}.json").write_text(json.dumps(side))
+    return engine
+
+
+def test_multi_task_engine(tasks_onnx, tmp_path):
+    engine = fake_engine(tasks_onnx, tmp_path)
+    info = inspect_artifact(engine)
+    assert info["kind"] == "engine" and "classes" not in info and info["source_onnx"]["sha256_matches"] is True
+    assert [(t["name"], t["num_classes"], t["num_prompts"]) for t in info["tasks"]] == [
+        ("cars", 4, 6), ("birds", 7, 3), ("flat", 2, 5)]
+    assert info["logits"]["width"] == 7 and "in_graph" not in info["task_input"]  # an engine is not deserialized
+    strict_json(dumps_json(info))
+    rows = dict(summary_rows(info))
+    assert "task 2: flat" in rows and "0 = cars" in rows["task input"] and rows["logits"].startswith("7 wide")
+    assert "task: min [1], opt [2], max [4]" in rows["profile"]
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows; "
+            f"summary_rows(inspect_artifact({str(engine)!r})); "
+            "assert 'torch' not in sys.modules and 'tensorrt_rtx' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    res = invoke("inspect", engine, "--json")
+    assert res.exit_code == 0 and [t["name"] for t in strict_json(res.output)["tasks"]] == ["cars", "birds", "flat"]

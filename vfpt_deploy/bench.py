@@ -19,6 +19,12 @@ verified against PyTorch like any export. Option values are checked here (one-li
 lengths by LoopSpec, batch sizes 1..4096 and, once a model's image size is known, an input batch of at
 most a quarter of physical RAM, before anything is allocated.
 
+Multi-task artifacts (an ONNX or engine whose metadata lists `tasks`) take a task index per image. By
+default each batch replays a mixed-task stream: every sample's task is drawn uniformly at random (seeded)
+from the artifact's tasks, balanced so that a batch of b images holds min(b, T) different tasks. With
+`task` set (`--task NAME`), each batch size is also measured on a single-task stream of that task, right
+after the mixed one on the same session, so the two compare in one run. Every row says its stream.
+
 The GPU paths (CUDA events, IO binding, TensorRT engines) follow the documented torch / onnxruntime /
 TensorRT APIs; they run only where a GPU is present.
 """
@@ -36,7 +42,7 @@ import numpy as np
 from .errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError, VFPTError
 from .extras import import_onnxruntime, needs_extras
 from .files import atomic_write, dumps_json
-from .schema import INPUT_NAME, OUTPUT_NAME
+from .schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT, artifact_tasks, output_classes
 from vfpt_deploy.runtime.onnx_runner import check_threads
 from vfpt_deploy.runtime.timing import LoopSpec, PerfCounterTimer, Timer, machine_info, measure, peak_rss_bytes, \
     physical_memory_bytes, reset_peak_rss, summarize
@@ -97,6 +103,7 @@ class BenchSettings:
     fold: str = "auto"  # fold mode of torch-folded and of the ONNX exported from a checkpoint
     device: str | None = None  # torch backends: "cpu", "cuda", "cuda:1"; None: CUDA when present
     seed: int = 0
+    task: str | None = None  # multi-task artifacts: also measure a single-task stream of this task
 
     def check(self) -> "BenchSettings":
         if not self.batches:
@@ -129,10 +136,12 @@ class Result:
     cuda_peak_mib: float | None  # torch allocator's peak on the GPU (None: CPU, or memory torch cannot see)
     device: str
     providers: list[str] = field(default_factory=list)  # onnxruntime: what the session really uses
-    detail: dict = field(default_factory=dict)  # fold mode, artifact, ...
+    detail: dict = field(default_factory=dict)  # fold mode, artifact, a multi-task batch's task counts, ...
+    stream: str | None = None  # multi-task artifacts: "mixed" or "task:NAME" (Stream.label); None: single-task
 
     def flat(self) -> dict:
-        return {"backend": self.backend, "batch": self.batch, "timing": self.timing, **self.stats,
+        return {"backend": self.backend, "batch": self.batch, "timing": self.timing, "stream": self.stream or "",
+                **self.stats,
                 "peak_rss_mib": self.peak_rss_mib, "cuda_peak_mib": self.cuda_peak_mib, "device": self.device,
                 "providers": ";".join(self.providers),
                 "detail": dumps_json(self.detail, sort_keys=True) if self.detail else ""}
@@ -194,6 +203,7 @@ class BenchReport:
         series: dict[str, list[Result]] = {}
         for r in self.results:
             label = r.backend if r.timing in ("host", "device") else f"{r.backend} ({r.timing})"
+            label += f" [{r.stream}]" if r.stream else ""
             series.setdefault(label, []).append(r)
         fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 4.8))
         for label, rows in series.items():
@@ -227,22 +237,73 @@ def machine_line(machine: dict, threads: int | None = None) -> str:
             f", threads {threads or 'default'}; {gpu}; torch {v.get('torch', '-')}, onnxruntime {ort or '-'}")
 
 
+# -- task streams (multi-task artifacts) ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Stream:
+    """Which task each image of a multi-task artifact's batches is for: every image `task`, or (None) the
+    mixed stream."""
+
+    task: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "mixed" if self.task is None else f"task:{self.task}"  # ':' is in no task name (schema.TASK_NAME)
+
+
+def streams(tasks: list[str], task: str | None) -> list[Stream | None]:
+    """The streams a backend is measured on: [None] for a single-task artifact; mixed, then `task` alone."""
+    if not tasks:
+        return [None]
+    return [Stream()] + ([Stream(task)] if task is not None else [])
+
+
+def stream_task_ids(tasks: list[str], stream: Stream, batch: int, seed: int) -> np.ndarray:
+    """int64 task indices of one batch. Mixed: each image's task is uniform at random over the T tasks, and
+    the batch is balanced (min(b, T) different tasks, counts differing by at most one) rather than drawn
+    independently, so that every batch of two or more images really mixes tasks; seeded by (seed, batch)."""
+    if stream.task is not None:
+        return np.full(batch, tasks.index(stream.task), dtype=np.int64)
+    rng = np.random.default_rng([seed, batch])
+    ids = np.resize(rng.permutation(len(tasks)), batch)  # a random subset of tasks when batch < T
+    rng.shuffle(ids)
+    return ids.astype(np.int64)
+
+
+def check_task_request(checkpoint, artifacts: list, task: str | None) -> None:
+    """`--task NAME` picks one task of multi-task artifacts: refused (one line) with a run.pt or a
+    single-task artifact, and for a name an artifact does not hold (its tasks listed)."""
+    if task is None:
+        return
+    shown = repr(str(task)[:80])
+    if checkpoint is not None:
+        raise UsageError(f"--task {shown} picks a task of a multi-task .onnx/.engine, but a run.pt holds a single "
+                         "task: drop --task, or benchmark the run.pt in its own run")
+    for path in artifacts:
+        names = [t["name"] for t in artifact_tasks(Path(path))]
+        if not names:
+            raise UsageError(f"--task {shown}: {path} holds a single task; drop --task")
+        if task not in names:
+            raise UsageError(f"--task {shown}: {path} has no such task; it holds {', '.join(names)}")
+
+
 # -- backends ----------------------------------------------------------------------------------------
 # A backend that cannot run here raises vfpt_deploy.errors.Unavailable (importable from this module too):
 # the run reports it as skipped, with the message as the reason.
 
 
 class Backend:
-    """One way of running the model. `runner(batch, e2e)` prepares inputs and returns a no-argument call
-    that runs one inference; `timer(e2e)` is what times it. `image_size` (H, W) is known once it is made."""
+    """One way of running the model. `runner(batch, e2e, task_ids)` prepares inputs and returns a
+    no-argument call that runs one inference; `timer(e2e)` is what times it. `image_size` (H, W) is known
+    once it is made; `tasks` (a multi-task artifact's task names, else []) too."""
 
     name: str
     device: str = "cpu"
     image_size: tuple[int, int]
     providers: list[str] = []
     detail: dict = {}
+    tasks: list[str] = []
 
-    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+    def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
         raise NotImplementedError
 
     def timer(self, e2e: bool) -> Timer:
@@ -311,7 +372,7 @@ class TorchBackend(Backend):
         self.detail = detail
         self.providers = []
 
-    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+    def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
         torch, module = self.torch, self.module
         host = torch.from_numpy(make_input(batch, self.image_size, self.seed))
         if self.dev.type == "cuda" and e2e:
@@ -380,7 +441,8 @@ class OrtBackend(Backend):
                               f"{', '.join(self.providers)} (no usable GPU / CUDA libraries here)")
         self.device = "cpu" if kind == "ort-cpu" else f"cuda:{self.device_id}"
         self.image_size = tuple(self.predictor.preprocess.size)
-        self.num_classes = len(self.predictor.classes)
+        self.tasks = self.predictor.tasks
+        self.num_classes = output_classes(self.predictor.metadata)  # a multi-task graph's logits: the widest task
         meta = self.predictor.metadata
         self.detail = {**detail, "artifact": self.path.name, "threads": threads,
                        **{k: meta[k] for k in ("fold", "precision") if k in meta}}
@@ -396,15 +458,18 @@ class OrtBackend(Backend):
         self.stream, self.device_id = torch.cuda.current_stream(), torch.cuda.current_device()
         return {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream)}
 
-    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+    def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
         x = make_input(batch, self.image_size, self.seed)
         infer = self.predictor.infer
         if self.kind == "ort-cpu" or e2e:
-            return lambda: infer(x)  # numpy in, numpy out: copies included on GPU EPs
+            return lambda: infer(x, task_ids)  # numpy in, numpy out: copies included on GPU EPs
         # IO binding: input and output live on the GPU, so a timed run is inference only.
         ort, session = self.ort, self.predictor.session
         binding = session.io_binding()
         binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
+        ids = self.predictor.check_task_ids(x, task_ids)
+        if ids is not None:
+            binding.bind_ortvalue_input(TASK_INPUT, ort.OrtValue.ortvalue_from_numpy(ids, "cuda", self.device_id))
         y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.num_classes], np.float32, "cuda", self.device_id)
         binding.bind_ortvalue_output(OUTPUT_NAME, y)
         binding.synchronize_inputs()
@@ -467,18 +532,19 @@ class TensorRTBackend(Backend):
         self.device = f"cuda:{p.device.index}"
         self.providers = []
         self.image_size = tuple(p.input_shape[1:])
+        self.tasks = list(p.tasks)
         self.detail = {"artifact": self.path.name, "flavor": p.flavor, "gpu": p.device.name,
                        "max_batch": p.profile_max, **({"fold": p.metadata["fold"]} if "fold" in p.metadata else {})}
 
-    def runner(self, batch: int, e2e: bool) -> Callable[[], object]:
+    def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
         p = self.predictor
         if not p.min_batch <= batch <= p.profile_max:
             raise Unavailable(f"batch {batch} is outside the engine's optimization profile "
                               f"({p.min_batch}..{p.profile_max})")
         x = make_input(batch, self.image_size, self.seed)
         if e2e:
-            return lambda: p.infer(x)
-        p.load(x)
+            return lambda: p.infer(x, task_ids)
+        p.load(x, task_ids)
         return p.execute
 
     def timer(self, e2e: bool) -> Timer:
@@ -507,26 +573,33 @@ def measure_backend(backend: Backend, settings: BenchSettings, report: BenchRepo
     settings.check_memory(backend.image_size)
     modes = [False] + ([True] if settings.e2e and backend.device != "cpu" else [])
     for batch in settings.batches:
-        for e2e in modes:
-            try:
-                fn = backend.runner(batch, e2e)
-            except Unavailable as e:
-                report.skipped.append(Skipped(backend.name, str(e), batch))
-                continue
-            row = _measure_row(backend, batch, e2e, fn, settings)
-            report.results.append(row)
-            if on_row:
-                on_row(row)
+        for stream in streams(backend.tasks, settings.task):  # mixed and single-task rows back to back
+            ids = None if stream is None else stream_task_ids(backend.tasks, stream, batch, settings.seed)
+            for e2e in modes:
+                try:
+                    fn = backend.runner(batch, e2e, ids)
+                except Unavailable as e:
+                    report.skipped.append(Skipped(backend.name, str(e), batch))
+                    continue
+                row = _measure_row(backend, batch, e2e, fn, settings, stream, ids)
+                report.results.append(row)
+                if on_row:
+                    on_row(row)
 
 
-def _measure_row(backend: Backend, batch: int, e2e: bool, fn: Callable[[], object], settings: BenchSettings) -> Result:
+def _measure_row(backend: Backend, batch: int, e2e: bool, fn: Callable[[], object], settings: BenchSettings,
+                 stream: Stream | None = None, task_ids: np.ndarray | None = None) -> Result:
     backend.cuda_peak_reset()
     scoped = reset_peak_rss()
     seconds = measure(fn, settings.loop, backend.timer(e2e))
     timing = "end-to-end" if e2e else ("host" if backend.device == "cpu" else "device")
+    detail = {**backend.detail, "rss_scope": "row" if scoped else "process"}
+    if task_ids is not None:  # how many images of each task the measured batch held
+        counts = np.bincount(task_ids, minlength=len(backend.tasks))
+        detail["task_counts"] = {t: int(c) for t, c in zip(backend.tasks, counts) if c}
     return Result(backend.name, batch, timing, summarize(seconds, batch).to_dict(),
                   round(peak_rss_bytes() / MiB, 1), backend.cuda_peak_mib(), backend.device,
-                  list(backend.providers), {**backend.detail, "rss_scope": "row" if scoped else "process"})
+                  list(backend.providers), detail, stream.label if stream else None)
 
 
 def check_request(checkpoint, onnx: list, engines: list, backends: list[str] | None) -> list[str]:
@@ -566,7 +639,9 @@ class _Run:
             self.skip(name, str(e))
             self.status(f"skipping {name}: {e}")
             return
-        self.status(f"measuring {name} on {backend.device}")
+        runs = [st.label for st in streams(backend.tasks, self.settings.task) if st]
+        on = f" ({len(backend.tasks)} tasks; streams: {', '.join(runs)})" if runs else ""
+        self.status(f"measuring {name} on {backend.device}{on}")
         try:
             measure_backend(backend, self.settings, self.report, self.on_row)
         finally:
@@ -586,11 +661,13 @@ def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | o
 
     checkpoint: gives torch and torch-folded, and is exported to ONNX (settings.fold, through the export
       pipeline, verified) for the ort-* backends when no ONNX file is given.
-    onnx / engines: artifacts for the ort-* backends / the tensorrt backend.
+    onnx / engines: artifacts for the ort-* backends / the tensorrt backend. A multi-task one is measured on
+      the mixed-task stream, and on settings.task's single-task stream when set (module docstring).
     backends: names from BACKENDS; None: all of them (the unusable ones are reported as skipped).
     """
     settings = (settings or BenchSettings()).check()
     wanted = check_request(checkpoint, onnx, engines, backends)
+    check_task_request(checkpoint, [*onnx, *engines], settings.task)
     report = BenchReport(machine_info(), {**settings.to_dict(), "backends": wanted,
                                           "checkpoint": str(checkpoint) if checkpoint else None,
                                           "onnx": [str(p) for p in onnx], "engines": [str(p) for p in engines]})
@@ -700,15 +777,17 @@ def results_table(report: BenchReport):
     rows = report.results
     show_timing = any(r.timing != "host" for r in rows)
     show_cuda = any(r.cuda_peak_mib is not None for r in rows)
+    show_stream = any(r.stream for r in rows)  # a multi-task artifact: which task stream each row replayed
     t = Table(title="latency per call, ms", caption=machine_line(report.machine, report.settings.get("threads")),
               box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", caption_justify="left")
-    cols = ["backend", "batch"] + (["timing"] if show_timing else []) + \
+    cols = ["backend", "batch"] + (["timing"] if show_timing else []) + (["stream"] if show_stream else []) + \
         ["n", "mean", "std", "p50", "p90", "p95", "p99", "img/s", "RSS MiB"] + (["CUDA MiB"] if show_cuda else [])
     for col in cols:
-        t.add_column(col, justify="left" if col in ("backend", "timing") else "right", no_wrap=True)
+        t.add_column(col, justify="left" if col in ("backend", "timing", "stream") else "right", no_wrap=True)
     for r in rows:
         s = r.stats
-        cells = [r.backend, str(r.batch)] + ([r.timing] if show_timing else []) + [str(s["n"])]
+        cells = [r.backend, str(r.batch)] + ([r.timing] if show_timing else []) + \
+            ([r.stream or "-"] if show_stream else []) + [str(s["n"])]
         cells += [_ms(s[k]) for k in ("mean_ms", "std_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms")]
         cells += [f"{s['throughput']:.0f}" if s["throughput"] >= 100 else f"{s['throughput']:.1f}", f"{r.peak_rss_mib:.0f}"]
         if show_cuda:

@@ -9,6 +9,10 @@
                 and whether the engine file still has the sha256 the sidecar records. The engine is
                 never deserialized (that needs its TensorRT and a GPU).
 
+A multi-task ONNX or engine (metadata `tasks`) shows, instead of one class list, its tasks in index
+order (name, classes, fold, prompt count M, source checkpoint), the `task` input that picks one per image,
+and the logits width: the widest task's, padded with -inf past a task's own classes (the runtime trims).
+
 Every kind also gets its file sha256 and what its verification report (NAME.verify.json) says about this
 very file. The result is a plain dict of JSON values (strict: `files.dumps_json` prints it) and
 `summary_rows` turns it into the rows a table shows.
@@ -24,13 +28,15 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError, InputError, UsageError, VFPTError
 from .files import file_sha256, read_json
-from .schema import (ONNX_SUFFIXES, check_metadata, graph_facts, is_engine, load_onnx, op_histogram, report_path,
-                     sidecar_path)
+from .schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, is_engine,
+                     load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
 TASK = "classification"
 MAX_REPORT_BYTES = 16 * 2**20  # a verification report is a few kB; a bigger one is not read
 MAX_DEPTH = 32  # nesting kept from values a file supplies; deeper parts are shown as text
 _ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
+PADDING = "-inf past a task's own classes; the runtime trims them"
+SHOWN_CLASSES = 5  # class names per task in the table (--json has them all)
 
 
 def inspect_artifact(path: str | os.PathLike, *, backbone_weights: str | None = None) -> dict:
@@ -79,10 +85,32 @@ def plain(value, depth: int = 0):
 
 
 def _model_facts(meta: dict) -> dict:
-    """The fields every kind shows the same way, from checked metadata."""
+    """The fields every kind shows the same way, from checked metadata. A multi-task artifact has `tasks`
+    and `logits` instead of `num_classes` and `classes`."""
     pre = meta["preprocess"]
-    return {"task": TASK, "num_classes": len(meta["classes"]), "classes": list(meta["classes"]),
-            "preprocess": pre.to_dict() if hasattr(pre, "to_dict") else pre}
+    pre = pre.to_dict() if hasattr(pre, "to_dict") else pre
+    if "tasks" not in meta:
+        return {"task": TASK, "num_classes": len(meta["classes"]), "classes": list(meta["classes"]), "preprocess": pre}
+    tasks = [_task_facts(i, t) for i, t in enumerate(meta["tasks"])]
+    width = output_classes(meta)
+    return {"task": TASK, "tasks": tasks, "preprocess": pre,
+            "task_input": {"name": TASK_INPUT, "dtype": "int64", "shape": ["batch"],
+                           "meaning": "the task index of each image (tasks[i].index)"},
+            "logits": {"name": OUTPUT_NAME, "width": width,
+                       "widest_task": next(t["name"] for t in tasks if t["num_classes"] == width), "padding": PADDING}}
+
+
+def _task_facts(index: int, task: dict) -> dict:
+    """One task of a (checked: name, classes) multi-task artifact; the other fields are only shown."""
+    cfg = _vfpt_config(task)
+    prompts = task.get("num_prompts", cfg["num_prompts"] if cfg else None)
+    return {"index": index, "name": task["name"], "num_classes": len(task["classes"]), "classes": list(task["classes"]),
+            "fold": plain(task.get("fold")), "num_prompts": plain(prompts), "deep": cfg["deep"] if cfg else None,
+            "checkpoint": plain(task.get("checkpoint")), "checkpoint_sha256": plain(task.get("checkpoint_sha256")),
+            "config": cfg or plain(task.get("config"))}
+
+
+_SHOWN_APART = ("classes", "preprocess", "tasks")  # metadata shown by _model_facts, not again in vfpt_metadata
 
 
 # -- verification reports ------------------------------------------------------------------------------
@@ -187,7 +215,8 @@ def onnx_metadata(meta: dict, inputs: list[dict], path: Path) -> dict | None:
     Metadata that is there but unusable is an ArtifactError, as the runtime would refuse it."""
     if not meta:
         return None
-    shape = inputs[0]["shape"] if len(inputs) == 1 else None
+    images = [i for i in inputs if i["name"] == INPUT_NAME] if "tasks" in meta else inputs  # beside `task`
+    shape = images[0]["shape"] if len(images) == 1 else None
     return check_metadata(meta, str(path), shape if shape and len(shape) == 4 else None)
 
 
@@ -203,7 +232,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
     sha = file_sha256(path)
     out = {"kind": "onnx", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
            **(_model_facts(checked) if checked else {"task": None}),
-           "vfpt_metadata": plain({k: v for k, v in facts.metadata.items() if k not in ("classes", "preprocess")}),
+           "vfpt_metadata": plain({k: v for k, v in facts.metadata.items() if k not in _SHOWN_APART}),
            "precision": {"metadata": checked["precision"] if checked else None, "graph": facts.precision},
            "producer": {"name": model.producer_name, "version": model.producer_version},
            "ir_version": model.ir_version,
@@ -214,6 +243,8 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
                             "bytes": sum(_tensor_bytes(t) for t in g.initializer if not _is_external(t))},
            "external_data": list(external_locations(model, path.parent).values()),
            "verification": verification(path, sha)}
+    if "tasks" in out:  # the runtime refuses a multi-task file whose graph lacks the `task` input
+        out["task_input"]["in_graph"] = any(i["name"] == TASK_INPUT for i in inputs)
     return out
 
 
@@ -235,7 +266,7 @@ def inspect_engine(path: str | os.PathLike) -> dict:
     return {"kind": "engine", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
             "sha256_matches_sidecar": sha == side["engine"]["sha256"], "sidecar": sidecar_path(path).name,
             **_model_facts(meta),
-            "vfpt_metadata": plain({k: v for k, v in side["metadata"].items() if k not in ("classes", "preprocess")}),
+            "vfpt_metadata": plain({k: v for k, v in side["metadata"].items() if k not in _SHOWN_APART}),
             "precision": meta["precision"], "tensorrt": plain(side["tensorrt"]), "gpu": plain(side.get("gpu")),
             "profile": plain(side["profile"]), "build": plain(side["build"]), "source_onnx": source,
             "tool_version": plain(side.get("tool_version")), "created": plain(side.get("created")),
@@ -305,12 +336,33 @@ def _vfpt_config(meta: dict) -> dict | None:
 
 
 def _common_rows(info: dict) -> list[tuple[str, str]]:
+    p = info["preprocess"]
+    pre = ("preprocess", f"resize {p['resize']}, crop {p['crop']}, mean {p['mean']}, std {p['std']}, {p['interpolation']}")
+    if "tasks" in info:
+        return _task_rows(info) + [pre]
     classes = info["classes"]
     shown = ", ".join(classes[:10]) + (" ..." if len(classes) > 10 else "")
-    p = info["preprocess"]
-    return [("task", f"{info['task']}, {info['num_classes']} classes"), ("classes", shown),
-            ("preprocess", f"resize {p['resize']}, crop {p['crop']}, mean {p['mean']}, std {p['std']}, "
-                           f"{p['interpolation']}")]
+    return [("task", f"{info['task']}, {info['num_classes']} classes"), ("classes", shown), pre]
+
+
+def _task_rows(info: dict) -> list[tuple[str, str]]:
+    """A multi-task artifact: one row per task, then what the `task` input and the padded logits mean."""
+    tasks, logits = info["tasks"], info["logits"]
+    rows = [("task", f"{info['task']}, {len(tasks)} tasks on one backbone (predict --task NAME picks one)")]
+    for t in tasks:
+        names = ", ".join(t["classes"][:SHOWN_CLASSES]) + (", ..." if t["num_classes"] > SHOWN_CLASSES else "")
+        m = "?" if t["num_prompts"] is None else printable(t["num_prompts"])
+        depth = "" if t["deep"] is None else " deep" if t["deep"] else " shallow"
+        sha = t["checkpoint_sha256"] if isinstance(t["checkpoint_sha256"], str) and t["checkpoint_sha256"] else "?"
+        rows.append((f"task {t['index']}: {t['name']}",
+                     f"{t['num_classes']} classes ({names}); fold {printable(t['fold'] or '?')}; M={m}{depth}; "
+                     f"from {printable(t['checkpoint'] or '?')} (sha256 {printable(sha[:12])})"))
+    index = ", ".join(f"{t['index']} = {t['name']}" for t in tasks)
+    missing = info["task_input"].get("in_graph") is False
+    rows += [("task input", f"{TASK_INPUT}: int64 [batch], the task of each image by index ({index})" + (
+                 "; MISSING from the graph: the runtime refuses this file, re-export it" if missing else "")),
+             ("logits", f"{logits['width']} wide, the widest task's ({logits['widest_task']}); {PADDING}")]
+    return rows
 
 
 def _verification_row(v: dict) -> tuple[str, str]:
@@ -326,12 +378,14 @@ def _artifact_rows(info: dict) -> list[tuple[str, str]]:
     meta = info["vfpt_metadata"]
     cfg = _vfpt_config(meta)
     bb = meta.get("backbone") if isinstance(meta.get("backbone"), dict) else {}
-    rows = [("fold", printable(meta.get("fold", "?")))]
-    if cfg:
+    multi = "tasks" in info  # prompts and source checkpoint are per task (the task rows)
+    rows = [("fold", printable(meta.get("fold", "?")) + (" (each task's: see the task rows)" if multi else ""))]
+    if cfg and not multi:
         rows.append(("prompts", prompts_text(cfg)))
     if bb:
         rows.append(("backbone", f"{printable(bb.get('name', '?'))} {printable(bb.get('kwargs', {}))}"))
-    rows.append(("source checkpoint", f"{printable(meta.get('checkpoint', '?'))} sha256 {printable(meta.get('checkpoint_sha256', '?'))}"))
+    if not multi:
+        rows.append(("source checkpoint", f"{printable(meta.get('checkpoint', '?'))} sha256 {printable(meta.get('checkpoint_sha256', '?'))}"))
     rows.append(("written by", f"vfpt-deploy {printable(meta.get('tool_version', '?'))}"))
     return rows
 
@@ -367,11 +421,19 @@ def _engine_rows(info: dict) -> list[tuple[str, str]]:
             ("precision", f"{info['precision']} ({printable(build.get('precision_mode', '?'))})"),
             ("tensorrt", f"{printable(trt.get('module'))} {printable(trt.get('version'))}"),
             ("gpu", "none (built without a GPU)" if not gpu else f"{printable(gpu.get('name'))} (sm {printable(gpu.get('compute_capability'))})"),
-            ("profile", f"{printable(prof.get('input'))}: min {prof['min']}, opt {prof['opt']}, max {prof['max']}"),
+            ("profile", f"{printable(prof.get('input'))}: min {prof['min']}, opt {prof['opt']}, max {prof['max']}"
+                        + _task_profile(prof.get("task"))),
             ("build", ", ".join(f"{k}={printable(v, 60)}" for k, v in build.items())),
             ("engine sha256", "matches the sidecar" if info["sha256_matches_sidecar"]
              else "DOES NOT match the sidecar: the engine file was changed or replaced; rebuild it"),
             ("built from", f"{printable(src['file'])} ({src_state})")]
+
+
+def _task_profile(task) -> str:
+    """A multi-task engine's profile of its `task` input (recorded beside the images' one)."""
+    if not isinstance(task, dict):
+        return ""
+    return f"; {printable(task.get('input', TASK_INPUT))}: " + ", ".join(f"{k} {printable(task.get(k))}" for k in ("min", "opt", "max"))
 
 
 def _run_rows(info: dict) -> list[tuple[str, str]]:

@@ -5,15 +5,16 @@ prompts and head, so requests for different tasks share a batch.
 Each task is folded as it would be alone (fold.py): `kv` where that is exact (deep prompts, CLS pooling),
 else `tokens`. The module keeps the backbone once and, per task, its constants, padded to the largest
 task and masked so that padding changes nothing:
-- kv: per layer [T, heads, M_kv, head_dim] keys/values; a padded prompt key gets -inf added to its
-  attention score (softmax weight exactly 0).
+- kv: per layer every kv task's prompt keys/values side by side (unpadded); each sample gathers its task's
+  rows, padded to the largest M_kv, and a padded key gets -inf added to its attention score (softmax
+  weight exactly 0).
 - tokens: the sequence is [CLS, M_tok prompt slots, patches]; per layer a task writes its prompt tokens
   into the slots (deep: every layer; shallow: layer 0; kv + mean pooling: the last layer only) and a slot
   is a key only where the task's prompts are live there; mean pooling averages live slots and patches.
 - head: every task's head in one matrix [sum of classes, D]; the sample's own columns of its output are
   gathered, and its logits past the task's classes are -inf (the runtime trims them).
 With only kv tasks (the usual case: deep runs) there are no slots, and a layer whose tasks all have the
-same M has no mask: the graph is the single-task kv graph plus one Gather per layer and one for the head.
+same M has no mask: the graph is the single-task kv graph plus a few Gathers per layer and one for the head.
 """
 from __future__ import annotations
 
@@ -58,55 +59,77 @@ class TaskSet:
 
 def task_sources(ckpts: list[Path], tasks: list[str]) -> list[tuple[str, Path]]:
     """(name, path) per task from `--ckpt PATH` (named by the file stem) and `--task NAME=PATH`, in the
-    order given (--ckpt first). Names must be unique and usable as model names (serve, Triton)."""
+    order given (--ckpt first). Names must be unique, also ignoring case (they become folder names when
+    served), and usable as model names (serve, Triton)."""
     out = [(Path(p).stem, Path(p)) for p in ckpts]
     for item in tasks:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
-            raise UsageError(f"--task takes NAME=PATH (e.g. cars=cars.pt), got {item!r}")
+            raise UsageError(f"--task takes NAME=PATH (e.g. cars=cars.pt), got {item[:80]!r}")
         out.append((name, Path(path)))
-    seen: dict[str, Path] = {}
+    if len(out) > MAX_TASKS:
+        raise UsageError(f"{len(out)} tasks; one artifact holds at most {MAX_TASKS}: split them over several")
+    seen: dict[str, tuple[str, Path]] = {}
     for name, path in out:
         if not TASK_NAME.fullmatch(name):
-            raise UsageError(f"task name {name!r} (from {path}) must be 1-64 letters, digits, '_', '.' or '-', "
-                             "starting with a letter or digit; name it with --task NAME=PATH")
-        if name in seen:
-            raise UsageError(f"two tasks are named {name!r} ({seen[name]} and {path}); name them apart with "
+            raise UsageError(f"task name {name[:80]!r} (from {str(path)[:200]}) must be 1-64 letters, digits, '_', "
+                             "'.' or '-', starting with a letter or digit; name it with --task NAME=PATH")
+        if name.lower() in seen:
+            other, where = seen[name.lower()]
+            same = f"named {name!r}" if other == name else f"named {other!r} and {name!r}, the same ignoring case"
+            raise UsageError(f"two tasks are {same} ({where} and {path}); give them distinct names with "
                              "--task NAME=PATH")
-        seen[name] = path
-    if len(out) > MAX_TASKS:
-        raise UsageError(f"{len(out)} tasks; one artifact holds at most {MAX_TASKS}")
+        seen[name.lower()] = (name, path)
     return out
+
+
+def source_labels(ckpts: list[Path], sources: list[tuple[str, Path]]) -> dict[str, Path]:
+    """How errors name each task's file: by the option that gave it (so an output refused for naming an
+    input says '--ckpt b.pt' or '--task b')."""
+    given = {Path(p) for p in ckpts}
+    return {(f"--ckpt {p}" if p in given else f"--task {n}"): p for n, p in sources}
 
 
 def match_tasks(recorded: list[dict], ckpts: list[Path], named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
-    """Each recorded task's checkpoint, in the artifact's order: by name from --task NAME=PATH, else the
-    --ckpt file whose sha256 the artifact recorded for it. Every task needs one; every file must match."""
+    """Each recorded task's checkpoint, in the artifact's order: by name from --task NAME=PATH (whose file
+    must be the one that task was exported from), else the --ckpt file whose sha256 the artifact recorded
+    for it. Every task needs one; every file must match one; one line saying which does not."""
     from .files import file_sha256
 
-    by_name = dict(named)
-    unknown = [n for n in by_name if n not in {t["name"] for t in recorded}]
-    if unknown:
-        raise UsageError(f"--task {unknown[0]}: the artifact has no such task (it holds "
-                         f"{', '.join(t['name'] for t in recorded)})")
-    by_sha = {}
-    for p in ckpts:
+    names = [t["name"] for t in recorded]
+    for n, p in named:
+        if n not in names:
+            raise UsageError(f"--task {n[:80]}: the artifact has no such task (it holds {', '.join(names)})")
+    sha = {}
+    for p in [*ckpts, *(p for _, p in named)]:
         if not Path(p).is_file():
             raise UsageError(f"checkpoint {p} does not exist; pass each task's run.pt")
-        by_sha.setdefault(file_sha256(p), p)
-    out, used = [], set()
-    for t in recorded:
-        path = by_name.get(t["name"]) or by_sha.get(t.get("checkpoint_sha256"))
-        if path is None:
+        sha[Path(p)] = file_sha256(p)
+    by_task = {t["name"]: t for t in recorded}
+    for n, p in named:
+        want = by_task[n].get("checkpoint_sha256")
+        if want and sha[Path(p)] != want:
+            raise UsageError(f"--task {n}={p} is not the run.pt task {n!r} was exported from (sha256 "
+                             f"{sha[Path(p)][:12]}, recorded {want[:12]}, {by_task[n].get('checkpoint') or 'a run.pt'}): "
+                             "pass that file, or re-export the artifact from this one")
+    by_sha = {sha[Path(p)]: Path(p) for p in reversed(ckpts)}
+    claimed = dict(named)
+    found = [claimed.get(t["name"]) or by_sha.get(t.get("checkpoint_sha256")) for t in recorded]
+    used = {Path(p) for p in found if p is not None}
+    for p in ckpts:
+        if Path(p) not in used:
+            owner = next((t for t in recorded if t.get("checkpoint_sha256") == sha[Path(p)]), None)
+            stem = next((t for t in recorded if t.get("checkpoint") == Path(p).name), None)
+            why = (f"it is task {owner['name']!r}'s run.pt, which --task {owner['name']} already names" if owner else
+                   f"it has the name task {stem['name']!r} was exported from but other contents (retrained or "
+                   "edited since?): pass the original, or re-export the artifact" if stem else
+                   "its sha256 matches none the artifact recorded: pass the tasks' own run.pt files")
+            raise UsageError(f"--ckpt {p} is none of the artifact's tasks: {why}")
+    for t, p in zip(recorded, found):
+        if p is None:
             raise UsageError(f"no checkpoint given for task {t['name']!r} (exported from "
                              f"{t.get('checkpoint') or 'a run.pt'}); pass it with --ckpt or --task {t['name']}=PATH")
-        out.append((t["name"], Path(path)))
-        used.add(Path(path))
-    extra = [p for p in ckpts if Path(p) not in used]
-    if extra:
-        raise UsageError(f"--ckpt {extra[0]} is none of the artifact's tasks (its sha256 matches no recorded "
-                         "checkpoint); name its task with --task NAME=PATH")
-    return out
+    return [(t["name"], Path(p)) for t, p in zip(recorded, found)]
 
 
 def check_task_set(names: list[str], runs: list[Run]) -> TaskSet:
@@ -121,8 +144,12 @@ def check_task_set(names: list[str], runs: list[Run]) -> TaskSet:
         if isinstance(run.model, VFPTSwin) or not isinstance(run.model, VFPTViT):
             raise UsageError(f"task {name!r} is a {type(run.model).__name__}: multi-task artifacts hold ViT runs "
                              "only for now; export Swin runs one by one")
+        keys = sorted(k for k in {**run.backbone.kwargs, **first.backbone.kwargs}
+                      if run.backbone.kwargs.get(k) != first.backbone.kwargs.get(k))
+        model = "backbone model" + (f" ({run.backbone.name} vs {first.backbone.name})" if run.backbone.name !=
+                                    first.backbone.name else f" (keyword arguments {', '.join(keys)[:120]})")
         for what, mine, theirs in (
-                ("backbone model", (run.backbone.name, run.backbone.kwargs), (first.backbone.name, first.backbone.kwargs)),
+                (model, (run.backbone.name, run.backbone.kwargs), (first.backbone.name, first.backbone.kwargs)),
                 ("backbone weights (sha256)", run.backbone.sha256, first.backbone.sha256),
                 ("preprocessing", run.preprocess, first.preprocess)):
             if mine != theirs:
@@ -184,21 +211,37 @@ class MultiTaskViT(nn.Module):
 
     # -- constants -------------------------------------------------------------------------------
     def _kv_constants(self, folded: list[FoldedViT], depth: int, heads: int, head_dim: int) -> None:
-        m = max([f.num_prompts for f in folded if f.num_kv] or [0])
-        layers = max(f.num_kv for f in folded)
-        keys = torch.zeros(layers, self.num_tasks, heads, m, head_dim)
-        values = torch.zeros_like(keys)
+        """Per layer, every kv task's prompt keys and values side by side, [heads, sum of M, head_dim] (nothing
+        padded is stored); per task the rows it reads, padded to the largest M by repeating its last row,
+        and the -inf key bias that gives those repeats no weight."""
+        kv = [f for f in folded if f.num_kv]
+        m = max([f.num_prompts for f in kv] or [0])
+        layers = max(f.num_kv for f in folded)  # the same for every kv task: depth, or depth - 1 (mean pooling)
+        offsets, start = [], 0
+        for f in folded:
+            offsets.append(start)
+            start += f.num_prompts if f.num_kv else 0
+        rows = torch.tensor([[o + min(j, f.num_prompts - 1) if f.num_kv else 0 for j in range(m)]
+                             for o, f in zip(offsets, folded)], dtype=torch.long).reshape(len(folded), m)
         bias = torch.full((layers, self.num_tasks, m), NEG_INF)
         for t, f in enumerate(folded):
-            for i in range(f.num_kv):
-                keys[i, t, :, :f.num_prompts] = f.prompt_keys[i]
-                values[i, t, :, :f.num_prompts] = f.prompt_values[i]
-                bias[i, t, :f.num_prompts] = 0.0
+            bias[:f.num_kv, t, :f.num_prompts] = 0.0
         self.kv_layers, self.kv_slots = layers, m
-        self.register_buffer("prompt_keys", keys)
-        self.register_buffer("prompt_values", values)
+        if layers:
+            self.register_buffer("prompt_keys", torch.cat([f.prompt_keys for f in kv], dim=2))  # [layers, h, R, hd]
+            self.register_buffer("prompt_values", torch.cat([f.prompt_values for f in kv], dim=2))
+        self.register_buffer("kv_rows", rows)  # [T, M_kv] rows of prompt_keys each task reads
         self.register_buffer("kv_bias", bias)
         self.kv_masked = [bool((bias[i] != 0).any()) for i in range(layers)]  # a layer without padding needs no mask
+
+    def task_keys_values(self, i: int, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's prompt keys and values of each sample's task, [B, heads, M_kv, head_dim] each."""
+        rows = self.kv_rows[task].reshape(-1)  # B * M_kv row numbers: one Gather per tensor in ONNX
+        out = []
+        for const in (self.prompt_keys[i], self.prompt_values[i]):  # [heads, R, head_dim]
+            picked = const.index_select(1, rows).reshape(const.shape[0], task.shape[0], self.kv_slots, -1)
+            out.append(picked.transpose(0, 1))
+        return out[0], out[1]
 
     def _token_constants(self, folded: list[FoldedViT], depth: int, dim: int) -> None:
         """Prompt slots for the tasks (or layers) that keep prompts as tokens."""
@@ -259,8 +302,8 @@ class MultiTaskViT(nn.Module):
         q, k = a.q_norm(q), a.k_norm(k)
         parts = []  # additive key bias, [B, keys]; None where every key of that part is live
         if i < self.kv_layers and self.kv_slots:
-            k = torch.cat([self.prompt_keys[i][task], k], dim=2)
-            v = torch.cat([self.prompt_values[i][task], v], dim=2)
+            pk, pv = self.task_keys_values(i, task)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
             parts.append(self.kv_bias[i][task] if self.kv_masked[i] else None)
         if self.token_slots:
             parts += [None, self.token_bias[i][task], None]  # CLS, prompt slots, patches

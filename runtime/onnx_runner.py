@@ -18,8 +18,8 @@ import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
-from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width, decode_metadata,
-                                is_engine, read_graph)
+from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
+                                decode_metadata, is_engine, output_classes, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
 from .predictor import Predictor
@@ -195,6 +195,9 @@ class OnnxPredictor(Predictor):
         self.graph_precision = facts.precision if facts is not None else None
         self.session = make_session(path, providers, threads=threads, optimization=optimization,
                                     provider_options=provider_options, allow_fallback=allow_fallback)
+        # A failing run raises (and is reported in one line below); onnxruntime's own log line is not needed.
+        self._quiet_run = import_onnxruntime().RunOptions()
+        self._quiet_run.log_severity_level = _QUIET_SEVERITY
         try:
             self._check_model()
         except BaseException:
@@ -227,8 +230,10 @@ class OnnxPredictor(Predictor):
         ids = self.check_task_ids(batch, task_ids)
         if ids is not None:
             feed[TASK_INPUT] = ids
+        if not len(batch):  # nothing to run (a graph's reshapes may not take a zero batch)
+            return np.zeros((0, output_classes(self.metadata)), np.float32)
         try:
-            return self.session.run(None, feed)[0]
+            return self.session.run(None, feed, getattr(self, "_quiet_run", None))[0]
         except Exception as e:  # onnxruntime's own Fail / RuntimeException types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {first}; "

@@ -64,6 +64,8 @@ class Predictor:
             return None
         if task is None:
             raise UsageError(f"this artifact holds {len(names)} tasks ({', '.join(names)}); pick one with --task NAME")
+        if not isinstance(task, (str, list, tuple)):
+            raise UsageError(f"task must be a task name or a list of them, got {type(task).__name__}")
         wanted = [task] * count if isinstance(task, str) else list(task)
         if len(wanted) != count:
             raise UsageError(f"{len(wanted)} task names for {count} inputs; give one task, or one per input")
@@ -93,10 +95,17 @@ class Predictor:
             if task_ids is not None:
                 raise UsageError("this artifact holds a single task; it takes no task indices")
             return None
-        ids = np.asarray(task_ids if task_ids is not None else [], dtype=np.int64).reshape(-1)
-        if task_ids is None or len(ids) != len(batch) or (len(ids) and not (0 <= ids.min() and ids.max() < len(self.tasks))):
-            raise UsageError(f"a multi-task artifact needs one task index in [0, {len(self.tasks)}) per image")
-        return np.ascontiguousarray(ids)
+        want = f"a multi-task artifact needs one integer task index in [0, {len(self.tasks)}) per image"
+        try:
+            ids = np.asarray(task_ids)
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(want) from None
+        # integers only: a float would be truncated and a bool read as 0/1 without a word
+        if task_ids is None or ids.dtype.kind not in "iu" or ids.ndim != 1 or len(ids) != len(batch):
+            raise UsageError(f"{want}; got {'none' if task_ids is None else f'{ids.dtype} {list(ids.shape)}'}")
+        if len(ids) and not (0 <= ids.min() and ids.max() < len(self.tasks)):
+            raise UsageError(f"{want}; got {int(ids.min())}..{int(ids.max())}")
+        return np.ascontiguousarray(ids, dtype=np.int64)
 
     def logits(self, images: list[Image.Image], task_ids: np.ndarray | None = None) -> np.ndarray:
         pre, n = self.preprocess, self.max_batch

@@ -132,6 +132,10 @@ def served_models(items: list[Item], predictors: dict) -> list[Served]:
         if not NAME_RE.fullmatch(s.name):
             raise UsageError(f"model name {s.name!r} ({where(s)}) is over 100 characters; name {s.item.path} with a "
                              "shorter NAME=PATH, or pass PATH alone")
+        if s.task is not None and s.name in (s.item.path.name, sidecar_path(s.item.path).name):
+            # its settings folder would sit where the artifact's copy goes (NAME/<file>)
+            raise UsageError(f"model {s.name!r} ({where(s)}) has the name of its artifact's file; rename the file, "
+                             "or name the artifact with NAME=PATH (its models are then NAME.TASK)")
         seen[s.name] = s
     return served
 
@@ -238,7 +242,14 @@ def write_settings(folder: str | os.PathLike, items: list[str], opts: ServeOptio
                           "(MLServer would also serve any model-settings.json already in it)")
     predictors = open_models(models, opts, on_status)
     try:
-        return write_folder(folder, served_models(models, predictors), opts, predictors, copy=True)
+        served = served_models(models, predictors)
+        try:
+            return write_folder(folder, served, opts, predictors, copy=True)
+        except BaseException:  # the folder was new or empty: leave it so, not half written
+            if folder.is_dir():
+                for child in folder.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            raise
     finally:
         for p in predictors.values():
             p.close()

@@ -365,8 +365,7 @@ def test_multi_task_metadata_on_a_graph_without_the_task_input(work):
     """A crafted file: tasks in the metadata, no `task` input in the graph. Shown as such, with hostile task
     fields printed harmlessly."""
     _, d = work
-    tasks = [{"name": "one", "classes": ["a", "b", "c", "d"], "num_prompts": "[" * 300 + "]" * 300,
-              "checkpoint": "\x1b[2Jx.pt", "checkpoint_sha256": 5, "fold": "kv"},
+    tasks = [{"name": "one", "classes": ["a", "b", "c", "d"], "checkpoint": "\x1b[2Jx.pt", "fold": "kv"},
              {"name": "two", "classes": ["p"], "config": {"deep": "maybe"}}]
     info = inspect_artifact(_retasked(d / "run.onnx", d / "crafted.onnx", tasks))
     assert info["task_input"]["in_graph"] is False and [t["num_classes"] for t in info["tasks"]] == [4, 1]
@@ -379,6 +378,16 @@ def test_multi_task_metadata_on_a_graph_without_the_task_input(work):
     assert "M=?" in rows["task 1: two"]
     res = invoke("inspect", d / "crafted.onnx")
     assert res.exit_code == 0 and "\x1b[2J" not in res.output
+
+
+def test_multi_task_fields_of_the_wrong_type_are_one_short_line(work):
+    """num_prompts, fold and checkpoint_sha256 are type-checked; a huge crafted value is cut in the message."""
+    _, d = work
+    for field, value in (("num_prompts", "[" * 300 + "]" * 300), ("checkpoint_sha256", 5), ("fold", "x" * 5000)):
+        path = _retasked(d / "run.onnx", d / "bad.onnx", [{"name": "one", "classes": ["a"], field: value}])
+        with pytest.raises(ArtifactError, match=f"task 'one' {field}") as e:
+            inspect_artifact(path)
+        assert len(str(e.value)) < 400
 
 
 def test_multi_task_names_are_checked(work):

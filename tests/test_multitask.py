@@ -95,17 +95,16 @@ def test_mean_pooled_tasks_fold_exactly(tmp_path, fold):
 
 
 def test_padding_changes_nothing(tasks):
-    """Garbage in every padded prompt key/value and unused prompt slot: the logits stay the same (the masks
-    give padding exactly zero weight). Removing a mask makes this fail. (Heads are not padded: each task's
+    """Other tasks' rows in every padded prompt key/value and garbage in every unused prompt slot: the logits
+    stay the same (the masks give padding exactly zero weight). Removing a mask makes this fail. (Heads are not padded: each task's
     logits are gathered from the concatenated heads' output, the columns past its classes masked to -inf.)"""
     module = fold_tasks(tasks, "auto")
     assert module.kv_slots == 6 and module.token_slots == 5 and any(module.kv_masked)
     x, ids = mixed_batch(tasks)
     with torch.no_grad():
         before = module(x, ids)
-        pad_kv = torch.isneginf(module.kv_bias)[:, :, None, :, None].expand_as(module.prompt_keys)
-        module.prompt_keys[pad_kv] = 50.0
-        module.prompt_values[pad_kv] = -70.0
+        padded = torch.isneginf(module.kv_bias[0])  # [T, M_kv]: which rows a task reads are padding
+        module.kv_rows[padded] = 0  # now another task's prompt key/value row, not a repeat of its own
         dead = torch.isneginf(module.token_bias)[..., None].expand_as(module.prompt_tokens)
         module.prompt_tokens[dead & ~module.token_write[..., None, None]] = 30.0
         after = module(x, ids)
@@ -199,9 +198,9 @@ def test_runtime_refuses_task_indices_out_of_range(tasks_onnx, exported_run):
     x = np.zeros((2, 3, 32, 32), np.float32)
     with OnnxPredictor(tasks_onnx, ["cpu"]) as p:
         for bad in ([0, 3], [-1, 0], [0]):
-            with pytest.raises(UsageError, match=r"one task index in \[0, 3\) per image"):
+            with pytest.raises(UsageError, match=r"one integer task index in \[0, 3\) per image"):
                 p.infer(x, np.array(bad))
-        with pytest.raises(UsageError, match="one task index"):
+        with pytest.raises(UsageError, match="one integer task index"):
             p.infer(x)
         with pytest.raises(UsageError, match="holds 3 tasks .cars, birds, flat.; pick one with --task"):
             p.predict([], task=None)
@@ -319,3 +318,73 @@ def test_failed_verification_keeps_the_previous_artifact(task_runs, tmp_path):
     res = invoke(*args, "--atol", 0)  # no float export is bit-exact: the gate fails
     assert res.exit_code == 1 and "outside tolerance" in res.output
     assert (out.read_bytes(), (tmp_path / "tasks.onnx.verify.json").read_bytes()) == before
+
+
+def test_task_indices_must_be_integers_of_the_batch(tasks_onnx):
+    """The Python API's bad task indices are one UsageError each: a float would be truncated and a bool
+    read as 0/1 without a word, so neither is taken."""
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    with OnnxPredictor(tasks_onnx, ["cpu"]) as p:
+        for bad in ([0.9, 1.7], [True, False], ["cars", "birds"], [float("nan"), 0], [2**70, 0], [[0], [1]], 1):
+            with pytest.raises(UsageError, match="one integer task index"):
+                p.infer(x, bad)
+        with pytest.raises(UsageError, match="task must be a task name or a list"):
+            p.predict([], task=5)
+        assert p.infer(x[:0], np.zeros(0, np.int64)).shape == (0, 7)
+        assert p.infer(x, np.array([2, 0], np.int32)).shape == (2, 7)  # any integer type is fine
+
+
+def test_task_names_differing_only_in_case_are_refused():
+    with pytest.raises(UsageError, match="named 'A' and 'a', the same ignoring case"):
+        task_sources([], ["A=x.pt", "a=y.pt"])
+    meta = {"preprocess": {"resize": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+            "tasks": [{"name": "A", "classes": ["x"]}, {"name": "a", "classes": ["y"]}]}
+    with pytest.raises(ArtifactError, match=r"unique name \(ignoring case\)"):
+        check_metadata(meta, "m.onnx")
+    for field, value in (("num_prompts", 10**12), ("num_prompts", "6"), ("fold", "magic"),
+                         ("checkpoint_sha256", "not-hex")):
+        with pytest.raises(ArtifactError, match=f"task 'A' {field}"):
+            check_metadata({**meta, "tasks": [{"name": "A", "classes": ["x"], field: value}]}, "m.onnx")
+
+
+def test_verify_names_the_checkpoint_that_is_not_a_tasks(task_runs, tasks_onnx, tmp_path):
+    """A wrong, retrained or doubly given run.pt is named in one line with what it is, before any work."""
+    retrained = save_task_runs(tmp_path, {"cars": dict(TASK_SPECS["cars"], alpha=0.25)})["cars"]  # same name
+    c, b, f = task_runs["cars"], task_runs["birds"], task_runs["flat"]
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(c.read_bytes())
+    for args, message in (
+            (["--task", f"cars={b}", "--ckpt", b, "--ckpt", f], "is not the run.pt task 'cars' was exported from"),
+            (["--ckpt", retrained, "--ckpt", b, "--ckpt", f], "has the name task 'cars' was exported from but other"),
+            (["--task", f"cars={copy}", "--ckpt", c, "--ckpt", b, "--ckpt", f], "which --task cars already names"),
+            ([], "holds 3 tasks; pass each task's run.pt (--ckpt cars.pt --ckpt birds.pt --ckpt flat.pt)")):
+        res = invoke("verify", tasks_onnx, *args)
+        assert res.exit_code == 2, res.output
+        assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def _tampered(src, dst, edit):
+    import onnx
+
+    model = onnx.load(str(src))
+    props = {p.key: json.loads(p.value) for p in model.metadata_props}
+    edit(props)
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=json.dumps(v))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda m: m["vfpt.tasks"][0]["config"].update(alpha=0.9), "task 'cars': the artifact's VFPT config is not"),
+    (lambda m: m["vfpt.tasks"][2].update(fold="kv"), "task 'flat': the artifact says kv fold"),
+    (lambda m: m["vfpt.backbone"].update(sha256="0" * 64), "the artifact's backbone sha256 is not"),
+    (lambda m: m["vfpt.tasks"][0].update(classes=["cars-0", "cars-1", "cars-2"]), "task 'cars': the artifact's class"),
+])
+def test_verify_catches_metadata_that_lies_about_a_task(edit, problem, task_runs, tasks_onnx, tmp_path):
+    from vfpt_deploy.verify import verify_artifact
+
+    bad = _tampered(tasks_onnx, tmp_path / "lie.onnx", edit)
+    report = verify_artifact(bad, load_tasks(list(task_runs.items())), num_random=2)
+    assert not report.passed and any(p.startswith(problem) for p in report.problems), report.problems

@@ -87,6 +87,24 @@ def predictor(tasks_onnx):
         yield p
 
 
+def post_together(server, reqs: list, prefix: str = "") -> list:
+    """Send every (task, x) request at once, one thread each (a barrier releases them together), to the
+    model named prefix + task; the (status, body) answers in request order."""
+    answers: list = [None] * len(reqs)
+    barrier = threading.Barrier(len(reqs))
+
+    def client(i):
+        barrier.wait()
+        answers[i] = server.post({"inputs": [tensor_input(reqs[i][1])]}, model=prefix + reqs[i][0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return answers
+
+
 def want_logits(predictor, x: np.ndarray, task: str) -> np.ndarray:
     """The predictor's logits for x as task `task`, trimmed to the task's classes."""
     return predictor.infer(x, np.full(len(x), TASKS.index(task), np.int64))[:, :WIDTH[task]]
@@ -149,18 +167,7 @@ def test_concurrent_requests_for_different_tasks_share_batches(server, predictor
     reqs = [(TASKS[i % 3], tensors(1 + i % 2, seed=50 + i)) for i in range(12)]
     before_tasks = histogram(server, "vfpt_batch_tasks", "tasks")
     before_rows = histogram(server, "vfpt_batch_size", "tasks")
-    answers: list = [None] * len(reqs)
-    barrier = threading.Barrier(len(reqs))
-
-    def client(i):
-        barrier.wait()
-        answers[i] = server.post({"inputs": [tensor_input(reqs[i][1])]}, model=reqs[i][0])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    answers = post_together(server, reqs)
     for (task, x), (status, body) in zip(reqs, answers):
         assert status == 200 and body["model_name"] == task, body
         np.testing.assert_allclose(outputs(body)["logits"], want_logits(predictor, x, task), rtol=1e-4, atol=1e-4)
@@ -280,6 +287,18 @@ def test_two_models_of_one_name_are_refused_in_one_line(tasks_onnx, exported_run
     assert "NAME=PATH" in res.output and "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
+def test_a_task_named_like_its_artifact_file_is_refused_before_writing(task_runs, tmp_path):
+    """Its settings folder would be where the artifact's copy goes (NAME/<file>): refused up front, and the
+    settings folder is left as it was (no half-written copy)."""
+    out = tmp_path / "z.onnx"
+    res = runner.invoke(app, ["export", "--task", f"z.onnx={task_runs['cars']}", "--task", f"b={task_runs['birds']}",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["serve", str(out), "--write-settings", str(tmp_path / "ws")])
+    assert res.exit_code == 2 and "has the name of its artifact's file" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").iterdir())
+
+
 def test_write_settings_runs_under_mlserver_start_with_one_session(tasks_onnx, predictor, tmp_path):
     folder = tmp_path / "repo"
     res = runner.invoke(app, ["serve", f"t={tasks_onnx}", "--write-settings", str(folder), "--max-batch-size", "4",
@@ -299,18 +318,7 @@ def test_write_settings_runs_under_mlserver_start_with_one_session(tasks_onnx, p
         wait_ready(f"http://127.0.0.1:{http}", proc, log)
         srv = Server(proc, (http, grpc_port, metrics), log, None)
         reqs = [(TASKS[i % 3], tensors(1, seed=90 + i)) for i in range(6)]
-        answers: list = [None] * len(reqs)
-        barrier = threading.Barrier(len(reqs))
-
-        def client(i):
-            barrier.wait()
-            answers[i] = srv.post({"inputs": [tensor_input(reqs[i][1])]}, model=f"t.{reqs[i][0]}")
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        answers = post_together(srv, reqs, prefix="t.")
         for (task, x), (status, body) in zip(reqs, answers):
             assert status == 200, body
             np.testing.assert_allclose(outputs(body)["logits"], want_logits(predictor, x, task), rtol=1e-4, atol=1e-4)

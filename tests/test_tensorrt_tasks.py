@@ -16,27 +16,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from test_tensorrt import FakeCudart, _gpu_flavor_or_skip, gpu_visible
+from test_tensorrt import RTX, FakeCudart, _edit_sidecar, _gpu_flavor_or_skip, gpu_visible, rtx  # noqa: F401 (rtx: a fixture)
 from vfpt_deploy.cli import app
-from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
+from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine
 from vfpt_deploy.files import file_sha256
 from vfpt_deploy.runtime import tensorrt_runner as runner
 from vfpt_deploy.runtime.tensorrt_runner import CudaDevice, TensorRTPredictor, read_sidecar, sidecar_path
 
 TASKS = {"cars": 4, "birds": 7, "flat": 2}  # conftest.TASK_SPECS: name -> classes, in task-index order
-
-
-def RTX(**kwargs) -> BuildSettings:
-    return BuildSettings(flavor="trt-rtx", **kwargs)
-
-
-@pytest.fixture(scope="module")
-def rtx():
-    try:
-        return runner.import_tensorrt("trt-rtx")
-    except VFPTError as e:
-        pytest.skip(f"TensorRT-RTX builder unavailable, no engine can be built: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +119,6 @@ def engine(built, tmp_path):
     shutil.copy(built, tmp_path / "tasks.engine")
     shutil.copy(sidecar_path(built), tmp_path / "tasks.engine.json")
     return tmp_path / "tasks.engine"
-
-
-def _edit_sidecar(engine_path, fn):
-    p = sidecar_path(engine_path)
-    side = json.loads(p.read_text())
-    fn(side)
-    p.write_text(json.dumps(side))
 
 
 def _single_task(side):
@@ -278,11 +259,11 @@ def test_infer_binds_the_task_indices(fake_gpu):
         # the padding row gets task 0, not what the buffer held (pinned memory starts uninitialized)
         assert [s.tolist() for s in p.context.seen] == [[2, 1, 1, 0], [2, 0]]
         assert p.load(x[:3], ids[:3]) == 3 and p.context.shapes == {"images": (3, 3, 32, 32), "task": (3,)}
-        with pytest.raises(UsageError, match=r"one task index in \[0, 3\) per image"):
+        with pytest.raises(UsageError, match=r"one integer task index in \[0, 3\) per image"):
             p.infer(x)  # a multi-task engine needs the indices ...
-        with pytest.raises(UsageError, match=r"one task index in \[0, 3\) per image"):
+        with pytest.raises(UsageError, match=r"one integer task index in \[0, 3\) per image"):
             p.infer(x, np.array([0, 1, 2, 3, 0]))  # ... in range (a Gather would wrap or fail)
-        with pytest.raises(UsageError, match="one task index"):
+        with pytest.raises(UsageError, match="one integer task index"):
             p.load(x[:2], ids[:3])
     assert not cudart.mem and not cudart.streams
 

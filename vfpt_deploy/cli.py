@@ -35,7 +35,7 @@ err_console = Console(stderr=True)
 
 # -- options shared by several commands (one name, one meaning) -------------------------------------
 CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
-CkptsOpt = Annotated[Optional[list[Path]], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo); repeat it for a multi-task artifact (tasks named by the file stems).")]
+CkptsOpt = Annotated[Optional[list[Path]], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo); repeat it for a multi-task artifact (export: tasks named by the file stems; verify: files matched to the artifact's tasks by the sha256 it recorded).")]
 TaskOpt = Annotated[Optional[list[str]], typer.Option("--task", help="A multi-task artifact's task as NAME=PATH (a run.pt); repeatable, with or instead of --ckpt.")]
 CkptArg = Annotated[Optional[Path], typer.Argument(help="The run.pt (same as --ckpt).", show_default=False)]
 BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone weights for a prompts-only run.pt (a file, or 'pretrained').")]
@@ -301,7 +301,7 @@ def export(
     ckpt: CkptsOpt = None,
     task: TaskOpt = None,
     format: Annotated[Format, typer.Option("--format", "-f", help="Artifact: onnx, or a TensorRT engine (trt; trt-rtx builds without a GPU).")] = Format.onnx,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path: .onnx, or .engine/.plan for engines (default: beside the checkpoint).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path: .onnx, or .engine/.plan for engines (default: beside the checkpoint; a multi-task artifact needs --out).")] = None,
     fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; auto: kv where exact.")] = Fold.auto,
     precision: Annotated[Precision, typer.Option(help="fp16 writes a typed fp16 graph (LayerNorm/Softmax/reductions in fp32); int8 quantizes the linear layers (see --quantize).")] = Precision.fp32,
     quantize: Annotated[Optional[Quantize], typer.Option(help="int8: dynamic (no data; onnxruntime only), static (calibrated Q/DQ; TensorRT-parsable for trt/trt-rtx) or modelopt (NVIDIA ModelOpt Q/DQ; the modelopt extra). Default: dynamic for onnx, static for engines.")] = None,
@@ -359,13 +359,13 @@ def export(
 def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path | None, inputs: dict):
     """Check an export's settings, sources and outputs; return what loads its run (or its TaskSet)."""
     from .checkpoint import load_run
-    from .multitask import load_tasks, task_sources
+    from .multitask import load_tasks, source_labels, task_sources
     from .pipeline import check_multitask_settings, plan_export
 
     if len(ckpts) > 1 or tasks:
         sources = task_sources(ckpts, tasks)
         check_multitask_settings(settings)
-        plan_export(None, settings, out, {**inputs, **{f"--task {n}": p for n, p in sources}})
+        plan_export(None, settings, out, {**inputs, **source_labels(ckpts, sources)})
         return lambda backbone: load_tasks(sources, backbone)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
     plan_export(path, settings, out, inputs)
@@ -464,16 +464,20 @@ def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
     """What verify loads: one run, or (for a multi-task artifact) each task's run matched to it; and the
     input files by option, so the report never overwrites one."""
     from .checkpoint import load_run
-    from .multitask import load_tasks, match_tasks, task_sources
+    from .multitask import load_tasks, match_tasks, source_labels, task_sources
     from .schema import artifact_tasks
 
-    recorded = artifact_tasks(artifact) if ckpts or tasks else []
+    recorded = artifact_tasks(artifact) if artifact.is_file() else []
+    if recorded and not ckpts and not tasks:
+        files = " ".join(f"--ckpt {t.get('checkpoint') or t['name'] + '.pt'}" for t in recorded[:4])
+        raise UsageError(f"{artifact} holds {len(recorded)} tasks; pass each task's run.pt ({files}"
+                         f"{' ...' if len(recorded) > 4 else ''}), matched to the tasks by sha256")
     if recorded or tasks or len(ckpts) > 1:
         if not recorded:
             raise UsageError(f"{artifact} is a single-task artifact; pass its one run.pt with --ckpt")
         named = task_sources([], tasks)
         sources = match_tasks(recorded, ckpts, named)
-        return (lambda backbone: load_tasks(sources, backbone)), {f"--task {n}": p for n, p in sources}
+        return (lambda backbone: load_tasks(sources, backbone)), source_labels(ckpts, sources)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
     return (lambda backbone: load_run(path, backbone_weights=backbone)), {"--ckpt": path}
 

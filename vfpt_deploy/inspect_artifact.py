@@ -348,7 +348,7 @@ def _common_rows(info: dict) -> list[tuple[str, str]]:
 def _task_rows(info: dict) -> list[tuple[str, str]]:
     """A multi-task artifact: one row per task, then what the `task` input and the padded logits mean."""
     tasks, logits = info["tasks"], info["logits"]
-    rows = [("task", f"{info['task']}, {len(tasks)} tasks on one backbone (predict --task NAME picks one)")]
+    rows = [("task", f"{info['task']}, {len(tasks)} task{'s' if len(tasks) != 1 else ''} on one backbone (predict --task NAME picks one)")]
     for t in tasks:
         names = ", ".join(t["classes"][:SHOWN_CLASSES]) + (", ..." if t["num_classes"] > SHOWN_CLASSES else "")
         m = "?" if t["num_prompts"] is None else printable(t["num_prompts"])

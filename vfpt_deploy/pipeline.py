@@ -107,7 +107,7 @@ class ExportPaths:
 def export_paths(ckpt: Path | None, settings: ExportSettings, out: str | os.PathLike | None) -> ExportPaths:
     """Where an export writes: --out, or beside the checkpoint named after it."""
     if out is None and ckpt is None:
-        raise UsageError("name the output with --out")
+        raise UsageError("name the output with --out (e.g. --out tasks.onnx)")
     stem = (ckpt.stem if ckpt else "model") + ("" if settings.precision == "fp32" else f".{settings.precision}")
     if settings.format == "onnx":
         onnx = check_suffix(out if out is not None else ckpt.with_name(f"{stem}.onnx"), ONNX_SUFFIXES, "ONNX")

@@ -163,14 +163,20 @@ def read_graph(path: str | Path, *, strict: bool = True) -> GraphFacts | None:
 # -- checks ------------------------------------------------------------------------------------------
 def _int(v, what: str, lo: int, hi: int, source: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ArtifactError(f"{source}: {what} must be an integer in [{lo}, {hi}], got {v!r}; re-export the artifact")
+        raise ArtifactError(f"{source}: {what} must be an integer in [{lo}, {hi}], got {_shown(v)}; re-export the artifact")
     return v
+
+
+def _shown(v) -> str:
+    """A metadata value in an error message: its repr, cut short (a crafted file may hold megabytes)."""
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _str(v, what: str, source: str, choices: tuple[str, ...] | None = None) -> str:
     if not isinstance(v, str) or (choices is not None and v not in choices):
         want = f"one of {', '.join(choices)}" if choices else "a string"
-        raise ArtifactError(f"{source}: {what} must be {want}, got {v!r}; re-export the artifact")
+        raise ArtifactError(f"{source}: {what} must be {want}, got {_shown(v)}; re-export the artifact")
     return v
 
 
@@ -232,11 +238,18 @@ def check_tasks(tasks, source: str) -> list[dict]:
     seen = set()
     for i, t in enumerate(tasks):
         name = t.get("name") if isinstance(t, dict) else None
-        if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or name in seen:
-            raise ArtifactError(f"{source}: task {i} needs a unique name of letters, digits, '_', '.', '-', got "
-                                f"{name!r}; re-export the artifact")
-        seen.add(name)
+        if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or name.lower() in seen:
+            raise ArtifactError(f"{source}: task {i} needs a unique name (ignoring case) of letters, digits, '_', "
+                                f"'.', '-', got {str(name)[:80]!r}; re-export the artifact")
+        seen.add(name.lower())
         _check_classes(t.get("classes"), f"task {name!r} classes", source)
+        if "num_prompts" in t:
+            _int(t["num_prompts"], f"task {name!r} num_prompts", 0, 100_000, source)
+        if "fold" in t:
+            _str(t["fold"], f"task {name!r} fold", source, ("tokens", "kv"))
+        sha = t.get("checkpoint_sha256", "")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}|", sha):
+            raise ArtifactError(f"{source}: task {name!r} checkpoint_sha256 must be a sha256 hex digest; re-export it")
     return tasks
 
 

@@ -21,6 +21,7 @@ import torch
 
 from .checkpoint import Run
 from .errors import UsageError, VerificationError, VFPTError
+from .fold import kv_refusal
 from .multitask import TaskSet
 from .files import atomic_write, dumps_json, file_sha256
 from .schema import is_engine, report_path as default_report_path
@@ -284,7 +285,9 @@ def task_input_sets(tasks: TaskSet, data: str | list[str | None] | None, num_ran
         except UsageError:
             raise
         except VFPTError as e:
-            raise type(e)(f"task {name!r}: {e}") from None
+            hint = ("; with several tasks --data must suit each: a folder of images without class subfolders "
+                    "does, or verify the tasks one by one" if isinstance(data, str) and len(tasks) > 1 else "")
+            raise type(e)(f"task {name!r}: {str(e).rstrip('.')}{hint}") from None
     return out
 
 
@@ -295,9 +298,16 @@ def task_metadata_problems(meta: dict, tasks: TaskSet) -> list[str]:
         return [f"the artifact holds tasks {[t.get('name') for t in recorded]}, the checkpoints given are "
                 f"{list(tasks.names)}: pass each task's checkpoint (--task NAME=PATH)"]
     problems = []
+    backbone = meta.get("backbone") if isinstance(meta.get("backbone"), dict) else {}
+    if backbone.get("sha256") != tasks.first.backbone.sha256:
+        problems.append("the artifact's backbone sha256 is not the checkpoints' backbone: re-export it")
     for t, run in zip(recorded, tasks.runs):
         for p in metadata_problems({**t, "preprocess": meta.get("preprocess")}, run):
             problems.append(f"task {t['name']!r}: {p}")
+        if t.get("config") != run.config.to_dict() or t.get("num_prompts") != run.config.num_prompts:
+            problems.append(f"task {t['name']!r}: the artifact's VFPT config is not the checkpoint's: re-export it")
+        if t.get("fold") == "kv" and kv_refusal(run.model) is not None:
+            problems.append(f"task {t['name']!r}: the artifact says kv fold, which this checkpoint cannot have: re-export it")
     return problems
 
 

@@ -5,6 +5,7 @@ health, readiness, Prometheus metrics; the serving process never imports torch; 
 `--write-settings` writes runs under MLServer's own `mlserver start` (what KServe runs)."""
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import io
 import json
@@ -132,6 +133,13 @@ def server(exported_run, tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "VFPT_MODULES_OUT": str(modules)})
+    with running(proc, ports, log, modules) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def running(proc, ports, log, modules=None):
+    """A started server process as a Server once it is ready; stopped on leaving."""
     srv = Server(proc, ports, log, modules)
     try:
         wait_ready(srv.url, proc, log)

@@ -26,7 +26,7 @@ from vfpt_deploy.cli import app  # noqa: E402
 from vfpt_deploy.runtime.batcher import Batcher  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor  # noqa: E402
 from conftest import TASK_SPECS, free_ports  # noqa: E402
-from test_serve import Server, bytes_input, outputs, photo, stop, tensor_input, tensors, wait_ready  # noqa: E402
+from test_serve import Server, bytes_input, outputs, photo, running, tensor_input, tensors  # noqa: E402
 
 TASKS = list(TASK_SPECS)  # cars, birds, flat: the artifact's task order
 WIDTH = {t: spec["num_classes"] for t, spec in TASK_SPECS.items()}
@@ -72,13 +72,9 @@ def server(tasks_onnx, exported_run, tmp_path_factory):
     proc, log = start(["serve", tasks_onnx, f"tiny={exported_run[1]}", "--host", "127.0.0.1", "--port", ports[0],
                        "--grpc-port", ports[1], "--metrics-port", ports[2], "--max-batch-size", MAX_BATCH,
                        "--max-batch-delay-ms", DELAY_MS, "--threads", "1", "--providers", "cpu"], d)
-    srv = Server(proc, ports, log, None)
-    srv.folder = d
-    try:
-        wait_ready(srv.url, proc, log)
+    with running(proc, ports, log) as srv:
+        srv.folder = d
         yield srv
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +310,7 @@ def test_write_settings_runs_under_mlserver_start_with_one_session(tasks_onnx, p
     env = {"MLSERVER_HTTP_PORT": str(http), "MLSERVER_GRPC_PORT": str(grpc_port),
            "MLSERVER_METRICS_PORT": str(metrics), "MLSERVER_HOST": "127.0.0.1"}
     proc, log = start(["mlserver", "start", folder], tmp_path, env)
-    try:
-        wait_ready(f"http://127.0.0.1:{http}", proc, log)
-        srv = Server(proc, (http, grpc_port, metrics), log, None)
+    with running(proc, (http, grpc_port, metrics), log) as srv:
         reqs = [(TASKS[i % 3], tensors(1, seed=90 + i)) for i in range(6)]
         answers = post_together(srv, reqs, prefix="t.")
         for (task, x), (status, body) in zip(reqs, answers):
@@ -326,5 +320,3 @@ def test_write_settings_runs_under_mlserver_start_with_one_session(tasks_onnx, p
         assert shared["count"] - shared[1.0] >= 1, shared  # a call held rows of more than one task
         assert opened(tmp_path) == [os.path.realpath(folder / "t" / "tasks.onnx")]  # three task models, one session
         assert srv.post({"inputs": [tensor_input(tensors(5))]}, model="t.cars")[0] == 400  # its max_batch_size, 4
-    finally:
-        stop(proc)

@@ -233,6 +233,8 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
     assert report["passed"] and report["tasks"] == ["cars", "birds", "flat"]
     assert [c["inputs"] for c in report["comparisons"]] == [f"task {n}: random N(0,1) x16" for n in report["tasks"]]
     images = _png(tmp_path / "imgs")
+    res = invoke("predict", out, images, "--task", "birds")
+    assert res.exit_code == 0 and "task birds" in " ".join(res.output.split()) and "birds-" in res.output, res.output
     res = invoke("predict", out, images, "--task", "birds", "--json", "--top-k", 10)
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)

@@ -565,7 +565,8 @@ def predict(
 
 
 def print_predictions(model: Path, used: list[str], preds) -> None:
-    t = Table(title=f"{model} ({', '.join(used)})")
+    task = next((p.task for p in preds if p.task), None)
+    t = Table(title=f"{model}{f', task {task}' if task else ''} ({', '.join(used)})")
     t.add_column("image", overflow="fold")
     for i in range(max((len(p.top) for p in preds), default=0)):
         t.add_column(f"top-{i + 1}")

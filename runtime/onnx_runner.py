@@ -157,6 +157,9 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     if not path.is_file():
         what = "is a folder, not a model file" if path.is_dir() else "does not exist"
         raise ArtifactError(f"model {path} {what}; export one with 'vfpt-deploy export'")
+    if path.suffix.lower() in (".pt", ".pth"):
+        raise ArtifactError(f"{path} is a checkpoint, not an exported model; export it first with "
+                            f"'vfpt-deploy export --ckpt {path}'")
     asked = resolve_providers(providers, allow_fallback)
     wanted = _with_options(asked, provider_options)
     try:

@@ -72,7 +72,9 @@ class Predictor:
         index = {n: i for i, n in enumerate(names)}
         bad = next((t for t in wanted if t not in index), None)
         if bad is not None:
-            raise UsageError(f"unknown task {str(bad)[:80]!r}; this artifact holds {', '.join(names)}")
+            near = next((n for n in names if n.lower() == str(bad).lower()), None)  # names differ ignoring case
+            hint = f" (did you mean {near!r}?)" if near else ""
+            raise UsageError(f"unknown task {str(bad)[:80]!r}{hint}; this artifact holds {', '.join(names)}")
         return np.array([index[t] for t in wanted], dtype=np.int64)
 
     def close(self) -> None:

@@ -127,8 +127,11 @@ def served_models(items: list[Item], predictors: dict) -> list[Served]:
     for s in served:
         where = lambda s: f"task {s.task!r} of {s.item.path}" if s.task else str(s.item.path)  # noqa: E731
         if s.name in seen:
+            fix = ("choose artifact names that keep NAME.TASK apart (a '.' in a name can make two of them equal)"
+                   if s.item.named and seen[s.name].item.named else
+                   "name the artifacts with NAME=PATH (a multi-task artifact's models are then NAME.TASK)")
             raise UsageError(f"two served models would be named {s.name!r} ({where(seen[s.name])} and {where(s)}); "
-                             "name the artifacts with NAME=PATH (a multi-task artifact's models are then NAME.TASK)")
+                             f"{fix}")
         if not NAME_RE.fullmatch(s.name):
             raise UsageError(f"model name {s.name!r} ({where(s)}) is over 100 characters; name {s.item.path} with a "
                              "shorter NAME=PATH, or pass PATH alone")

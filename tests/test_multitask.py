@@ -247,6 +247,12 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["predict", "{onnx}", "{imgs}"], "holds 3 tasks (cars, birds, flat); pick one with --task"),
     (["predict", "{onnx}", "{imgs}", "--task", "dogs"], "unknown task 'dogs'; this artifact holds cars, birds, flat"),
+    (["predict", "{onnx}", "{imgs}", "--task", "CARS"], "unknown task 'CARS' (did you mean 'cars'?)"),
+    (["predict", "{cars}", "{imgs}"], "is a checkpoint, not an exported model; export it first"),
+    (["export", "--ckpt", "{cars}", "--ckpt", "{onnx}", "--out", "{tmp}/x.onnx"], "is an exported model, not a checkpoint"),
+    (["export", "--ckpt", "{cars}", "--ckpt", "{birds}", "--data", "builtin", "--out", "{tmp}/x.onnx"],
+     "task 'cars': --data builtin has the classes 0, 1, 2"),
+    (["export", "--task", "bad name={cars}", "--out", "{tmp}/x.onnx"], "starting with a letter or digit; pick such a NAME"),
     (["predict", "{single}", "{imgs}", "--task", "cars"], "holds a single task; drop --task"),
     (["export", "--ckpt", "{cars}", "--ckpt", "{birds}"], "name the output with --out"),
     (["export", "--ckpt", "{cars}", "--ckpt", "{birds}", "--out", "{cars_onnx}", "--precision", "int8"],

@@ -283,6 +283,17 @@ def test_two_models_of_one_name_are_refused_in_one_line(tasks_onnx, exported_run
     assert "NAME=PATH" in res.output and "Traceback" not in res.output and not (tmp_path / "o").exists()
 
 
+def test_named_artifacts_whose_task_models_collide_are_told_so(task_runs, tmp_path):
+    """x + task 'y.z' and x.y + task 'z' are both x.y.z: naming the artifacts is not the fix then."""
+    for out, tasks in (("yz.onnx", ["y.z", "w"]), ("z.onnx", ["z", "q"])):
+        args = sum((["--task", f"{t}={p}"] for t, p in zip(tasks, task_runs.values())), [])
+        assert runner.invoke(app, ["export", *args, "--out", str(tmp_path / out)]).exit_code == 0
+    res = runner.invoke(app, ["serve", f"x={tmp_path / 'yz.onnx'}", f"x.y={tmp_path / 'z.onnx'}",
+                              "--write-settings", str(tmp_path / "ws")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "would be named 'x.y.z'" in out and "keep NAME.TASK apart" in out, res.output
+
+
 def test_a_task_named_like_its_artifact_file_is_refused_before_writing(task_runs, tmp_path):
     """Its settings folder would be where the artifact's copy goes (NAME/<file>): refused up front, and the
     settings folder is left as it was (no half-written copy)."""

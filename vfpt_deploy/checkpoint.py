@@ -121,6 +121,8 @@ def read_run_dict(path: str | os.PathLike) -> dict:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise InputError(f"checkpoint {path} {what}; pass the run.pt written by 'vfpt-deploy train'")
+    if path.suffix.lower() in (".onnx", ".engine", ".plan"):
+        raise InputError(f"{path} is an exported model, not a checkpoint; pass the run.pt it was exported from")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -226,8 +226,9 @@ ArtifactArg = Annotated[Path, typer.Argument(help="A run.pt, an exported .onnx, 
 @app.command("inspect")
 @cli_errors
 def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
-    """Show what an artifact holds without running it: task, classes, preprocessing, VFPT config, fold and
-    precision, opsets, inputs/outputs, op histogram, engine sidecar, hashes and verification state."""
+    """Show what an artifact holds without running it: task, classes (per task for a multi-task artifact),
+    preprocessing, VFPT config, fold and precision, opsets, inputs/outputs, op histogram, engine sidecar,
+    hashes and verification state."""
     from .inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(artifact, backbone_weights=backbone), as_json)
@@ -603,7 +604,8 @@ def bench(
 ) -> None:
     """Benchmark a run.pt and/or exported artifacts: latency statistics, throughput and peak memory per
     backend and batch size, with the machine they were measured on. A multi-task artifact replays a
-    mixed-task stream (every batch mixes tasks); each row says which stream it measured."""
+    mixed-task stream (each image's task drawn at random, a batch of b holding min(b, T) tasks); each row says
+    which stream it measured."""
     from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
     from .extras import require
     from .files import check_outputs, check_suffix

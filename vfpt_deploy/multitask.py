@@ -62,6 +62,7 @@ def task_sources(ckpts: list[Path], tasks: list[str]) -> list[tuple[str, Path]]:
     order given (--ckpt first). Names must be unique, also ignoring case (they become folder names when
     served), and usable as model names (serve, Triton)."""
     out = [(Path(p).stem, Path(p)) for p in ckpts]
+    named = len(out)  # the entries from here on came from --task
     for item in tasks:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
@@ -70,10 +71,11 @@ def task_sources(ckpts: list[Path], tasks: list[str]) -> list[tuple[str, Path]]:
     if len(out) > MAX_TASKS:
         raise UsageError(f"{len(out)} tasks; one artifact holds at most {MAX_TASKS}: split them over several")
     seen: dict[str, tuple[str, Path]] = {}
-    for name, path in out:
+    for i, (name, path) in enumerate(out):
         if not TASK_NAME.fullmatch(name):
+            fix = "pick such a NAME" if i >= named else "name it with --task NAME=PATH"
             raise UsageError(f"task name {name[:80]!r} (from {str(path)[:200]}) must be 1-64 letters, digits, '_', "
-                             "'.' or '-', starting with a letter or digit; name it with --task NAME=PATH")
+                             f"'.' or '-', starting with a letter or digit; {fix}")
         if name.lower() in seen:
             other, where = seen[name.lower()]
             same = f"named {name!r}" if other == name else f"named {other!r} and {name!r}, the same ignoring case"

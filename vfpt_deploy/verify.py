@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Run
-from .errors import UsageError, VerificationError, VFPTError
+from .errors import InputError, UsageError, VerificationError, VFPTError
 from .fold import kv_refusal
 from .multitask import TaskSet
 from .files import atomic_write, dumps_json, file_sha256
@@ -223,6 +223,10 @@ def _image_set(run: Run, data: str) -> InputSet:
     if data == "builtin" or data.startswith("builtin:"):
         name = data.partition(":")[2] or "digits-shifted"
         images, what = builtin_split(name, "val"), f"builtin {name} val"
+        if images.classes != list(run.classes):  # its labels would be scored against another head
+            raise InputError(f"--data {data} has the classes {', '.join(images.classes)}, the model "
+                             f"{len(run.classes)} others; pass a folder of images without class subfolders "
+                             "(no labels), or a folder whose subfolders are the model's classes")
     elif Path(data).is_dir() and any(p.is_dir() for p in Path(data).iterdir()):
         images, what = image_folder(data, classes=run.classes), f"folder {data}"
     else:
@@ -286,7 +290,8 @@ def task_input_sets(tasks: TaskSet, data: str | list[str | None] | None, num_ran
             raise
         except VFPTError as e:
             hint = ("; with several tasks --data must suit each: a folder of images without class subfolders "
-                    "does, or verify the tasks one by one" if isinstance(data, str) and len(tasks) > 1 else "")
+                    "does (or verify each task's own single-task export on its data)"
+                    if isinstance(data, str) and len(tasks) > 1 else "")
             raise type(e)(f"task {name!r}: {str(e).rstrip('.')}{hint}") from None
     return out
 

@@ -246,10 +246,13 @@ class MultiTaskViT(nn.Module):
         return out[0], out[1]
 
     def _token_constants(self, folded: list[FoldedViT], depth: int, dim: int) -> None:
-        """Prompt slots for the tasks (or layers) that keep prompts as tokens."""
+        """Prompt slots for the tasks (or layers) that keep prompts as tokens. Stored: only the rows a task
+        writes at a layer, after one zero row; token_rows[i, t] picks a task's M_tok slots at layer i (the
+        zero row where it writes nothing or has fewer prompts)."""
         users = [f for f in folded if f.num_kv < depth and f.num_prompts]
         m = max([f.num_prompts for f in users] or [0])
-        tokens = torch.zeros(depth, self.num_tasks, m, dim)
+        blocks = [torch.zeros(1, dim)]  # row 0: what an unwritten or padded slot starts from
+        rows = torch.zeros(depth, self.num_tasks, m, dtype=torch.long)
         write = torch.zeros(depth, self.num_tasks, dtype=torch.bool)
         live = torch.zeros(depth, self.num_tasks, m, dtype=torch.bool)
         for t, f in enumerate(folded):
@@ -259,15 +262,22 @@ class MultiTaskViT(nn.Module):
                 j = i - f.num_kv  # index into f.prompt_tokens, as FoldedViT.forward_features
                 if j == 0 or f.deep:
                     write[i, t] = True
-                    tokens[i, t, :f.num_prompts] = f.prompt_tokens[j if f.deep else 0]
+                    start = sum(len(b) for b in blocks)
+                    rows[i, t, :f.num_prompts] = torch.arange(start, start + f.num_prompts)
+                    blocks.append(f.prompt_tokens[j if f.deep else 0])
                 live[i, t, :f.num_prompts] = True
         self.token_slots = m
         self.write_layers = [bool(write[i].any()) for i in range(depth)]
-        self.register_buffer("prompt_tokens", tokens)
+        self.register_buffer("prompt_tokens", torch.cat(blocks))  # [1 + written rows, D]
+        self.register_buffer("token_rows", rows)  # [layers, T, M_tok]
         self.register_buffer("token_write", write)
         self.register_buffer("token_bias", torch.zeros(live.shape).masked_fill(~live, NEG_INF))
         # mean pooling reads the last block's live slots: their count per task
         self.register_buffer("pool_weight", live[-1].float())
+
+    def task_tokens(self, i: int, task: torch.Tensor) -> torch.Tensor:
+        """The prompt tokens each sample's task writes into the slots at layer i, [B, M_tok, D]."""
+        return self.prompt_tokens[self.token_rows[i][task]]
 
     def _heads(self, folded: list[FoldedViT]) -> None:
         """Every head's rows in one [sum of classes, D] matrix (no padding stored); per task the columns of
@@ -287,11 +297,11 @@ class MultiTaskViT(nn.Module):
         x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
         m = self.token_slots
         if m:
-            x = torch.cat([x[:, :1], self.prompt_tokens[0][task], x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :1], self.task_tokens(0, task), x[:, 1:]], dim=1)
         for i, blk in enumerate(bb.blocks):
             if m and i > 0 and self.write_layers[i]:
                 keep = self.token_write[i][task].view(-1, 1, 1)
-                slots = torch.where(keep, self.prompt_tokens[i][task], x[:, 1:1 + m])
+                slots = torch.where(keep, self.task_tokens(i, task), x[:, 1:1 + m])
                 x = torch.cat([x[:, :1], slots, x[:, 1 + m:]], dim=1)
             x = self._block(i, blk, x, task)
         return bb.norm(x)

@@ -21,7 +21,7 @@ by the median of --iters calls; ratios are taken within a repeat, then the media
 timing, the mixed batch's rows are checked against each timed single-task file (max |logit diff|).
 
     .venv/bin/python benchmarks/multitask.py --out docs/benchmarks/multitask.json --work .scratch/bench_mt
-    .venv/bin/python benchmarks/multitask.py --tiny --tasks 1,3 --repeats 2 --rss-repeats 1 --out /tmp/mt.json  # seconds
+    .venv/bin/python benchmarks/multitask.py --tiny --tasks 1,3 --repeats 2 --rss-repeats 1 --out mt.json  # seconds
     .venv/bin/python benchmarks/multitask.py --parts latency --work .scratch/bench_mt --reuse \
         --out docs/benchmarks/multitask_latency.json   # latency again, on the files the first run kept
 

@@ -10,7 +10,7 @@ Fidelity: logits of each kv form vs the fp32 PyTorch model on real images from t
 (digits-shifted and digits val, upscaled to the model size): min / mean cosine and top-1 agreement.
 
     .venv/bin/python benchmarks/int8_speed.py --out docs/benchmarks            # ViT-B/16 M=50, ~15 min on 2 cores
-    .venv/bin/python benchmarks/int8_speed.py --model tiny --images 16 --repeats 2 --out /tmp/i8   # seconds
+    .venv/bin/python benchmarks/int8_speed.py --model tiny --images 16 --repeats 2 --out i8   # seconds
 
 Targets (issue 12): int8 kv latency <= 0.5x plain at batch 1 and 8 (onnxruntime CPU, 1 thread), file
 <= 0.3x the fp32 kv file, logit cosine >= 0.99.

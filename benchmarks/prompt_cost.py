@@ -10,7 +10,7 @@ machine noise hits them alike; each repeat takes the median of `--iters` calls, 
 latency is the median over repeats. Ratios to plain are taken within a repeat, then the median.
 
     .venv/bin/python benchmarks/prompt_cost.py --out docs/benchmarks          # ViT-B/16, ~10 min on 2 cores
-    .venv/bin/python benchmarks/prompt_cost.py --model tiny --prompts 0,4,16 --out /tmp/pc   # seconds
+    .venv/bin/python benchmarks/prompt_cost.py --model tiny --prompts 0,4,16 --out pc   # seconds
     .venv/bin/python benchmarks/prompt_cost.py --model swin_base_patch4_window7_224 --prompts 0,10,50 \
         --threads 1 --flush-denormals --out docs/benchmarks      # Swin-B (also times timm's own forward)
 

@@ -175,15 +175,16 @@ def export_onnx(run: Run, path: str | os.PathLike, *, fold: str = "auto", precis
 
 
 def tasks_metadata(tasks, folds: list[str]) -> dict:
-    """A multi-task artifact's metadata: the shared backbone and preprocessing once, then per task (in
-    index order) what a runtime and a verifier need: name, classes, fold and where it came from."""
+    """A multi-task artifact's metadata: the shared backbone and preprocessing once (run_metadata of the
+    first run), then per task, in index order, its own part of run_metadata plus its name, fold and M."""
     first = run_metadata(tasks.first)
-    shared = {k: first[k] for k in ("preprocess", "backbone")}
-    per_task = [{"name": name, "classes": run.classes, "fold": fold, "num_prompts": run.config.num_prompts,
-                 "config": run.config.to_dict(), "checkpoint_sha256": run.sha256,
-                 "checkpoint": run.path.name if run.path else ""}
-                for name, run, fold in zip(tasks.names, tasks.runs, folds)]
-    return {**shared, "fold": folds[0] if len(set(folds)) == 1 else "mixed", "tasks": per_task}
+    per_task = []
+    for name, run, fold in zip(tasks.names, tasks.runs, folds):
+        own = run_metadata(run)
+        per_task.append({"name": name, "fold": fold, "num_prompts": run.config.num_prompts,
+                         **{k: own[k] for k in ("classes", "config", "checkpoint_sha256", "checkpoint")}})
+    return {"preprocess": first["preprocess"], "backbone": first["backbone"],
+            "fold": folds[0] if len(set(folds)) == 1 else "mixed", "tasks": per_task}
 
 
 def export_tasks(tasks, path: str | os.PathLike, *, fold: str = "auto", precision: str = "fp32",
@@ -195,7 +196,8 @@ def export_tasks(tasks, path: str | os.PathLike, *, fold: str = "auto", precisio
     if fold == "none":
         raise UsageError("fold 'none' cannot be exported; use --fold auto, tokens or kv")
     module = fold_tasks(tasks, fold, fold_dtype)
+    meta = tasks_metadata(tasks, module.task_folds)
     result = export_module(module, path, image_size=tasks.first.model.img_size, opset=opset, precision=precision,
-                           metadata=tasks_metadata(tasks, module.task_folds))
-    result.fold_mode = "mixed" if len(set(module.task_folds)) > 1 else module.task_folds[0]
+                           metadata=meta)
+    result.fold_mode = meta["fold"]
     return result

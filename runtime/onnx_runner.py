@@ -236,7 +236,7 @@ class OnnxPredictor(Predictor):
         if not len(batch):  # nothing to run (a graph's reshapes may not take a zero batch)
             return np.zeros((0, output_classes(self.metadata)), np.float32)
         try:
-            return self.session.run(None, feed, getattr(self, "_quiet_run", None))[0]
+            return self.session.run(None, feed, self._quiet_run)[0]
         except Exception as e:  # onnxruntime's own Fail / RuntimeException types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {first}; "

@@ -158,7 +158,7 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
     multi = isinstance(run, TaskSet)
     if multi:
         check_multitask_settings(settings)
-        inputs = {**(inputs or {}), **{f"--ckpt {p}": p for p in run.paths if p is not None}}
+        inputs = {**(inputs or {}), **{f"task {n}'s run.pt": p for n, p in zip(run.names, run.paths) if p}}
     paths = plan_export(None if multi else run.path, settings, out, inputs)
     builder = settings.builder() if paths.engine is not None else None
     if builder is not None:

@@ -21,9 +21,9 @@ import torch
 
 from .checkpoint import Run
 from .errors import InputError, UsageError, VerificationError, VFPTError
+from .files import atomic_write, dumps_json, file_sha256
 from .fold import kv_refusal
 from .multitask import TaskSet
-from .files import atomic_write, dumps_json, file_sha256
 from .schema import is_engine, report_path as default_report_path
 
 TOP_K = 5

@@ -130,3 +130,18 @@ def tasks_onnx(task_runs):
     outcome = export_run(tasks, ExportSettings(), out)
     assert outcome.passed, outcome.report.to_json()
     return out
+
+
+def pytest_report_header(config):
+    """The CPU and the ISA flags that change numerics, once per run (also under -q: see below)."""
+    from vfpt_deploy.runtime.hardware import summary
+
+    return f"vfpt-deploy tests on: {summary()}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session):
+    # -q hides report headers, and CI runs pytest -q: write the machine line to the terminal anyway.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(pytest_report_header(session.config))

@@ -52,6 +52,12 @@ def max_diff(a, b) -> float:
     return float((torch.as_tensor(a) - torch.as_tensor(b)).abs().max())
 
 
+def fold_tol(ref) -> float:
+    """Folded vs live float32 parity: 1e-5 plus 4e-6 of the largest logit (about 32 float32 ulps at the
+    logits' scale). A flat 1e-5 sat on the float32 floor: an AVX2-only CPU reached 1.05e-5 on logits of ~7."""
+    return FOLD_TOL + 4e-6 * float(torch.as_tensor(ref).abs().max())
+
+
 # -- the reference layout -------------------------------------------------------------------------------
 def rel_index(w: int) -> torch.Tensor:
     """The reference's relative position index of a w x w window."""
@@ -285,10 +291,10 @@ def test_fold_parity(M, alpha, deep, x):
     live = model(x)
     for dtype in (torch.float32, torch.float64):
         tokens = fold_model(model, "tokens", dtype)
-        assert tokens.fold_mode == "tokens" and max_diff(tokens(x), live) <= FOLD_TOL
+        assert tokens.fold_mode == "tokens" and max_diff(tokens(x), live) <= fold_tol(live)
         if deep:
             kv = fold_model(model, "kv", dtype)
-            assert kv.fold_mode == "kv" and max_diff(kv(x), live) <= FOLD_TOL
+            assert kv.fold_mode == "kv" and max_diff(kv(x), live) <= fold_tol(live)
             # Only the last block carries prompt rows; every other block has its keys/values as constants.
             assert kv.num_kv == model.depth - 1 and hasattr(kv, f"prompt_tokens_{model.depth - 1}")
     if not deep:
@@ -535,7 +541,7 @@ def test_train_a_swin_and_reload_prompts_only(tmp_path):
     assert "deep_prompt_embeddings_3" in run.model.tuned_parameters()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert max_diff(fold_model(run.model, "kv")(x), run.model(x)) <= FOLD_TOL
+        assert max_diff(fold_model(run.model, "kv")(x), run.model(x)) <= fold_tol(run.model(x))
 
 
 def test_crafted_swin_run_is_refused(tmp_path):

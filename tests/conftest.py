@@ -31,30 +31,34 @@ def tiny_model(num_classes: int = 5, seed: int = 0, scale: float = 1.0, **cfg) -
     return model
 
 
-# -- float32 parity: the one rule every fold / export / re-statement parity test applies -------------------
-PARITY_ATOL = 1e-5
-PARITY_RTOL = 4e-6
+# -- float32 parity: the one rule for every fold / export / re-statement parity test ----------------------
+PARITY_ATOL = 3e-5
+PARITY_RTOL = 8e-6
 
 
-def parity_limit(expected, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL) -> float:
-    """The largest |actual - expected| a float32 parity test accepts: atol + rtol x max|expected| (finite entries).
+def parity_limit(expected) -> float:
+    """The largest |actual - expected| a float32 parity test accepts: PARITY_ATOL + PARITY_RTOL x max|expected|
+    (over the finite entries).
 
     Why: two float32 computations of the same logits (folded vs live, ONNX Runtime vs PyTorch, a hand-written
-    forward vs the model, batch 1 vs batch 8) sum the same products in another order, and which order depends
-    on the CPU's kernels (oneDNN/MKL/MLAS pick AVX2, AVX-512 or AMX code paths with different blockings). Each
-    reordered sum is off by a few float32 ulps (2^-23 = 1.2e-7 relative) of the values it adds, and the errors
-    of the matmuls, softmaxes and LayerNorms of every block add up at the logits. rtol 4e-6 is about 32 ulps of
-    the largest logit; atol 1e-5 covers logits near zero. A flat 1e-5 sat on that floor: an AVX2-only CPU
-    (Zen 3, no AVX-512) reached 1.05e-5 on Swin logits of ~7 where this machine's AVX-512 kernels stayed under.
-    A real error (a wrong prompt key, a padded row that leaks, a swapped prompt) moves the logits by 1e-3 or
-    more: the tests that catch those are checked to still fail under this limit."""
+    forward vs the model, a batch vs one image) add the same products in another order, and the order depends
+    on the CPU: oneDNN, MKL and ONNX Runtime's MLAS pick AVX2, AVX-512 or AMX kernels with other blockings.
+    Each reordered sum is off by a few float32 ulps (2^-23 = 1.2e-7 relative) of what it adds, and the
+    matmuls, softmaxes and LayerNorms of every block add those up at the logits: 8e-6 is about 67 ulps of the
+    largest logit, 3e-5 about 250 ulps of the O(1) normalized features the head reads (the whole error when
+    the logits are small). Measured on these tests: at most 1.6e-5, always on the Swin models (8 blocks, 3
+    patch merges, logits 1.6-7), with PyTorch's AVX-512, AVX2-only and scalar kernels and ONNX Runtime on an
+    AVX-512 CPU and on an emulated AVX2-only one; this rule leaves 4.3x headroom or more on every check. A
+    flat 1e-5 sat on that floor (an AVX2-only Zen 3 reached 1.05e-5). A real error moves the logits by 1e-3
+    or more (a prompt key or value off by 0.1%, a padded prompt row that gets weight, two prompts' keys
+    swapped): the tests that catch those were broken on purpose under this rule and fail."""
     e = np.asarray(_numpy(expected), dtype=np.float64)
     e = e[np.isfinite(e)]
-    return atol + rtol * (float(np.abs(e).max()) if e.size else 0.0)
+    return PARITY_ATOL + PARITY_RTOL * (float(np.abs(e).max()) if e.size else 0.0)
 
 
 def logits_diff(actual, expected) -> float:
-    """max |actual - expected| over finite entries; the non-finite ones (-inf padding) must sit in the same places."""
+    """max |actual - expected| over the finite entries; the non-finite ones (-inf padding) must match exactly."""
     a, e = np.asarray(_numpy(actual), dtype=np.float64), np.asarray(_numpy(expected), dtype=np.float64)
     assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
     fin = np.isfinite(e)
@@ -62,13 +66,12 @@ def logits_diff(actual, expected) -> float:
     return float(np.abs(a[fin] - e[fin]).max()) if fin.any() else 0.0
 
 
-def assert_logits_close(actual, expected, what: str = "logits", atol: float = PARITY_ATOL,
-                        rtol: float = PARITY_RTOL) -> float:
-    """Assert float32 parity by parity_limit's rule; returns the max diff (for margins)."""
-    diff, limit = logits_diff(actual, expected), parity_limit(expected, atol, rtol)
-    _log_parity(what, diff, limit)
+def assert_logits_close(actual, expected, what: str = "logits") -> float:
+    """Float32 parity of `actual` with `expected` by parity_limit's rule; returns the max |diff|."""
+    diff, limit = logits_diff(actual, expected), parity_limit(expected)
+    _log_parity(what, diff, limit, expected)
     assert diff <= limit, (f"{what}: max |diff| {diff:.3g} > {limit:.3g} "
-                           f"(= {atol:g} + {rtol:g} x max|expected|)")
+                           f"(= {PARITY_ATOL:g} + {PARITY_RTOL:g} x max|expected|)")
     return diff
 
 
@@ -76,15 +79,18 @@ def _numpy(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 
 
-def _log_parity(what: str, diff: float, limit: float) -> None:
-    """VFPT_PARITY_LOG=FILE appends one JSON line per check (test, what, diff, limit): the headroom on a CPU."""
+def _log_parity(what: str, diff: float, limit: float, expected) -> None:
+    """VFPT_PARITY_LOG=FILE appends one JSON line per check (test, what, diff, limit, max|expected|): the
+    headroom on the CPU the tests ran on."""
     path = os.environ.get("VFPT_PARITY_LOG")
     if path:
         import json
 
+        e = np.asarray(_numpy(expected), dtype=np.float64)
+        scale = float(np.abs(e[np.isfinite(e)]).max()) if np.isfinite(e).any() else 0.0
         with open(path, "a") as f:
             f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "what": what,
-                                "diff": diff, "limit": limit}) + "\n")
+                                "diff": diff, "limit": limit, "scale": scale}) + "\n")
 
 
 def free_ports(n: int) -> list[int]:

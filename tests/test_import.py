@@ -1,7 +1,7 @@
 """`vfpt-deploy import`: reference VFPT checkpoints -> run.pt, checked against an independent reference forward.
 
 Tolerance (stated up front): imported logits match the reference forward by conftest's float32 parity rule,
-max abs diff <= 1e-5 + 4e-6 x max|logit| (a different operation order; a flat 1e-5 sat on the float32 floor).
+max abs diff <= 3e-5 + 8e-6 x max|logit| (a different operation order; a flat 1e-5 sat on the float32 floor).
 """
 import math
 

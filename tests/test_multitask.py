@@ -2,7 +2,7 @@
 
 Acceptance: in mixed batches (every task present, shuffled, tasks with different M and class counts, deep
 and shallow runs) every sample's logits equal its single-task export and its unfolded PyTorch model within
-conftest's float32 parity rule (1e-5 + 4e-6 x max|logit|); padding (prompt keys, prompt slots, classes) changes
+conftest's float32 parity rule (3e-5 + 8e-6 x max|logit|); padding (prompt keys, prompt slots, classes) changes
 nothing.
 """
 import json

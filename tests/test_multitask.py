@@ -108,7 +108,10 @@ def test_padding_changes_nothing(tasks):
         module.kv_rows[padded] = 0  # now another task's prompt key/value row, not a repeat of its own
         module.prompt_tokens[0] = 30.0  # the row every unwritten or padded prompt slot starts from
         after = module(x, ids)
-    assert_logits_close(after, before, "garbage in padding vs none")  # -inf columns stay in place too
+    # Exactly equal, not within a tolerance: the same kernels run on the same live values, and exp(-inf) = 0
+    # gives the padding no weight on any CPU (seen bit-identical with AVX-512, AVX2 and scalar kernels). A
+    # leaking prompt slot moved these logits by only 6.6e-4, 6x the float32 parity limit: too close to rely on.
+    np.testing.assert_array_equal(after.numpy(), before.numpy())
 
 
 def _softmax_inputs(path) -> list[str]:

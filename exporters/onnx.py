@@ -153,6 +153,21 @@ def export_module(module: torch.nn.Module, path: str | os.PathLike, *, image_siz
     return ExportResult(path, fold_mode, precision, opset, path.stat().st_size, result["ops"])
 
 
+def add_metadata(path: str | os.PathLike, values: dict) -> None:
+    """Set vfpt.* metadata entries of an exported ONNX file in place (atomically): the golden set is written
+    into the final graph (after quantization), so the file's sha256 covers it."""
+    path = Path(path)
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(encode_metadata(values))
+    del model.metadata_props[:]
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    if model.ByteSize() >= MAX_PROTOBUF:
+        raise VFPTError(f"the model is {model.ByteSize() / 2**30:.1f} GB, over ONNX's 2 GB single-file limit")
+    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+
+
 def run_metadata(run: Run) -> dict:
     """What a runtime needs to serve a run's artifact without the checkpoint."""
     return {"classes": run.classes, "preprocess": run.preprocess.to_dict(), "config": run.config.to_dict(),

@@ -230,7 +230,13 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "tasks.onnx.verify.json").read_text())
     assert report["passed"] and report["tasks"] == ["cars", "birds", "flat"]
-    assert [c["inputs"] for c in report["comparisons"]] == [f"task {n}: random N(0,1) x16" for n in report["tasks"]]
+    own = [c["inputs"] for c in report["comparisons"] if not c["inputs"].startswith("golden: ")]
+    assert own == [f"task {n}: random N(0,1) x16" for n in report["tasks"]]
+    # the golden set the export wrote holds rows of every task, replayed and checked against each task's run
+    golden = [c["inputs"] for c in report["comparisons"] if c["inputs"].startswith("golden: ")]
+    assert golden == [f"golden: task {n}: 1 of random N(0,1) x16" for n in report["tasks"]] and report["golden_sha256"]
+    res = invoke("verify", out)  # the same replay without the checkpoints (torch-free)
+    assert res.exit_code == 0 and "golden set (3 inputs" in " ".join(res.output.split()), res.output
     images = _png(tmp_path / "imgs")
     res = invoke("predict", out, images, "--task", "birds")
     assert res.exit_code == 0 and "task birds" in " ".join(res.output.split()) and "birds-" in res.output, res.output
@@ -365,11 +371,18 @@ def test_verify_names_the_checkpoint_that_is_not_a_tasks(task_runs, tasks_onnx, 
     for args, message in (
             (["--task", f"cars={b}", "--ckpt", b, "--ckpt", f], "is not the run.pt task 'cars' was exported from"),
             (["--ckpt", retrained, "--ckpt", b, "--ckpt", f], "has the name task 'cars' was exported from but other"),
-            (["--task", f"cars={copy}", "--ckpt", c, "--ckpt", b, "--ckpt", f], "which --task cars already names"),
-            ([], "holds 3 tasks; pass each task's run.pt (--ckpt cars.pt --ckpt birds.pt --ckpt flat.pt)")):
+            (["--task", f"cars={copy}", "--ckpt", c, "--ckpt", b, "--ckpt", f], "which --task cars already names")):
         res = invoke("verify", tasks_onnx, *args)
         assert res.exit_code == 2, res.output
         assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    # without checkpoints verify replays the golden set; one without a golden set names every task's run.pt
+    res = invoke("verify", tasks_onnx)
+    assert res.exit_code == 0 and "golden set (3 inputs" in " ".join(res.output.split()), res.output
+    old = _tampered(tasks_onnx, tmp_path / "old.onnx", lambda props: props.pop("vfpt.golden"))
+    res = invoke("verify", old)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert ("carries no golden set (exported before vfpt-deploy recorded one); verify it against its checkpoints "
+            "with --ckpt cars.pt --ckpt birds.pt --ckpt flat.pt") in " ".join(res.output.split())
 
 
 def _tampered(src, dst, edit):

@@ -228,6 +228,10 @@ def test_static_qdq_for_tensorrt_parses_and_builds_with_trt_rtx(exported_run, tm
     assert not any(v.dtype == np.int32 for v in inits.values())  # no int32 biases
     side = json.loads((tmp_path / "m.engine.json").read_text())
     assert side["precision"] == "int8" and side["metadata"]["quantization"]["target"] == "tensorrt"
+    # the engine's sidecar carries the golden set of the ONNX it was built from, with the int8 gate
+    golden = side["metadata"]["golden"]
+    assert golden["precision"] == "int8" and golden["tolerances"]["min_cosine"] == 0.99
+    assert golden["sha256"] == read_graph(tmp_path / "m.onnx").metadata["golden"]["sha256"]
 
 
 def test_cli_export_int8_static(exported_run, tmp_path, folders, pixels_quantized):

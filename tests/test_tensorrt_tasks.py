@@ -100,7 +100,9 @@ def test_cli_exports_a_multitask_engine(rtx, task_runs, tmp_path):
     assert side["onnx"]["sha256"] == file_sha256(tmp_path / "tasks.onnx")
     report = json.loads((tmp_path / "tasks.onnx.verify.json").read_text())
     assert report["passed"] and report["tasks"] == list(TASKS)
-    assert {c["inputs"].split(":")[0] for c in report["comparisons"]} == {f"task {t}" for t in TASKS}
+    assert {c["inputs"].split(":")[0] for c in report["comparisons"]} == {f"task {t}" for t in TASKS} | {"golden"}
+    golden = side["metadata"]["golden"]  # the sidecar carries the ONNX's golden set: rows of every task
+    assert sorted({s["task"] for s in golden["sets"]}) == [0, 1, 2] and golden["sha256"] == report["golden_sha256"]
     if not gpu_visible():
         assert "verified the ONNX it was built from" in " ".join(r.output.split())
 

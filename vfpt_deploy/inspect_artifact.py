@@ -113,6 +113,13 @@ def _task_facts(index: int, task: dict) -> dict:
 _SHOWN_APART = ("classes", "preprocess", "tasks")  # metadata shown by _model_facts, not again in vfpt_metadata
 
 
+def _shown_metadata(meta: dict) -> dict:
+    """The vfpt metadata to show: a golden set as its summary (sets, size, reference machine), not its data."""
+    from .golden import KEY, summary
+
+    return plain({k: (summary(meta) if k == KEY else v) for k, v in meta.items() if k not in _SHOWN_APART})
+
+
 # -- verification reports ------------------------------------------------------------------------------
 def verification(artifact: Path, sha256: str) -> dict:
     """What NAME.verify.json says, and whether it speaks about this very file (its artifact_sha256).
@@ -232,7 +239,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
     sha = file_sha256(path)
     out = {"kind": "onnx", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
            **(_model_facts(checked) if checked else {"task": None}),
-           "vfpt_metadata": plain({k: v for k, v in facts.metadata.items() if k not in _SHOWN_APART}),
+           "vfpt_metadata": _shown_metadata(facts.metadata),
            "precision": {"metadata": checked["precision"] if checked else None, "graph": facts.precision},
            "producer": {"name": model.producer_name, "version": model.producer_version},
            "ir_version": model.ir_version,
@@ -266,7 +273,7 @@ def inspect_engine(path: str | os.PathLike) -> dict:
     return {"kind": "engine", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
             "sha256_matches_sidecar": sha == side["engine"]["sha256"], "sidecar": sidecar_path(path).name,
             **_model_facts(meta),
-            "vfpt_metadata": plain({k: v for k, v in side["metadata"].items() if k not in _SHOWN_APART}),
+            "vfpt_metadata": _shown_metadata(side["metadata"]),
             "precision": meta["precision"], "tensorrt": plain(side["tensorrt"]), "gpu": plain(side.get("gpu")),
             "profile": plain(side["profile"]), "build": plain(side["build"]), "source_onnx": source,
             "tool_version": plain(side.get("tool_version")), "created": plain(side.get("created")),
@@ -387,6 +394,12 @@ def _artifact_rows(info: dict) -> list[tuple[str, str]]:
     if not multi:
         rows.append(("source checkpoint", f"{printable(meta.get('checkpoint', '?'))} sha256 {printable(meta.get('checkpoint_sha256', '?'))}"))
     rows.append(("written by", f"vfpt-deploy {printable(meta.get('tool_version', '?'))}"))
+    g = meta.get("golden")
+    if isinstance(g, dict):
+        rows.append(("golden set", f"{printable('; '.join(g.get('sets') or []), 300)} ({g.get('bytes', 0) / 1024:.0f} KiB; "
+                     f"reference on {printable(g.get('reference_cpu'), 80)}, ISA {printable(' '.join(g.get('reference_isa') or []), 120)})"))
+    else:
+        rows.append(("golden set", "none (exported before golden sets; verify needs --ckpt)"))
     return rows
 
 

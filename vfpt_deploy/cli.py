@@ -22,7 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import LOCATIONS
-from .errors import UsageError, VFPTError
+from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
 from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
@@ -393,10 +393,16 @@ def print_export(outcome) -> None:
 
 
 def print_verify(report) -> None:
-    console.print(f"verify [bold]{escape(report.artifact)}[/] against the unfolded PyTorch model of "
-                  f"{escape(report.checkpoint)}", highlight=False)
-    console.print(f"backend: {report.backend}; precision {report.precision}; pass if {report.tolerances}",
-                  highlight=False)
+    against = (report.checkpoint if report.checkpoint.startswith("golden set")
+               else f"the unfolded PyTorch model of {report.checkpoint}")
+    console.print(f"verify [bold]{escape(report.artifact)}[/] against {escape(against)}", highlight=False,
+                  soft_wrap=True)
+    console.print(f"backend: {escape(report.backend)}; precision {report.precision}; pass if {report.tolerances}",
+                  highlight=False, soft_wrap=True)
+    if report.hardware:
+        from vfpt_deploy.runtime.hardware import summary
+
+        console.print(f"ran on: {escape(summary(report.hardware))}", highlight=False, soft_wrap=True)
     t = Table()
     for col in ("inputs", "max |diff|", "max rel", "min cosine", "top-1 agree", "top-k order", "top-1 ref / artifact", "result"):
         t.add_column(col, overflow="fold")
@@ -409,7 +415,9 @@ def print_verify(report) -> None:
                   f"{c.agreement:.2f}%", f"{c.topk_order:.2f}%", acc, result)
     console.print(t)
     for p in report.problems:
-        console.print(f"[red]metadata:[/] {escape(p)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]problem:[/] {escape(p)}", highlight=False, soft_wrap=True)
+    for n in report.notes:
+        console.print(f"note: {escape(n)}", highlight=False, soft_wrap=True)
 
 
 def finish_verify(report, written: list | None = None) -> None:
@@ -442,15 +450,22 @@ def verify(
 ) -> None:
     """Compare an artifact with the unfolded PyTorch model on random inputs (and real images). A multi-task
     artifact is checked task by task against each task's own run.pt (--ckpt files are matched to tasks by
-    the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream."""
+    the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream.
+    Without --ckpt/--task: replay the golden set the artifact carries on this machine's runtime, without
+    PyTorch (report: ARTIFACT.golden.verify.json)."""
+    from .compare import Tolerances
     from .files import check_outputs, check_suffix
     from .schema import report_path
-    from .threads import set_torch_threads
-    from .verify import Tolerances, verify_artifact
 
     overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                      max_top1_drop=max_top1_drop)
     Tolerances().override(**overrides)  # range-check before any work
+    if not ckpt and not task:
+        return verify_golden_cli(artifact, data, num_random, backbone, overrides, providers, allow_fallback, report,
+                                 threads)
+    from .threads import set_torch_threads
+    from .verify import verify_artifact
+
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
     load, sources = plan_verify_source(artifact, ckpt or [], task or [])
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
@@ -459,6 +474,22 @@ def verify(
     rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
                           providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
     finish_verify(rep)
+
+
+def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, providers, allow_fallback, report,
+                      threads) -> None:
+    """verify without a checkpoint: the golden-set replay (torch-free)."""
+    from .files import check_outputs, check_suffix
+    from vfpt_deploy.runtime.selfcheck import golden_report_path, verify_golden
+
+    given = [o for o, v in (("--data", data), ("--num-random", num_random != 16), ("--backbone", backbone)) if v]
+    if given:
+        raise UsageError(f"{given[0]} needs the checkpoint: pass --ckpt run.pt (without it, verify replays the golden "
+                         "set the artifact carries)")
+    out = check_suffix(report, (".json",), "JSON report", "--report") if report else golden_report_path(artifact)
+    check_outputs({"--report": out}, {"ARTIFACT": artifact})
+    finish_verify(verify_golden(artifact, providers=split_list(providers), threads=threads,
+                                allow_fallback=allow_fallback, overrides=overrides, report_path_=out))
 
 
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
@@ -537,6 +568,7 @@ def predict(
     allow_fallback: FallbackOpt = False,
     threads: ThreadsOpt = None,
     task: Annotated[Optional[str], typer.Option(help="Multi-task artifacts: the task to classify for (inspect lists them).")] = None,
+    self_check: Annotated[bool, typer.Option("--self-check", help="First replay the artifact's golden set on this machine; refuse (one line) if it does not reproduce or carries none.")] = False,
 ) -> None:
     """Classify images with an exported model (no torch needed). An unreadable image is reported and the
     others still run; the exit code is 1 if any failed."""
@@ -550,6 +582,13 @@ def predict(
     with open_predictor(model, split_list(providers), **kwargs) as predictor:
         predictor.max_batch = batch
         predictor.task_ids(task, 0 if task is None else 1)  # a wrong or missing --task: one line, before any image
+        if self_check:
+            from vfpt_deploy.runtime.selfcheck import check_on_load, describe_check
+
+            if check_on_load(predictor, str(model)) is None:
+                raise ArtifactError(f"{model} carries no golden set to self-check (exported before vfpt-deploy "
+                                    "recorded one); re-export it, or drop --self-check")
+            err_console.print(f"{escape(str(model))}: {describe_check(predictor.self_check_result)}", highlight=False)
         preds = predictor.predict(find_images(images), top_k=top_k, task=task)
         used = list(getattr(predictor, "providers", None) or ["TensorRT"])
     if as_json:
@@ -655,6 +694,7 @@ def serve(
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
     write_settings: Annotated[Optional[Path], typer.Option(help="Write the MLServer settings folder (settings.json, NAME/model-settings.json and a copy of each artifact) here and exit without serving: for 'mlserver start DIR' or a KServe storageUri.")] = None,
+    self_check: Annotated[bool, typer.Option("--self-check/--no-self-check", help="Replay each artifact's golden set when it loads and refuse a model that does not reproduce on this machine (reported in the log, model metadata and the vfpt_self_check_passed metric).")] = True,
 ) -> None:
     """Serve exported models over the V2 / Open Inference Protocol (REST and gRPC) on MLServer, with
     adaptive batching, health endpoints and Prometheus metrics; no torch needed. Ctrl-C stops it."""
@@ -665,7 +705,8 @@ def serve(
 
     opts = ServeOptions(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                         max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms, threads=threads,
-                        providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback)
+                        providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback,
+                        self_check=self_check)
     status = lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False)  # noqa: E731
     if write_settings is not None:
         for path in write_folder(write_settings, models, opts, on_status=status):

@@ -232,6 +232,37 @@ def test_lean_serve_names_the_extra(lean, exported_run, tmp_path):
     assert "serve needs MLServer, which is not installed" in line and "pip install 'vfpt-deploy[serve]'" in line
 
 
+@pytest.fixture(scope="module")
+def golden_pair(exported_run, tmp_path_factory):
+    """An export with its golden set (made by this venv), and the same file with one weight nudged."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vfpt_deploy.pipeline import ExportSettings, export_run
+
+    d = tmp_path_factory.mktemp("golden-lean")
+    assert export_run(exported_run[0], ExportSettings(num_random=4), d / "good.onnx").passed
+    model = onnx.load(str(d / "good.onnx"))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.05
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(d / "bad.onnx"))
+    return d / "good.onnx", d / "bad.onnx"
+
+
+@pytest.mark.slow
+def test_lean_verify_replays_the_golden_set(lean, golden_pair, tmp_path):
+    """The base install (no torch) verifies an artifact exported elsewhere by replaying its golden set, and a
+    tampered weight fails in one line."""
+    good, bad = golden_pair
+    res = lean_cli(lean, "verify", good, "--report", tmp_path / "good.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((tmp_path / "good.json").read_text())["passed"]
+    line = one_error_line(lean_cli(lean, "verify", bad, "--report", tmp_path / "bad.json", cwd=tmp_path))
+    assert "outside tolerance" in line
+
+
 # -- serve: the base install plus [serve] ----------------------------------------------------------------
 def _get(url: str, data: bytes | None = None, timeout: float = 5.0):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})

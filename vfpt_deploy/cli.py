@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -24,9 +24,16 @@ from . import __version__
 from .config import LOCATIONS
 from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
+from .text import printable
 from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
+
+def escape(text) -> str:
+    """Text for a rich console: markup escaped, and control characters shown as escapes (class names, paths
+    and messages may come from a crafted artifact: vfpt_deploy/text.py)."""
+    return rich_escape(printable(str(text)))
+
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -522,7 +529,7 @@ TritonKind = choices("TritonKind", TRITON_KINDS)
 def triton(
     model: Annotated[Path, typer.Argument(help="A verified .onnx, or a TensorRT .engine/.plan with its .json sidecar.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The Triton model repository folder (created if missing; other models in it are left alone).")],
-    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). An existing model folder of that name is replaced.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). In an existing model folder only 1/, config.pbtxt and labels.txt are replaced; everything else is kept.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help=f"max_batch_size (default: an engine's profile max; {TRITON_DEFAULT_BATCH} for an ONNX with a dynamic batch).")] = None,
     preferred_batch: Annotated[Optional[list[int]], typer.Option("--preferred-batch", min=1, max=65536, help="Batch size the dynamic batcher aims for (repeatable; default: an engine's opt batch when below max, else none).")] = None,
     max_queue_delay_us: Annotated[int, typer.Option(min=0, max=10_000_000, help="How long Triton may hold a request to batch it with later ones, microseconds.")] = TRITON_QUEUE_DELAY_US,
@@ -606,7 +613,7 @@ def predict(
 
 def print_predictions(model: Path, used: list[str], preds) -> None:
     task = next((p.task for p in preds if p.task), None)
-    t = Table(title=f"{model}{f', task {task}' if task else ''} ({', '.join(used)})")
+    t = Table(title=escape(f"{model}{f', task {task}' if task else ''} ({', '.join(used)})"))
     t.add_column("image", overflow="fold")
     for i in range(max((len(p.top) for p in preds), default=0)):
         t.add_column(f"top-{i + 1}")

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError, InputError, UsageError, VFPTError
 from .files import file_sha256, read_json
+from .text import printable as _printable
 from .schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
@@ -315,9 +316,7 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
 # -- rows for a table ----------------------------------------------------------------------------------------
 def printable(v, limit: int = 300) -> str:
     """One cell: JSON for structures, printable characters only (a crafted name cannot move the cursor)."""
-    s = v if isinstance(v, str) else json.dumps(v)
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return _printable(v, limit)
 
 
 def _shape(t: dict) -> str:

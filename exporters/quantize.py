@@ -7,6 +7,14 @@ Modes (QUANTIZE_MODES):
   static    Q/DQ with calibrated activation ranges. For onnxruntime: uint8 activations, int8 per-channel
             weights on the linear layers. For TensorRT (--format trt/trt-rtx): the profile TensorRT parses
             (symmetric int8 activations and weights, float biases, Q/DQ only around MatMul/Gemm/Conv).
+
+The same model on every x86-64 CPU: onnxruntime multiplies uint8 activations by int8 weights with AVX2's
+vpmaddubsw, which sums two products in an int16 and saturates (255 x 127 x 2 > 32767) on CPUs without VNNI
+(measured: the tests' tiny model's min cosine fell from 0.9993 to 0.9855 under an emulated AVX2 CPU).
+onnxruntime targets therefore get 7-bit weights (onnxruntime's reduce_range: int8 in [-64, 64], 255 x 64 x 2
+fits) -- the same kernels and speed, the same logits on AVX2, AVX-512, VNNI and AMX -- and the written graph
+is checked for it. TensorRT keeps full-range int8 (GPUs do not saturate); its ONNX run by onnxruntime on a
+CPU without VNNI does saturate, which the artifact records (quantization.cpu) and predict/verify/serve say.
   modelopt  NVIDIA ModelOpt's ONNX PTQ (Q/DQ placed for TensorRT's fusions), calibrated with onnxruntime
             on the CPU; needs the `modelopt` extra.
 

@@ -382,3 +382,32 @@ def test_predict_and_verify_say_when_the_int8_form_can_saturate_here(exported_ru
     assert len(report.notes) == 1 and "saturate" in report.notes[0]
     monkeypatch.setattr(hardware, "cpu", lambda: VNNI_CPU)
     assert not verify_artifact(tmp_path / "old.onnx", run, data=str(folders["val"])).notes
+    assert _served_notes(tmp_path / "old.onnx") == []  # a VNNI CPU: nothing to say
+    monkeypatch.setattr(hardware, "cpu", lambda: AVX2_ONLY)
+    assert [n for n in _served_notes(tmp_path / "old.onnx") if "none of them" in n] and not _served_notes(
+        tmp_path / "new.onnx")
+
+
+def _served_notes(path) -> list[str]:
+    """What the server logs while it loads `path` as a model (MLServer's logger)."""
+    import asyncio
+    import logging
+
+    pytest.importorskip("mlserver")
+    from mlserver.settings import ModelSettings
+
+    from vfpt_deploy.runtime.serving import VFPTModel
+
+    lines = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("mlserver")
+    log.addHandler(handler)
+    try:
+        model = VFPTModel(ModelSettings(name="m", implementation=VFPTModel, parameters={
+            "uri": str(path), "extra": {"threads": 1, "providers": ["cpu"]}}))
+        assert asyncio.run(model.load())
+        asyncio.run(model.unload())
+    finally:
+        log.removeHandler(handler)
+    return [line for line in lines if "int8" in line]

@@ -378,6 +378,10 @@ def test_predict_and_verify_say_when_the_int8_form_can_saturate_here(exported_ru
     notes = [line for line in res.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "none of them" in notes[0] and "avx512_vnni" in notes[0]
     assert "note:" not in CliRunner().invoke(app, ["predict", str(tmp_path / "new.onnx"), image]).output
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "old.onnx")], terminal_width=400).output
+    assert "int8 on this CPU" in shown and "full-range int8 weights" in shown
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "new.onnx")], terminal_width=400).output
+    assert "int8 on this CPU" not in shown and "saturation-free on every x86-64 CPU" in shown
     report = verify_artifact(tmp_path / "old.onnx", run, data=str(folders["val"]))
     assert len(report.notes) == 1 and "saturate" in report.notes[0]
     monkeypatch.setattr(hardware, "cpu", lambda: VNNI_CPU)

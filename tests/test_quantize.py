@@ -384,6 +384,10 @@ def test_predict_and_verify_say_when_the_int8_form_can_saturate_here(exported_ru
     assert "int8 on this CPU" not in shown and "saturation-free on every x86-64 CPU" in shown
     report = verify_artifact(tmp_path / "old.onnx", run, data=str(folders["val"]))
     assert len(report.notes) == 1 and "saturate" in report.notes[0]
+    from vfpt_deploy.runtime.selfcheck import verify_golden
+
+    replayed = verify_golden(tmp_path / "old.onnx")  # verify without --ckpt: the golden set, torch-free
+    assert replayed.passed and [n for n in replayed.notes if "saturate" in n]
     monkeypatch.setattr(hardware, "cpu", lambda: VNNI_CPU)
     assert not verify_artifact(tmp_path / "old.onnx", run, data=str(folders["val"])).notes
     assert _served_notes(tmp_path / "old.onnx") == []  # a VNNI CPU: nothing to say

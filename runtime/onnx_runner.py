@@ -22,6 +22,7 @@ from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metad
                                 decode_metadata, is_engine, output_classes, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
+from .hardware import int8_isa_note
 from .predictor import Predictor
 
 CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If", "SequenceMap"})
@@ -220,6 +221,8 @@ class OnnxPredictor(Predictor):
         checked = check_metadata(self.metadata, str(path), inputs[0].shape)
         check_output_width(outputs[0].shape[-1], checked, str(path))
         self.preprocess = checked["preprocess"]
+        note = int8_isa_note(self.metadata.get("quantization"), self.providers)
+        self.notes = (note,) if note else ()
 
     @property
     def providers(self) -> list[str]:

@@ -272,6 +272,8 @@ class VFPTModel(MLModel):
             self.predictor = _opened.pop((self.name, os.path.realpath(path)), None) or await asyncio.to_thread(
                 open_artifact, path, extra.get("providers"), extra.get("threads"),
                 bool(extra.get("allow_fallback", False)))
+        for note in getattr(self.predictor, "notes", ()):  # e.g. an int8 form that can saturate on this CPU
+            logging.getLogger("mlserver").warning("model %s: %s", self.name, note)
         self.task = task_index(self.predictor, extra.get("task"), self.name, path)
         self.self_check = None
         if extra.get("self_check", True) is not False:

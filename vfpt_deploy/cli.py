@@ -598,6 +598,8 @@ def predict(
             err_console.print(f"{escape(str(model))}: {describe_check(predictor.self_check_result)}", highlight=False)
         preds = predictor.predict(find_images(images), top_k=top_k, task=task)
         used = list(getattr(predictor, "providers", None) or ["TensorRT"])
+        for note in predictor.notes:  # stderr: --json keeps stdout clean
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         print_json({"model": str(model), "providers": used, **({"task": task} if task else {}), "predictions": [
             {"image": p.source, "error": p.error} if p.error else

@@ -402,12 +402,28 @@ def _artifact_rows(info: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _int8_rows(q) -> list[tuple[str, str]]:
+    """An int8 artifact's quantization mode and integer-matmul form, and whether this CPU computes it as
+    verified (runtime.hardware.int8_isa_note)."""
+    from vfpt_deploy.runtime.hardware import int8_isa_note
+
+    if not isinstance(q, dict):
+        return []
+    cpu = q.get("cpu") if isinstance(q.get("cpu"), dict) else {}
+    form = (f"{printable(cpu.get('matmul', '?'))}; saturation-free on {printable(cpu.get('saturation_free_on', '?'))}"
+            if cpu else "full-range int8 weights (written before the form was recorded)")
+    rows = [("int8", f"{printable(q.get('mode', '?'))} ({printable(q.get('target', '?'))}): {form}")]
+    note = int8_isa_note(q)
+    return rows + ([("int8 on this CPU", note)] if note else [])
+
+
 def _onnx_rows(info: dict) -> list[tuple[str, str]]:
     rows = [("kind", "ONNX model" + ("" if info["task"] else " without vfpt-deploy metadata (made elsewhere)"))]
     if info["task"]:
         prec = info["precision"]
         rows += _common_rows(info) + _artifact_rows(info)
         rows.append(("precision", f"{prec['metadata']} (the graph computes in {prec['graph']})"))
+        rows += _int8_rows(info["vfpt_metadata"].get("quantization"))
     ops = info["ops"]
     top = ", ".join(f"{printable(k, 60)} {v}" for k, v in list(ops.items())[:12])
     ext = info["external_data"]

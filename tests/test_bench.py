@@ -333,6 +333,27 @@ def test_prompt_cost_script_tiny(tmp_path):
     assert (tmp_path / "prompt_cost_tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_runtime_cost_script_tiny(tmp_path):
+    """The interleaved runtime/prompt-cost benchmark (the GPU check runs it on CUDA) on a tiny ViT on the CPU:
+    torch and onnxruntime rows for plain and kv at each batch, ratios within repeats, CUDA graphs skipped
+    with the reason."""
+    res = subprocess.run([sys.executable, "benchmarks/runtime_cost.py", "--model", "tiny", "--device", "cpu",
+                          "--dtype", "fp32", "--prompts", "4", "--batches", "1,2", "--repeats", "2", "--iters", "2",
+                          "--warmup", "1", "--threads", "1", "--out", tmp_path],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "runtime_cost.json").read_text())
+    cells = {(r["runtime"], r["form"], r["batch"]) for r in data["rows"]}
+    assert cells == {(rt, f, b) for rt in ("torch", "ort") for f in ("plain", "kv") for b in (1, 2)}
+    assert all(len(r["repeat_ms"]) == 2 and r["median_ms"] > 0 for r in data["rows"])
+    whats = {(r["what"], r["batch"]) for r in data["ratios"]}
+    assert {(w, b) for w in ("torch kv / plain", "ort kv / plain", "plain: ort / torch", "kv: ort / torch")
+            for b in (1, 2)} == whats
+    assert data["providers"] == {"ort:plain": ["CPUExecutionProvider"], "ort:kv": ["CPUExecutionProvider"]}
+    assert {(s["runtime"], s["form"]) for s in data["skipped"]} == {("ort-graph", "plain"), ("ort-graph", "kv")}
+    assert all("CUDA" in s["reason"] for s in data["skipped"])
+
+
 # -- multi-task artifacts (issue 11): mixed-task and single-task streams ------------------------------------
 from vfpt_deploy.bench import Stream, TensorRTBackend, stream_task_ids  # noqa: E402
 

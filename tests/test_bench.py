@@ -249,9 +249,8 @@ def test_torch_dtype_runs_a_copy_and_refuses_what_cannot_run(run_pt):
     assert b.runner(2, False)().dtype == torch.bfloat16 and b.detail == {"fold": "kv", "dtype": "bf16"}
     assert {p.dtype for p in run.model.parameters()} == {torch.float32}
     assert {p.device.type for p in run.model.parameters()} == {"cpu"}
-    if not torch.cuda.is_available():  # the CPU's FFT has no half precision (cuFFT neither, for these sizes)
-        with pytest.raises(Unavailable, match="torch cannot run in fp16 on cpu"):
-            TorchBackend("torch", run.model, (32, 32), "cpu", 0, {}, "fp16")
+    with pytest.raises(Unavailable, match="torch cannot run in fp16 on cpu"):  # the CPU's FFT has no half precision
+        TorchBackend("torch", run.model, (32, 32), "cpu", 0, {}, "fp16")
     report = run_bench(checkpoint=run_pt, backends=["torch-folded"],
                        settings=BenchSettings(batches=(1,), loop=LoopSpec(warmup=0, iters=2), device="cpu", dtype="bf16"))
     assert [r.detail["dtype"] for r in report.results] == ["bf16"]

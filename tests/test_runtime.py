@@ -11,7 +11,7 @@ import pytest
 import vfpt_deploy.bench as bench
 from vfpt_deploy.bench import BenchSettings, make_input, run_bench
 from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
-from vfpt_deploy.errors import RuntimeSetupError, UsageError
+from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx
 from vfpt_deploy.runtime.onnx_runner import GPU_PROVIDERS, OnnxPredictor, gpu_present, make_session
 from vfpt_deploy.runtime.preprocess import Preprocess
@@ -227,3 +227,18 @@ def test_fallback_rule(asked, used, refused):
             check_fallback(asked, used)
     else:
         check_fallback(asked, used)
+
+
+def test_fixed_dims_give_a_session_for_one_batch_size(onnx_path):
+    """make_session(fixed_dims=...): onnxruntime's free-dimension override (what the CUDA-graph benchmark
+    uses): the session's input has that batch, runs it, and refuses another; bad values are one-line errors."""
+    free = make_session(onnx_path, ["cpu"])
+    assert free.get_inputs()[0].shape[0] == "batch"
+    with OnnxPredictor(onnx_path, ["cpu"], fixed_dims={"batch": 3}) as p:
+        assert p.session.get_inputs()[0].shape == [3, 3, 32, 32]
+        assert p.infer(batch(3)).shape == (3, 5)
+        with pytest.raises(ArtifactError, match="batch of 2"):
+            p.infer(batch(2))
+    for bad in ({"batch": 0}, {"batch": 1.5}, {"": 2}, {"batch": True}):
+        with pytest.raises(UsageError, match="fixed dimensions"):
+            make_session(onnx_path, ["cpu"], fixed_dims=bad)

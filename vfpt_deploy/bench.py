@@ -457,9 +457,12 @@ class OrtBackend(Backend):
     ort-cuda-graph turns on onnxruntime's CUDA graphs. Documented constraints (onnxruntime's CUDA EP page):
     every node must run on the CUDA EP (else the session is refused: Unavailable, with onnxruntime's words),
     inputs and outputs are bound once with IO binding and keep their device addresses, and a graph holds
-    one input shape -- so each runner gets its own graph id (run option gpu_graph_id), captured in
-    runner() by one regular run plus the capturing run, and replayed by every timed call. Capture cannot
-    run on the legacy default stream, so this backend runs on a stream of its own."""
+    one input shape. A dynamic batch leaves shape arithmetic (Shape/Gather/Concat) on the CPU, which alone
+    makes onnxruntime refuse the graph, so each runner opens its own session with the batch dimension fixed
+    (a free-dimension override: onnxruntime folds the shape arithmetic away), captures the graph there
+    with a few regular runs, and every timed call replays it. Capture cannot run on the legacy default
+    stream, so this backend runs on a stream of its own. The session made in __init__ (no graphs, batch
+    free) only checks that CUDA really runs and reads the metadata."""
 
     def __init__(self, name: str, kind: str, path: Path, threads: int | None, seed: int, detail: dict):
         from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
@@ -472,16 +475,10 @@ class OrtBackend(Backend):
             raise Unavailable(f"this onnxruntime build ({ort.__version__}) has no {want} (for CUDA, swap onnxruntime "
                               "for onnxruntime-gpu: README, 'Install')")
         self.stream, self.device_id, self.graphs = None, 0, kind == "ort-cuda-graph"
-        self._graph_ids = 0
+        self.threads, self._graph_predictors = threads, []
         options = {} if kind == "ort-cpu" else {"CUDAExecutionProvider": self._cuda_options()}
         # Fallback is judged here, more strictly than the predictor does: the measured provider must come first.
-        try:
-            self.predictor = OnnxPredictor(self.path, asked, threads=threads, allow_fallback=True,
-                                           provider_options=options)
-        except VFPTError as e:
-            if not self.graphs:
-                raise
-            raise Unavailable(f"onnxruntime would not make a CUDA-graph session of {self.path.name}: {e}") from None
+        self.predictor = OnnxPredictor(self.path, asked, threads=threads, allow_fallback=True, provider_options=options)
         self.providers = self.predictor.providers
         if self.providers[0] != want:
             self.predictor.close()
@@ -498,16 +495,34 @@ class OrtBackend(Backend):
     def _cuda_options(self) -> dict:
         """Run onnxruntime's CUDA work on torch's current stream, so CUDA events recorded there time it; with
         CUDA graphs, on a new torch stream (capture cannot use the legacy default stream)."""
-        graph = {"enable_cuda_graph": "1"} if self.graphs else {}
         try:
             import torch
         except ImportError:
-            return {"device_id": 0, **graph}
+            return {"device_id": 0}
         if not torch.cuda.is_available():
-            return {"device_id": 0, **graph}
+            return {"device_id": 0}
         self.device_id = torch.cuda.current_device()
-        self.stream = torch.cuda.Stream(self.device_id) if self.graphs else torch.cuda.current_stream()
-        return {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream), **graph}
+        if self.stream is None:  # one stream for every session of this backend
+            self.stream = torch.cuda.Stream(self.device_id) if self.graphs else torch.cuda.current_stream()
+        return {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream)}
+
+    def _graph_predictor(self, batch: int):
+        """A session for this batch size alone, CUDA graphs on (see the class docstring)."""
+        from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+        dim = self.predictor.session.get_inputs()[0].shape[0]
+        fixed = {dim: batch} if isinstance(dim, str) and dim else {}
+        options = {"CUDAExecutionProvider": {**self._cuda_options(), "enable_cuda_graph": "1"}}
+        try:
+            p = OnnxPredictor(self.path, ORT_PROVIDERS[self.kind], threads=self.threads, allow_fallback=True,
+                              provider_options=options, fixed_dims=fixed)
+        except VFPTError as e:
+            raise Unavailable(f"onnxruntime would not make a CUDA-graph session of {self.path.name} at batch "
+                              f"{batch}: {e}") from None
+        self._graph_predictors.append(p)
+        if p.providers[:1] != ["CUDAExecutionProvider"]:
+            raise Unavailable(f"the CUDA-graph session fell back to {', '.join(p.providers)}")
+        return p
 
     def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
         if self.graphs and e2e:
@@ -517,10 +532,11 @@ class OrtBackend(Backend):
         if self.kind == "ort-cpu" or e2e:
             return lambda: infer(x, task_ids)  # numpy in, numpy out: copies included on GPU EPs
         # IO binding: input and output live on the GPU, so a timed run is inference only.
-        ort, session = self.ort, self.predictor.session
+        predictor = self._graph_predictor(len(x)) if self.graphs else self.predictor
+        ort, session = self.ort, predictor.session
         binding = session.io_binding()
         binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
-        ids = self.predictor.check_task_ids(x, task_ids)
+        ids = predictor.check_task_ids(x, task_ids)
         if ids is not None:
             binding.bind_ortvalue_input(TASK_INPUT, ort.OrtValue.ortvalue_from_numpy(ids, "cuda", self.device_id))
         y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.num_classes], np.float32, "cuda", self.device_id)
@@ -528,16 +544,13 @@ class OrtBackend(Backend):
         binding.synchronize_inputs()
         if not self.graphs:
             return lambda: session.run_with_iobinding(binding)
-        self._graph_ids += 1  # one graph per runner: its own shape and its own bound buffers
-        run_options = ort.RunOptions()
-        run_options.add_run_config_entry("gpu_graph_id", str(self._graph_ids))
         try:  # regular runs (allocations) until onnxruntime captures the graph; later calls replay it
             for _ in range(3):
-                session.run_with_iobinding(binding, run_options)
+                session.run_with_iobinding(binding)
         except Exception as e:  # onnxruntime's own Fail / RuntimeException types
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise Unavailable(f"onnxruntime could not capture a CUDA graph at batch {batch}: {first}") from None
-        return lambda: session.run_with_iobinding(binding, run_options)
+        return lambda: session.run_with_iobinding(binding)
 
     def timer(self, e2e: bool) -> Timer:
         if self.kind != "ort-cpu" and not e2e and self.stream is not None:
@@ -546,6 +559,9 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.predictor.close()
+        for p in self._graph_predictors:
+            p.close()
+        self._graph_predictors = []
 
 
 class CudartEventTimer:

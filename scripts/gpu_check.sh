@@ -144,14 +144,15 @@ plan() {
     fi
     i=$((i + 1))
     mib=$(( ($(stat -c %s ".ortgpu$n/part") + MIB - 1) / MIB ))
-    printf '%2d. command="scripts/gpu_check.sh device part %d install pytest-bg verify golden serve"  carry=[".ortgpu%d"]  timeout_s=540   (%d MiB)\n' \
+    printf '%2d. command="scripts/gpu_check.sh device part %d install bench torchcost"  carry=[".ortgpu%d"]  timeout_s=540   (%d MiB)\n' \
         "$i" "$n" "$n" "$mib"
     i=$((i + 1))
-    printf '%2d. command="scripts/gpu_check.sh device bench torchcost"  carry=[]  timeout_s=420\n' "$i"
+    printf '%2d. command="PYTEST_TIMEOUT=T scripts/gpu_check.sh device pytest-bg verify golden serve"  carry=[]  timeout_s=B-30\n' "$i"
     echo
-    echo "Then give_back. Results: each call's \$OUT (steps.jsonl, one JSON per step, logs/). Budget: the machine's"
-    echo "start plus these calls must fit the session's 15 device minutes; pytest-bg stops at PYTEST_TIMEOUT"
-    echo "(default 300 s; prefix the command with PYTEST_TIMEOUT=N to change it)."
+    echo "Then give_back. B: status' budget_left_s just before the last call; T = min(420, B - 90), the test suite's"
+    echo "share (verify, golden and serve, about 150 s, run while it does). With B under 250, drop pytest-bg."
+    echo "The timings (bench, torchcost) run alone, right after install, so that they come back first."
+    echo "Results: each call's \$OUT (steps.jsonl, one JSON per step, logs/)."
 }
 
 # -- on the GPU machine -------------------------------------------------------------------------------
@@ -442,6 +443,24 @@ print(f"{r['backend']}: max|diff| {c['max_abs']:.2e}, cos {c['min_cosine']:.6f},
 EOF
 }
 
+make_onnx() {  # PREC: WORK/kv50.PREC.onnx from the run.pt (once; the outcome of the CLI's export in .note)
+    local prec=$1 onnx=$WORK/kv50.$1.onnx rc note
+    [[ -f $onnx ]] && return 0
+    # The CLI export verifies on the default providers (CUDA here) and writes nothing if that fails.
+    timeout 240 "${VFPT[@]}" export --ckpt "$WORK/run.pt" --format onnx --fold kv --precision "$prec" --out "$onnx" \
+        --num-random 16 > "$LOGS/export_$prec.log" 2>&1
+    rc=$?
+    cp -f "$onnx.verify.json" "$OUT/export_kv50_$prec.verify.json" 2>/dev/null
+    note="export rc $rc ($(summarize_verify "$OUT/export_kv50_$prec.verify.json"))"
+    if [[ ! -f $onnx ]]; then  # written anyway (no verification), so that the checks after it have a file
+        timeout 180 "$PY" -c 'import sys; from vfpt_deploy.checkpoint import load_run; from vfpt_deploy.exporters.onnx import export_onnx; export_onnx(load_run(sys.argv[1]), sys.argv[2], fold="kv", precision=sys.argv[3])' \
+            "$WORK/run.pt" "$onnx" "$prec" >> "$LOGS/export_$prec.log" 2>&1
+        note="$note; written without verification for the checks after it"
+    fi
+    echo "$note" > "$WORK/kv50.$prec.note"
+    [[ -f $onnx ]]
+}
+
 step_verify() {
     local t0=$SECONDS
     need_install verify && need_gpu verify || return
@@ -451,18 +470,8 @@ step_verify() {
     for prec in fp32 fp16; do
         t0=$SECONDS
         onnx=$WORK/kv50.$prec.onnx
-        rm -f "$onnx"
-        # The CLI export verifies on the default providers (CUDA here) and writes nothing if that fails.
-        timeout 240 "${VFPT[@]}" export --ckpt "$WORK/run.pt" --format onnx --fold kv --precision "$prec" --out "$onnx" \
-            --num-random 16 > "$LOGS/export_$prec.log" 2>&1
-        rc=$?
-        cp -f "$onnx.verify.json" "$OUT/export_kv50_$prec.verify.json" 2>/dev/null
-        export_note="export rc $rc ($(summarize_verify "$OUT/export_kv50_$prec.verify.json"))"
-        if [[ ! -f $onnx ]]; then  # written anyway (no verification) so that verify below has something
-            timeout 180 "$PY" -c 'import sys; from vfpt_deploy.checkpoint import load_run; from vfpt_deploy.exporters.onnx import export_onnx; export_onnx(load_run(sys.argv[1]), sys.argv[2], fold="kv", precision=sys.argv[3])' \
-                "$WORK/run.pt" "$onnx" "$prec" >> "$LOGS/export_$prec.log" 2>&1
-            export_note="$export_note; written without verification for the check below"
-        fi
+        make_onnx "$prec"
+        export_note=$(cat "$WORK/kv50.$prec.note" 2>/dev/null)
         [[ -f $onnx ]] || { record "verify_$prec" FAIL "no ONNX: $(tail -n 1 "$LOGS/export_$prec.log" | cut -c1-200)" $((SECONDS - t0)); continue; }
         local report=$OUT/verify_kv50_${prec}_$PROV.json
         timeout 180 "${VFPT[@]}" verify "$onnx" --ckpt "$WORK/run.pt" --providers "$PROV" --num-random 16 \
@@ -604,7 +613,7 @@ step_bench() {
     local t0=$SECONDS onnx=$WORK/kv50.fp16.onnx
     need_install bench && need_gpu bench || return
     mkdir -p "$WORK"
-    if make_run && [[ -f $onnx ]]; then
+    if make_run && make_onnx fp16; then
         timeout 200 "${VFPT[@]}" bench --ckpt "$WORK/run.pt" --onnx "$onnx" -b torch-folded -b ort-cuda -b ort-cuda-graph \
             --device "$DEV" --dtype "$BENCH_DTYPE" --fold kv --batch 1,8,64 --warmup 10 --iters 50 --report "$OUT/bench_cli.json" \
             > "$LOGS/bench_cli.log" 2>&1
@@ -621,7 +630,7 @@ EOF
         if [[ $rc == 0 ]]; then record bench_cli PASS "$line" $((SECONDS - t0)) "$OUT/bench_cli.json"
         else record bench_cli FAIL "rc $rc: ${line:-$(tail -n 1 "$LOGS/bench_cli.log" | cut -c1-200)}" $((SECONDS - t0)) "$OUT/bench_cli.json"; fi
     else
-        record bench_cli SKIP "no $onnx (the verify step makes it)" 0
+        record bench_cli FAIL "no $onnx: $(tail -n 1 "$LOGS/export_fp16.log" 2>/dev/null | cut -c1-200)" $((SECONDS - t0))
     fi
     t0=$SECONDS
     timeout 300 "$PY" "$ROOT/benchmarks/runtime_cost.py" --device "$DEV" --dtype "$BENCH_DTYPE" --model "$MODEL" \

@@ -632,7 +632,7 @@ def bench(
     ckpt: CkptOpt = None,
     onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="An exported .onnx for the ort-* backends (repeatable).")] = None,
     engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="A TensorRT engine (with its .json sidecar) for the tensorrt backend (repeatable).")] = None,
-    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-cuda-graph (onnxruntime's CUDA graphs), ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
     batch: Annotated[Optional[list[str]], typer.Option("--batch", help="Batch size(s) to sweep: repeatable and/or comma-separated (default 1,8,32).")] = None,
     warmup: Annotated[Optional[int], typer.Option(min=0, max=1_000_000, help="Warm-up calls per batch size (default 10).")] = None,
     warmup_time: Annotated[Optional[float], typer.Option(help="Warm up for this many seconds (0 < s <= 3600) instead of a count.")] = None,
@@ -641,6 +641,7 @@ def bench(
     threads: ThreadsOpt = None,
     fold: Annotated[Fold, typer.Option(help="Fold of torch-folded and of the ONNX exported from the run.pt.")] = Fold.auto,
     device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(help="PyTorch backends: fp32, fp16 or bf16 (an ONNX file keeps its own precision).")] = "fp32",
     e2e: Annotated[bool, typer.Option("--e2e", help="GPU backends: also time end to end, host<->device copies included.")] = False,
     as_json: JsonFlag = False,
     report: Annotated[Optional[Path], typer.Option(help="Write every result and the machine to this JSON file (.json).")] = None,
@@ -670,7 +671,8 @@ def bench(
     loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
                     iters=iters if iters is not None or duration is not None else 50, duration_s=duration).check()
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
-                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task)
+                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task,
+                             dtype=dtype)
     result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
                        backbone_weights=backbone, export_dir=export_dir,
                        on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))

@@ -61,7 +61,9 @@ def run_demo(out: str | Path, *, pretrain_epochs: int = 60, epochs: int = 40, lr
         else:
             status(f"pretraining a {DEMO_KWARGS['depth']}-block ViT (width {DEMO_KWARGS['embed_dim']}) on the clean digits domain")
             source = TensorDataset(builtin_split("digits", "train"), preprocess)
-            pretrain_backbone(backbone, source, epochs=pretrain_epochs, seed=seed,
+            # On the CPU like the tuning below, GPU or not: the demo's numbers and run.pt bytes for a seed are
+            # then the same on every machine, and the backbone stays where _clean_top1 and the tuning expect it.
+            pretrain_backbone(backbone, source, epochs=pretrain_epochs, seed=seed, device=torch.device("cpu"),
                               on_step=(lambda s, t: on_step("pretrain", s, t)) if on_step else None)
             state = {k: v.contiguous() for k, v in backbone.state_dict().items()}
             atomic_write(weights, lambda tmp: save_file(state, tmp))

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError, VFPTError
-from vfpt_deploy.files import file_sha256, read_json
-from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, TASK_INPUT,  # noqa: F401
+from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, TASK_INPUT,  # noqa: F401
                                 check_metadata, check_output_width, check_sidecar, sidecar_path)
 
 from .predictor import Predictor

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vfpt_deploy.bench import BenchReport, BenchSettings, OrtBackend, Result, Unavailable, parse_batches, run_bench
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.runtime.onnx_runner import gpu_present
@@ -195,7 +195,7 @@ def test_bench_cli_end_to_end(run_pt, tmp_path):
 
 
 def test_bench_onnx_artifact_by_duration(run_pt, tmp_path):
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx", fold="tokens").path
@@ -227,7 +227,7 @@ def test_json_report_is_strict(tmp_path):
 @pytest.mark.skipif(gpu_present() or not CUDA_LISTED,
                     reason="needs onnxruntime-gpu on a machine without a usable GPU (CUDA falls back)")
 def test_ort_cuda_fallback_is_reported_not_timed(run_pt, tmp_path):
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx").path
@@ -387,8 +387,8 @@ def test_multi_task_usage_errors(tasks_onnx, exported_run, run_pt, tmp_path):
 def _fake_tasks_engine(onnx_path, folder):
     """An engine file with the sidecar a build of onnx_path would write (bench reads the tasks from it
     before anything runs; TensorRT never sees the file)."""
-    from vfpt_deploy.files import file_sha256
-    from vfpt_deploy.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
+    from vfpt_deploy.artifacts.files import file_sha256
+    from vfpt_deploy.artifacts.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
 
     engine = folder / "tasks.engine"
     engine.write_bytes(b"not a real engine")

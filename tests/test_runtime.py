@@ -10,7 +10,7 @@ import pytest
 
 import vfpt_deploy.bench as bench
 from vfpt_deploy.bench import BenchSettings, make_input, run_bench
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
 from vfpt_deploy.errors import RuntimeSetupError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor, gpu_present, make_session

@@ -40,9 +40,9 @@ def test_no_long_functions_at_the_seams(folder):
     assert not long, f"functions over 60 lines: {long}"
 
 
-@pytest.mark.parametrize("module", ["vfpt_deploy.exporters.tensorrt", "vfpt_deploy.runtime", "vfpt_deploy.schema",
-                                    "vfpt_deploy.files", "vfpt_deploy.runtime.tensorrt_runner",
-                                    "vfpt_deploy.inspect_artifact", "vfpt_deploy.exporters.triton",
+@pytest.mark.parametrize("module", ["vfpt_deploy.exporters.tensorrt", "vfpt_deploy.runtime", "vfpt_deploy.artifacts.schema",
+                                    "vfpt_deploy.artifacts.files", "vfpt_deploy.runtime.tensorrt_runner",
+                                    "vfpt_deploy.artifacts.inspect", "vfpt_deploy.exporters.triton",
                                     "vfpt_deploy.extras", "vfpt_deploy.runtime.serving",
                                     "vfpt_deploy.runtime.serve_settings", "vfpt_deploy.runtime.serve_io",
                                     "vfpt_deploy.runtime.batcher"])
@@ -68,7 +68,7 @@ def test_the_repository_stands_on_its_own():
     pattern = re.compile(r"shared/ENVIRONMENT|VFPT_SPEC|\bbrief\b|/work/|/home/\w|/root/|/tmp/")
     hits = []
     for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json"),
-                 *(ROOT / "vfpt_deploy").glob("*.py"),
+                 *(ROOT / "vfpt_deploy").rglob("*.py"),
                  *(ROOT / "exporters").glob("*.py"), *(ROOT / "runtime").glob("*.py"),
                  *(ROOT / "benchmarks").glob("*.py"), *(p for p in (ROOT / "scripts").iterdir() if p.is_file())]:
         for i, line in enumerate(path.read_text().splitlines(), 1):

@@ -41,8 +41,8 @@ import numpy as np
 
 from .errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError, VFPTError
 from .extras import import_onnxruntime, needs_extras
-from .files import atomic_write, dumps_json
-from .schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT, artifact_tasks, output_classes
+from vfpt_deploy.artifacts.files import atomic_write, dumps_json
+from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT, artifact_tasks, output_classes
 from vfpt_deploy.runtime.onnx_runner import check_threads
 from vfpt_deploy.runtime.timing import LoopSpec, PerfCounterTimer, Timer, machine_info, measure, peak_rss_bytes, \
     physical_memory_bytes, reset_peak_rss, summarize
@@ -698,7 +698,7 @@ def _load_run(checkpoint, backbone_weights: str | None, status: Callable[[str], 
     if checkpoint is None:
         return None
     with needs_extras("benchmarking a run.pt"):  # PyTorch and timm: the [export] extra
-        from .checkpoint import load_run
+        from vfpt_deploy.artifacts.checkpoint import load_run
 
     status(f"loading {checkpoint}")
     return load_run(checkpoint, backbone_weights=backbone_weights)
@@ -712,7 +712,7 @@ def _torch_backends(bench: _Run, run) -> None:
         if name == "torch":
             module, detail = run.model, {"fold": "none (live FFT)"}
         else:
-            from .fold import fold_model
+            from vfpt_deploy.models.vit.fold import fold_model
 
             module = fold_model(run.model, bench.settings.fold)
             detail = {"fold": module.fold_mode}

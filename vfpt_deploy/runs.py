@@ -8,14 +8,14 @@ from typing import Callable
 
 import torch
 
-from .backbone import build_backbone
-from .checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
-from .config import VFPTConfig
+from vfpt_deploy.models.backbone import build_backbone
+from vfpt_deploy.artifacts.checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
+from vfpt_deploy.models.config import VFPTConfig
 from .data import TensorDataset, load_splits
 from .errors import UsageError
-from .files import check_outputs, check_suffix
-from .model import VFPTViT
-from .swin import vfpt_model
+from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+from vfpt_deploy.models.vit.model import VFPTViT
+from vfpt_deploy.models.swin.model import vfpt_model
 from .train import EpochResult, History, TrainSettings, fit, seed_everything
 from vfpt_deploy.runtime.preprocess import Preprocess
 

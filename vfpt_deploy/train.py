@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .errors import RuntimeSetupError, UsageError, VFPTError
-from .model import VFPTViT
+from vfpt_deploy.models.vit.model import VFPTViT
 
 
 def _check_number(name: str, v, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> None:

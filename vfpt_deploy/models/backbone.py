@@ -21,8 +21,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import InputError, UsageError, VFPTError
-from .swin import check_swin_backbone, check_swin_kwargs, is_swin_name
+from vfpt_deploy.errors import InputError, UsageError, VFPTError
+from vfpt_deploy.models.swin.model import check_swin_backbone, check_swin_kwargs, is_swin_name
 
 POOLS = ("token", "avg")
 log = logging.getLogger("vfpt_deploy")

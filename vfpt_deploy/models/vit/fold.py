@@ -20,9 +20,9 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .errors import VFPTError
-from .fourier import prompt_block
-from .model import VFPTViT
+from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.models.fourier import prompt_block
+from vfpt_deploy.models.vit.model import VFPTViT
 
 FOLD_MODES = ("auto", "tokens", "kv", "none")
 
@@ -163,10 +163,10 @@ def fold_model(model: VFPTViT, mode: str = "auto", dtype: torch.dtype = torch.fl
     dtype: the precision the constants are computed in (float32 or float64); they are stored as float32."""
     if dtype not in (torch.float32, torch.float64):
         raise VFPTError(f"fold in float32 or float64, not {dtype}")
-    from .swin import VFPTSwin
+    from vfpt_deploy.models.swin.model import VFPTSwin
 
     if isinstance(model, VFPTSwin):  # its own blocks and folds: swin_fold.py
-        from .swin_fold import fold_swin
+        from vfpt_deploy.models.swin.fold import fold_swin
 
         return fold_swin(model, mode, dtype)
     mode = resolve_mode(model, mode)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .backbone import check_tensors, create_backbone
-from .files import check_outputs, check_suffix, file_sha256
-from .checkpoint import FORMAT, RUN_SUFFIXES, BackboneInfo, save_run
-from .config import VFPTConfig
-from .errors import InputError, UsageError, VFPTError
-from .model import VFPTViT
+from vfpt_deploy.models.backbone import check_tensors, create_backbone
+from vfpt_deploy.artifacts.files import check_outputs, check_suffix, file_sha256
+from vfpt_deploy.artifacts.checkpoint import FORMAT, RUN_SUFFIXES, BackboneInfo, save_run
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.errors import InputError, UsageError, VFPTError
+from vfpt_deploy.models.vit.model import VFPTViT
 from vfpt_deploy.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
@@ -209,7 +209,7 @@ def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: 
     Fails on the first missing or mis-shaped reference tensor; returns the unused ones.
     """
     if arch == "swin":
-        from .swin_reference import import_swin_state_dict
+        from vfpt_deploy.models.swin.reference import import_swin_state_dict
 
         if heads is not None:
             raise UsageError("--heads does not apply to --arch swin: a Swin's heads are read off its relative "

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .backbone import (backbone_skeleton, build_backbone, check_backbone_kwargs, check_state_fits, check_tensors,
+from vfpt_deploy import __version__
+from vfpt_deploy.models.backbone import (backbone_skeleton, build_backbone, check_backbone_kwargs, check_state_fits, check_tensors,
                        materialize, state_sha256)
-from .config import VFPTConfig
-from .errors import InputError, UsageError, VFPTError
-from .files import atomic_write, file_sha256
-from .model import VFPTViT
-from .swin import check_swin_config, is_swin_name, vfpt_model
-from .swin import tuned_shapes as swin_tuned_shapes
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.errors import InputError, UsageError, VFPTError
+from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.models.vit.model import VFPTViT
+from vfpt_deploy.models.swin.model import check_swin_config, is_swin_name, vfpt_model
+from vfpt_deploy.models.swin.model import tuned_shapes as swin_tuned_shapes
 from vfpt_deploy.runtime.preprocess import Preprocess
 
 FORMAT = "vfpt-deploy.run"

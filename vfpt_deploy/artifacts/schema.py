@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ArtifactError, VFPTError
+from vfpt_deploy.errors import ArtifactError, VFPTError
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

@@ -15,11 +15,11 @@ import re
 
 import torch
 
-from .backbone import check_tensors, create_backbone
-from .checkpoint import BackboneInfo
-from .config import VFPTConfig
-from .errors import InputError, VFPTError
-from .swin import VFPTSwin, prompt_shapes
+from vfpt_deploy.models.backbone import check_tensors, create_backbone
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.errors import InputError, VFPTError
+from vfpt_deploy.models.swin.model import VFPTSwin, prompt_shapes
 
 E = "enc."
 _BLOCK = re.compile(r"enc\.layers\.(\d+)\.blocks\.(\d+)\.")
@@ -161,7 +161,7 @@ def import_swin_state_dict(sd: dict[str, torch.Tensor], *, alpha: float, locatio
     Returns reference.Imported; fails on the first missing, mis-shaped or inconsistent tensor."""
     from timm.models.swin_transformer import checkpoint_filter_fn
 
-    from .reference import Imported
+    from vfpt_deploy.models.vit.reference import Imported
 
     _refuse_unsupported(sd)
     prompts, head_w = _need(sd, E + "prompt_embeddings"), _need(sd, "head.last_layer.weight")

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
 
-from .config import VFPTConfig
-from .errors import UsageError
-from .fourier import prompt_block
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.errors import UsageError
+from vfpt_deploy.models.fourier import prompt_block
 
 # Bounds for the timm options that size a Swin (Swin-L is width 192, depths 2/2/18/2; see backbone.py).
 MAX_STAGES = 8
@@ -361,6 +361,6 @@ def vfpt_model(backbone: nn.Module, num_classes: int, config: VFPTConfig) -> nn.
     """The VFPT model for a backbone: VFPTSwin on a timm Swin, VFPTViT on a timm ViT."""
     if isinstance(backbone, SwinTransformer):
         return VFPTSwin(backbone, num_classes, config)
-    from .model import VFPTViT
+    from vfpt_deploy.models.vit.model import VFPTViT
 
     return VFPTViT(backbone, num_classes, config)

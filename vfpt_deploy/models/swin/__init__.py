@@ -1,0 +1,1 @@
+"""The Swin family: timm SwinTransformer (v1) backbones."""

@@ -1,0 +1,1 @@
+"""The ViT family: timm VisionTransformer backbones (supervised, MAE, MoCo-v3)."""

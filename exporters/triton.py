@@ -213,7 +213,7 @@ def _refuse_multitask(path: Path) -> None:
     inspect_artifact to report."""
     try:
         if is_engine(path):
-            from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+            from vfpt_deploy.artifacts.schema import read_sidecar
 
             meta = read_sidecar(path)["metadata"]
         else:

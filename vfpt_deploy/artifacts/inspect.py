@@ -258,7 +258,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
 # -- TensorRT engines -----------------------------------------------------------------------------------
 def inspect_engine(path: str | os.PathLike) -> dict:
     """The engine's sidecar, checked as the runtime checks it, and the engine file's sha256 against it."""
-    from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+    from vfpt_deploy.artifacts.schema import read_sidecar
 
     path = Path(path)
     side = read_sidecar(path)

@@ -38,7 +38,7 @@ def export_kv(model: str, prompts: int, path: Path) -> Path:
     from vfpt_deploy.models.backbone import create_backbone
     from vfpt_deploy.models.config import VFPTConfig
     from vfpt_deploy.exporters.onnx import export_module
-    from vfpt_deploy.models.vit.fold import fold_model
+    from vfpt_deploy.folding import fold_model
     from vfpt_deploy.models.vit.model import VFPTViT
 
     name, kwargs = {"tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3,

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
 from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
-from vfpt_deploy.models.vit.fold import fold_model  # noqa: E402
+from vfpt_deploy.folding import fold_model  # noqa: E402
 from vfpt_deploy.models.vit.model import VFPTViT  # noqa: E402
 
 MODELS = {

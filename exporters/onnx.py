@@ -20,7 +20,7 @@ from vfpt_deploy import __version__
 from vfpt_deploy.artifacts.checkpoint import Run
 from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.artifacts.files import atomic_write
-from vfpt_deploy.models.vit.fold import fold_model
+from vfpt_deploy.folding import fold_model
 from vfpt_deploy.artifacts.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, TASK_INPUT, encode_metadata, op_histogram  # noqa: F401
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization: avoids TensorRT's fp16 LayerNorm overflow

@@ -328,7 +328,7 @@ def test_pretrained_offline_for_real_ends_with_the_fix():
 # -- reference checkpoints (vfpt-deploy import) ----------------------------------------------------------
 def test_crafted_reference_checkpoints_are_one_line():
     from test_import import make_reference
-    from vfpt_deploy.models.vit.reference import import_state_dict
+    from vfpt_deploy.reference import import_state_dict
 
     deep = make_reference(M=2)
     deep["enc.transformer.encoder.layer.999999.ffn.fc1.weight"] = torch.zeros(1)

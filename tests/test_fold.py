@@ -7,7 +7,8 @@ import torch
 from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.exporters.onnx import FFT_OPS, export_module
-from vfpt_deploy.models.vit.fold import fold_model, prompt_blocks
+from vfpt_deploy.folding import fold_model
+from vfpt_deploy.models.vit.fold import prompt_blocks
 from vfpt_deploy.models.fourier import prompt_block
 from vfpt_deploy.models.vit.model import VFPTViT
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
-from vfpt_deploy.models.vit.reference import import_state_dict, infer_backbone, parse_classes
+from vfpt_deploy.models.vit.reference import infer_backbone
+from vfpt_deploy.reference import import_state_dict, parse_classes
 
 ATOL = 1e-5
 D, L, PATCH, IMG, HIDDEN, HEADS, C = 32, 3, 8, 32, 48, 2, 5

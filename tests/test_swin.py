@@ -25,10 +25,11 @@ from vfpt_deploy.cli import app
 from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.exporters.onnx import FFT_OPS, TENSORRT_ONNX_OPS, export_module
-from vfpt_deploy.models.vit.fold import fold_model
-from vfpt_deploy.models.vit.reference import import_state_dict
+from vfpt_deploy.folding import fold_model
+from vfpt_deploy.reference import import_state_dict
 from vfpt_deploy.runtime.preprocess import Preprocess
-from vfpt_deploy.models.swin.model import VFPTSwin, check_swin_kwargs
+from vfpt_deploy.models.swin.backbone import check_swin_kwargs
+from vfpt_deploy.models.swin.model import VFPTSwin
 from vfpt_deploy.models.swin.reference import infer_swin_backbone
 
 from conftest import color_image_folder

@@ -23,7 +23,7 @@ from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, Us
 from vfpt_deploy.exporters import tensorrt as trt_export
 from vfpt_deploy.exporters.onnx import export_module
 from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine, check_trt_available
-from vfpt_deploy.models.vit.fold import fold_model
+from vfpt_deploy.folding import fold_model
 from vfpt_deploy.runtime import tensorrt_runner as runner
 from vfpt_deploy.runtime.tensorrt_runner import (CudaDevice, TensorRTPredictor, check_compatible, file_sha256,
                                                  read_sidecar, sidecar_path)

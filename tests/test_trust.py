@@ -318,7 +318,7 @@ def test_demo_is_reproducible(tmp_path):
 
 def test_binary_class_file_and_deep_json_sidecar_are_one_line_errors(tmp_path):
     from vfpt_deploy.errors import ArtifactError, InputError
-    from vfpt_deploy.models.vit.reference import parse_classes
+    from vfpt_deploy.reference import parse_classes
     from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
 
     (tmp_path / "classes.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")

@@ -712,7 +712,7 @@ def _torch_backends(bench: _Run, run) -> None:
         if name == "torch":
             module, detail = run.model, {"fold": "none (live FFT)"}
         else:
-            from vfpt_deploy.models.vit.fold import fold_model
+            from vfpt_deploy.folding import fold_model
 
             module = fold_model(run.model, bench.settings.fold)
             detail = {"fold": module.fold_mode}

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from vfpt_deploy.models.config import LOCATIONS
+from vfpt_deploy.models.families import ARCHS
 from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
 from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
@@ -65,7 +66,7 @@ Format = choices("Format", FORMATS)
 Precision = choices("Precision", PRECISIONS)
 Quantize = choices("Quantize", QUANTIZE_MODES)
 FoldDtype = choices("FoldDtype", ("float32", "float64"))
-Arch = choices("Arch", ("vit", "mae", "moco", "swin"))
+Arch = choices("Arch", ARCHS)
 
 
 def cli_errors(fn):
@@ -732,7 +733,7 @@ def import_reference(
 ) -> None:
     """Convert a reference VFPT/VPT ViT or Swin checkpoint into a run.pt (shapes give M, deep, width, depth,
     patch, image size and classes; alpha, location, heads and class names come from the options)."""
-    from vfpt_deploy.models.vit.reference import import_checkpoint
+    from vfpt_deploy.reference import import_checkpoint
 
     src = pick_ckpt(ckpt, ckpt_arg)
     result = import_checkpoint(src, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,

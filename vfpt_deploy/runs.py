@@ -14,10 +14,9 @@ from vfpt_deploy.models.config import VFPTConfig
 from .data import TensorDataset, load_splits
 from .errors import UsageError
 from vfpt_deploy.artifacts.files import check_outputs, check_suffix
-from vfpt_deploy.models.vit.model import VFPTViT
-from vfpt_deploy.models.swin.model import vfpt_model
+from vfpt_deploy.models.families import vfpt_model
 from .train import EpochResult, History, TrainSettings, fit, seed_everything
-from vfpt_deploy.runtime.preprocess import Preprocess
+from vfpt_deploy.artifacts.preprocess import Preprocess
 
 log = logging.getLogger("vfpt_deploy")
 
@@ -40,7 +39,7 @@ def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:
 class TrainResult:
     history: History
     out: Path
-    model: VFPTViT
+    model: torch.nn.Module
 
 
 def train_run(out: str | Path, *, data: str, model_name: str, model_kwargs: dict, weights: str,

@@ -21,7 +21,7 @@ from vfpt_deploy.artifacts.checkpoint import Run
 from vfpt_deploy.artifacts.compare import TOP_K, Comparison, Tolerances, VerifyReport, compare  # noqa: F401 (re-exported)
 from .errors import InputError, UsageError, VFPTError
 from vfpt_deploy.artifacts.files import atomic_write, file_sha256
-from vfpt_deploy.models.vit.fold import kv_refusal
+from vfpt_deploy.models.families import family_of_model
 from vfpt_deploy.folding.multitask import TaskSet
 from vfpt_deploy.artifacts.schema import is_engine, report_path as default_report_path
 
@@ -216,7 +216,7 @@ def task_metadata_problems(meta: dict, tasks: TaskSet) -> list[str]:
             problems.append(f"task {t['name']!r}: {p}")
         if t.get("config") != run.config.to_dict() or t.get("num_prompts") != run.config.num_prompts:
             problems.append(f"task {t['name']!r}: the artifact's VFPT config is not the checkpoint's: re-export it")
-        if t.get("fold") == "kv" and kv_refusal(run.model) is not None:
+        if t.get("fold") == "kv" and family_of_model(run.model).parts().kv_refusal(run.model) is not None:
             problems.append(f"task {t['name']!r}: the artifact says kv fold, which this checkpoint cannot have: re-export it")
     return problems
 

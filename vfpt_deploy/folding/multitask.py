@@ -28,6 +28,7 @@ from torch import nn
 from vfpt_deploy.artifacts.checkpoint import Run
 from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.models.vit.fold import FoldedViT, resolve_mode
+from vfpt_deploy.models.families import family_of_model
 from vfpt_deploy.models.vit.model import VFPTViT
 from vfpt_deploy.artifacts.schema import MAX_TASKS, TASK_NAME
 
@@ -139,11 +140,9 @@ def check_task_set(names: list[str], runs: list[Run]) -> TaskSet:
     preprocessing. Otherwise one line saying which differs, and between which tasks."""
     if not runs:
         raise UsageError("pass at least one checkpoint with --ckpt or --task NAME=PATH")
-    from vfpt_deploy.models.swin.model import VFPTSwin
-
     a, first = names[0], runs[0]
     for name, run in zip(names, runs):
-        if isinstance(run.model, VFPTSwin) or not isinstance(run.model, VFPTViT):
+        if not family_of_model(run.model).parts().multitask or not isinstance(run.model, VFPTViT):
             raise UsageError(f"task {name!r} is a {type(run.model).__name__}: multi-task artifacts hold ViT runs "
                              "only for now; export Swin runs one by one")
         keys = sorted(k for k in {**run.backbone.kwargs, **first.backbone.kwargs}

@@ -1,4 +1,6 @@
-"""Frozen timm ViT and Swin backbones: create by name, load weights from a file or the hub, hash the weights.
+"""Frozen timm backbones of every registered family: create by name, load weights from a file or the hub,
+hash the weights. What differs by family (the options that size it, what it supports, its weight
+layouts) is asked of the family (models/families.py).
 
 Backbone names and keyword arguments come from the command line and from run.pt files alike, so they
 are bounded (check_backbone_kwargs) and the model is laid out on the meta device (backbone_skeleton)
@@ -7,7 +9,6 @@ before any real tensor is allocated.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import re
@@ -17,15 +18,12 @@ from urllib.parse import urlparse
 from pathlib import Path
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from vfpt_deploy.errors import InputError, UsageError, VFPTError
-from vfpt_deploy.models.swin.model import check_swin_backbone, check_swin_kwargs, is_swin_name
-
-POOLS = ("token", "avg")
-log = logging.getLogger("vfpt_deploy")
+from vfpt_deploy.errors import InputError, UsageError
+from vfpt_deploy.models.common import (MAX_PARAMS, MAX_PATCHES, _first_line, _show, check_state_fits,  # noqa: F401
+                                       check_tensors, read_state_dict)
+from vfpt_deploy.models.families import family_of_backbone, family_of_name
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -43,29 +41,10 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 # -- backbone keyword arguments --------------------------------------------------------------------
-# Bounds for the timm options that size a ViT. They hold for every ViT this tool supports (ViT-g/14 is
-# depth 40, width 1408) and stop a typo or a crafted run.pt from building a model for minutes or
-# allocating tens of GB before anything can check it.
-MAX_IMG_SIDE = 8192
-MAX_DEPTH = 256
-MAX_EMBED_DIM = 16384
-MAX_HEADS = 1024
-MAX_MLP_RATIO = 64
-MAX_PATCHES = 65_536  # a 256 x 256 patch grid
-MAX_PARAMS = 2_500_000_000  # 10 GB of float32 weights; ViT-G/14 has 1.8 billion
 # create_model arguments that vfpt sets itself, or that would make timm read other files.
 _RESERVED = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
              "num_classes", "features_only", "out_indices")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _show(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json_like(v, level: int = 0) -> bool:
@@ -81,50 +60,6 @@ def _json_like(v, level: int = 0) -> bool:
     if isinstance(v, dict):
         return len(v) <= 64 and all(isinstance(k, str) and _json_like(x, level + 1) for k, x in v.items())
     return False
-
-
-def _bounded_int(kwargs: dict, key: str, lo: int, hi: int):
-    v = kwargs.get(key)
-    if v is not None and (not _is_int(v) or not lo <= v <= hi):
-        raise UsageError(f"backbone option {key}={_show(v)}: {key} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _pair(kwargs: dict, key: str, hi: tuple[int, int]) -> tuple[int, int] | None:
-    """img_size / patch_size: an integer or [h, w], each side in [1, hi]."""
-    v = kwargs.get(key)
-    if v is None:
-        return None
-    sides = [v, v] if _is_int(v) else list(v) if isinstance(v, (list, tuple)) else None
-    if sides is None or len(sides) != 2 or not all(_is_int(s) and 1 <= s <= h for s, h in zip(sides, hi)):
-        limit = f"{hi[0]}" if hi[0] == hi[1] else f"{hi[0]}x{hi[1]}"
-        raise UsageError(f"backbone option {key}={_show(v)}: {key} must be an integer or [height, width], "
-                         f"each side in [1, {limit}]")
-    return sides[0], sides[1]
-
-
-def _check_sizes(kwargs: dict) -> None:
-    """The options that size a ViT, each in range, and consistent where several are given."""
-    img = _pair(kwargs, "img_size", (MAX_IMG_SIDE, MAX_IMG_SIDE))
-    patch = _pair(kwargs, "patch_size", img or (MAX_IMG_SIDE, MAX_IMG_SIDE))
-    if img and patch and (img[0] // patch[0]) * (img[1] // patch[1]) > MAX_PATCHES:
-        raise UsageError(f"backbone options img_size={_show(kwargs['img_size'])} patch_size={_show(kwargs['patch_size'])} "
-                         f"give {(img[0] // patch[0]) * (img[1] // patch[1])} patches, over the {MAX_PATCHES} limit")
-    if kwargs.get("in_chans", 3) != 3 or isinstance(kwargs.get("in_chans"), bool):
-        raise UsageError(f"backbone option in_chans={_show(kwargs['in_chans'])}: VFPT feeds RGB images, in_chans must be 3")
-    depth = _bounded_int(kwargs, "depth", 1, MAX_DEPTH)
-    dim = _bounded_int(kwargs, "embed_dim", 1, MAX_EMBED_DIM)
-    heads = _bounded_int(kwargs, "num_heads", 1, MAX_HEADS)
-    if dim and heads and dim % heads:
-        raise UsageError(f"backbone option num_heads={heads} does not divide embed_dim={dim}")
-    ratio = kwargs.get("mlp_ratio", 4.0)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
-            or not 0 < ratio <= MAX_MLP_RATIO:
-        raise UsageError(f"backbone option mlp_ratio={_show(ratio)}: mlp_ratio must be a number in (0, {MAX_MLP_RATIO}]")
-    if depth and dim and depth * (4 + 2 * ratio) * dim * dim > MAX_PARAMS:
-        raise UsageError(f"backbone options depth={depth} embed_dim={dim} make a ViT of over "
-                         f"{depth * (4 + 2 * ratio) * dim * dim / 1e9:.0f} billion parameters "
-                         f"(limit {MAX_PARAMS / 1e9:g} billion)")
 
 
 def check_backbone_kwargs(kwargs, name: str = "") -> dict:
@@ -143,7 +78,7 @@ def check_backbone_kwargs(kwargs, name: str = "") -> dict:
         if not _json_like(value):
             raise UsageError(f"backbone option {key}={_show(value)}: values must be numbers, strings, "
                              "booleans or short lists of these")
-    check_swin_kwargs(kwargs) if is_swin_name(name) else _check_sizes(kwargs)
+    family_of_name(name).parts().check_kwargs(kwargs)  # the options that size it, each in range
     return kwargs
 
 
@@ -168,12 +103,7 @@ def _timm_create(name: str, kwargs: dict, **extra) -> torch.nn.Module:
                          f"({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:160]
-
-
-def backbone_skeleton(name: str, kwargs: dict) -> VisionTransformer:
+def backbone_skeleton(name: str, kwargs: dict) -> nn.Module:
     """The backbone built on the meta device: every tensor shape, no memory, no initialisation.
 
     Checks the name and kwargs, then the model (a ViT VFPT supports, at most MAX_PARAMS parameters and
@@ -198,7 +128,7 @@ def backbone_skeleton(name: str, kwargs: dict) -> VisionTransformer:
     return model
 
 
-def create_backbone(name: str, **kwargs) -> VisionTransformer:
+def create_backbone(name: str, **kwargs) -> nn.Module:
     """A timm ViT with random init and no classifier (VFPT brings its own head). The name and kwargs
     are checked on a meta-device skeleton first (see backbone_skeleton)."""
     backbone_skeleton(name, kwargs)
@@ -208,281 +138,25 @@ def create_backbone(name: str, **kwargs) -> VisionTransformer:
 
 
 def check_supported(model: torch.nn.Module, name: str = "backbone") -> None:
-    """A backbone VFPT supports: a timm Swin Transformer (swin.check_swin_backbone) or ViT (check_backbone)."""
-    from timm.models.swin_transformer import SwinTransformer
-
-    check_swin_backbone(model, name) if isinstance(model, SwinTransformer) else check_backbone(model, name)
-
-
-def check_backbone(model: torch.nn.Module, name: str = "backbone") -> None:
-    if not isinstance(model, VisionTransformer):
-        raise UsageError(
-            f"{name} is a {type(model).__name__}, not a timm VisionTransformer or SwinTransformer; VFPT here "
-            "supports ViTs with a class token (vit_tiny/small/base/large, patch 16/32) and Swin Transformers (swin_*)"
-        )
-    if model.cls_token is None:
-        raise UsageError(f"{name} has no class token; VFPT places prompts after the CLS token")
-    # 'token' pools the CLS token; 'avg' (MAE) means all rows after the CLS token, prompts included.
-    if model.global_pool not in POOLS or model.attn_pool is not None or model.pool_include_prefix:
-        raise UsageError(f"{name} pools with global_pool={model.global_pool!r}; VFPT supports "
-                        f"{' or '.join(repr(p) for p in POOLS)} (e.g. --model-arg global_pool=avg for MAE)")
-    if model.num_reg_tokens:
-        raise UsageError(f"{name} has {model.num_reg_tokens} register tokens, which VFPT does not place")
-    if model.dynamic_img_size:
-        raise UsageError(f"{name} uses dynamic_img_size; create it with a fixed image size")
+    """A backbone VFPT supports, as its family checks it (a model no family claims: the default family's
+    check refuses it, naming what is supported)."""
+    family_of_backbone(model).parts().check_backbone(model, name)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a weights file without unpickling objects: .safetensors, or .pth/.pt/.bin with weights_only.
-
-    Unwraps the usual containers ('model', 'state_dict', 'model_ema') and strips 'module.' prefixes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist; pass an existing .pth/.safetensors/.npz file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise InputError(f"{path} is not a readable safetensors file ({e}); re-save it with safetensors") from None
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InputError(
-                f"{path} could not be loaded as plain tensors ({str(e).splitlines()[0][:200]}); "
-                "only tensor-only files are read (weights_only=True): re-save with torch.save(state_dict) "
-                "or safetensors"
-            ) from None
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise InputError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load backbone weights into model, strictly, in any layout its family reads (ViT: timm, MAE, MoCo-v3,
+    JAX .npz; Swin: timm or Microsoft's). `state`: the file's read_state_dict(), where the caller has read
+    it already."""
+    family_of_backbone(model).parts().load_weights(model, Path(path), state)
 
 
-def load_backbone_weights(model: VisionTransformer, path: str | os.PathLike,
-                          state: dict[str, torch.Tensor] | None = None) -> None:
-    """Load backbone weights into model, strictly: a timm-layout state dict (.pth/.pt/.bin/.safetensors;
-    also MAE's {'model': ...} and MoCo-v3's {'state_dict': ...} files) or a JAX .npz through timm's loader.
-    `state`: the file's read_state_dict(), where the caller has read it already."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    path = Path(path)
-    if is_swin(model):
-        load_swin_weights(model, path, read_state_dict(path) if state is None else state)
-        return
-    if path.suffix == ".npz":
-        load_npz_weights(model, path)
-        return
-    sd = self_supervised_to_timm(read_state_dict(path) if state is None else state, model, str(path))
-    check_shapes_fit(model, sd, str(path))
-    try:
-        sd = checkpoint_filter_fn(sd, model)
-    except Exception as e:
-        raise InputError(f"{path}: timm could not adapt these weights to the model ({type(e).__name__}: "
-                         f"{str(e)[:160]}); are they for this ViT?") from None
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # VFPT brings its own head
-    load_state_strict(model, sd, source=str(path))
+def read_weights_for(skeleton: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """Read a weights file and refuse it, before the real model is built, when it holds another number of
+    blocks than the skeleton. Returns the state dict (None for a file the family's loader reads itself)."""
+    return family_of_backbone(skeleton).parts().read_weights(skeleton, Path(path))
 
 
-def read_weights_for(skeleton: VisionTransformer, path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """Read a weights file and refuse it, before the real model is built, when it holds another number
-    of transformer blocks than the skeleton. Returns the state dict (None for a .npz, read by timm)."""
-    path = Path(path)
-    if is_swin(skeleton):
-        sd = read_state_dict(path)
-        check_swin_depths(skeleton, sd, path)
-        return sd
-    if path.suffix == ".npz":
-        sd, depth = None, npz_depth(path)
-    else:
-        sd = read_state_dict(path)
-        names = [k.removeprefix("base_encoder.") for k in sd if k.startswith("base_encoder.")] or list(sd)
-        depth = len({m.group(1) for k in names if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if depth != len(skeleton.blocks):
-        raise InputError(f"{path} holds {depth} transformer blocks but the model has {len(skeleton.blocks)}; "
-                         "the weights are for a different architecture (check the model name and --model-arg)")
-    return sd
-
-
-def self_supervised_to_timm(sd: dict[str, torch.Tensor], model: VisionTransformer, source: str) -> dict[str, torch.Tensor]:
-    """The MoCo-v3 and MAE file layouts, as timm names them (`module.` is already stripped).
-
-    MoCo-v3 pretraining files hold a query and a momentum encoder: the query (`base_encoder.`) one is
-    kept. MAE pretraining files may carry the decoder: dropped. With global_pool='avg' timm puts the
-    final LayerNorm after pooling (fc_norm, norm=Identity); MAE's pretrained encoder `norm` is then
-    discarded and fc_norm starts as the identity LayerNorm, as MAE fine-tuning and the VPT/VFPT
-    reference do (they load with strict=False after deleting `norm`).
-    """
-    if any(k.startswith("base_encoder.") for k in sd):
-        dropped = sorted({k.split(".")[0] for k in sd if not k.startswith("base_encoder.")})
-        if dropped:
-            log.info("%s: using base_encoder.*, not %s", source, ", ".join(dropped))
-        sd = {k.removeprefix("base_encoder."): v for k, v in sd.items() if k.startswith("base_encoder.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("decoder_")}
-    avg_pool_norm = isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.LayerNorm)
-    if avg_pool_norm and "fc_norm.weight" not in sd and "norm.weight" in sd:
-        log.warning("%s: global_pool='avg' puts the final LayerNorm after pooling (fc_norm); the file's "
-                    "norm.weight/bias are not used and fc_norm starts as identity, as in MAE fine-tuning", source)
-        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
-        sd["fc_norm.weight"] = torch.ones_like(model.fc_norm.weight)
-        sd["fc_norm.bias"] = torch.zeros_like(model.fc_norm.bias)
-    return sd
-
-
-def check_shapes_fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Name the first tensor, in the model's order, that cannot fit. timm resamples the position
-    embedding grid and the patch kernel size, so for those only the widths must agree."""
-    for k, own in model.state_dict().items():
-        if k not in sd:
-            continue
-        got, want = tuple(sd[k].shape), tuple(own.shape)
-        if k == "pos_embed":
-            fits = got[-1:] == want[-1:]
-        elif k == "patch_embed.proj.weight":
-            fits = got[:1] == want[:1]
-        else:
-            fits = got == want
-        if not fits:
-            raise InputError(f"{source}: tensor {k} has shape {got} but the model expects {want}; "
-                            "the weights are for a different architecture (check the model name and --model-arg)")
-
-
-def is_swin(model: torch.nn.Module) -> bool:
-    from timm.models.swin_transformer import SwinTransformer
-
-    return isinstance(model, SwinTransformer)
-
-
-def check_swin_depths(skeleton: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse, before the real Swin is built, weights with other stage depths (layers.S.blocks.I names are
-    the same in timm's and Microsoft's layouts)."""
-    found: dict[int, set[int]] = {}
-    for k in sd:
-        if m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", k):
-            found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    depths = [len(found.get(s, ())) for s in range(max(found, default=-1) + 1)]
-    want = [len(stage.blocks) for stage in skeleton.layers]
-    if depths != want:
-        raise InputError(f"{path} holds a Swin with stage depths {depths} but the model has {want}; the weights are "
-                         "for a different architecture (check the model name and --model-arg)")
-
-
-def load_swin_weights(model: torch.nn.Module, path: Path, sd: dict[str, torch.Tensor]) -> None:
-    """Swin weights in timm's layout or Microsoft's (e.g. swin_base_patch4_window7_224_22k.pth: merging at
-    the end of a stage, saved position indices and masks, a `head.*` classifier), through timm's own Swin
-    checkpoint filter; the classifier is dropped (VFPT brings its own head), the rest loads strictly."""
-    from timm.models.swin_transformer import checkpoint_filter_fn
-
-    try:
-        sd = checkpoint_filter_fn(sd, model)
-    except Exception as e:
-        raise InputError(f"{path}: timm could not adapt these weights to the Swin ({type(e).__name__}: "
-                         f"{str(e)[:160]}); are they for this Swin?") from None
-    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    check_shapes_fit(model, sd, str(path))
-    load_state_strict(model, sd, source=str(path))
-
-
-class _NameMisfitCopies(TorchFunctionMode):
-    """timm's .npz loader fills parameters with copy_(); turn a shape mismatch there into an error
-    that names the parameter."""
-
-    def __init__(self, model: torch.nn.Module, source: str) -> None:
-        super().__init__()
-        self.names = {id(p): n for n, p in model.named_parameters()}
-        self.source = source
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.copy_ and id(args[0]) in self.names and tuple(args[0].shape) != tuple(args[1].shape):
-            raise InputError(f"{self.source}: tensor {self.names[id(args[0])]} gets shape {tuple(args[1].shape)} from "
-                             f"the file but the model expects {tuple(args[0].shape)}; the weights are for a different "
-                             "architecture (check the model name and --model-arg)")
-        return func(*args, **(kwargs or {}))
-
-
-def npz_depth(path: Path) -> int:
-    """The number of transformer blocks in a JAX / big_vision ViT .npz, read off its array names."""
-    import numpy as np
-
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist")
-    try:
-        with np.load(path) as f:  # allow_pickle=False: arrays only
-            stacked = [k for k in f.files if k.endswith("Transformer/encoderblock/LayerNorm_0/scale")]
-            if stacked:
-                return int(f[stacked[0]].shape[0])
-            return 1 + max((int(m.group(1)) for k in f.files if (m := re.search(r"encoderblock_(\d+)/", k))),
-                           default=-1)
-    except Exception as e:
-        raise InputError(f"{path} is not a readable .npz file ({type(e).__name__}); pass the JAX ViT .npz as downloaded") from None
-
-
-def load_npz_weights(model: VisionTransformer, path: Path) -> None:
-    """A JAX / big_vision ViT .npz (e.g. imagenet21k_ViT-B_16.npz) through timm's loader, refusing a
-    file with a different depth (timm would silently ignore extra blocks)."""
-    file_depth = npz_depth(path)
-    if file_depth != len(model.blocks):
-        raise InputError(f"{path} holds {file_depth} transformer blocks but the model has {len(model.blocks)}; "
-                         "the weights are for a different architecture")
-    try:
-        with _NameMisfitCopies(model, str(path)):
-            model.load_pretrained(str(path))
-    except VFPTError:
-        raise
-    except Exception as e:
-        raise InputError(f"{path}: timm's .npz loader failed ({type(e).__name__}: {str(e)[:160]}); "
-                         "is it a ViT .npz of this size?") from None
-    check_tensors(model.state_dict(), str(path))
-
-
-def check_tensors(state: dict, source: str) -> None:
-    """Every value a floating-point tensor with finite values (a cheap torch.isfinite pass); the
-    message names the first that is not."""
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise InputError(f"{source}: {_show(k)} is a {type(v).__name__}, not a tensor; the file is damaged")
-        if v.layout != torch.strided or v.is_meta:
-            raise InputError(f"{source}: tensor {k} is a {'meta' if v.is_meta else str(v.layout).removeprefix('torch.')} "
-                             "tensor, not a dense one with values; the file is damaged")
-        if not v.is_floating_point():
-            raise InputError(f"{source}: tensor {k} is {str(v.dtype).removeprefix('torch.')}, not floating point; "
-                             "the file is damaged")
-        if not bool(torch.isfinite(v).all()):
-            raise InputError(f"{source}: tensor {k} holds non-finite values (NaN or Inf); the weights are damaged "
-                             "(a diverged training run or a corrupt file)")
-
-
-def load_state_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names the first missing, unexpected, mis-shaped or non-finite tensor in one line."""
-    check_state_fits(model.state_dict(), sd, source)
-    check_tensors(sd, source)
-    model.load_state_dict(sd, strict=True)
-
-
-def check_state_fits(own: dict, sd: dict, source: str) -> None:
-    """The names and shapes of sd are exactly those of own (a state dict, or a meta-device skeleton's)."""
-    for k, v in sd.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise InputError(
-                f"{source}: tensor {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}; "
-                "the weights are for a different architecture"
-            )
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing:
-        raise InputError(f"{source}: {len(missing)} tensors missing, first {missing[0]}; the weights are for a different architecture")
-    if unexpected:
-        raise InputError(f"{source}: {len(unexpected)} unexpected tensors, first {str(unexpected[0])[:100]}; "
-                         "the weights are for a different architecture")
-
-
-def materialize(skeleton: VisionTransformer, state: dict[str, torch.Tensor], name: str, kwargs: dict) -> VisionTransformer:
+def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], name: str, kwargs: dict) -> nn.Module:
     """The skeleton with `state` as its tensors (checked to fit: check_state_fits), converted to the
     skeleton's dtypes. Nothing is initialised only to be overwritten; a model that keeps other tensors
     outside its state dict is built for real instead."""
@@ -499,7 +173,7 @@ def materialize(skeleton: VisionTransformer, state: dict[str, torch.Tensor], nam
     return skeleton
 
 
-def build_backbone(name: str, kwargs: dict, weights: str, *, skeleton: VisionTransformer | None = None) -> VisionTransformer:
+def build_backbone(name: str, kwargs: dict, weights: str, *, skeleton: nn.Module | None = None) -> nn.Module:
     """A frozen-to-be backbone from a timm name + keyword arguments and a weights source.
 
     weights: "random" (random init, for tests and the built-in demo), "pretrained" (timm / HF hub), or
@@ -525,7 +199,7 @@ def build_backbone(name: str, kwargs: dict, weights: str, *, skeleton: VisionTra
 PROBE_TIMEOUT_S = 3.0
 
 
-def pretrained_backbone(name: str, kwargs: dict, *, skeleton: VisionTransformer | None = None) -> VisionTransformer:
+def pretrained_backbone(name: str, kwargs: dict, *, skeleton: nn.Module | None = None) -> nn.Module:
     """timm's pretrained weights for `name`: from the local Hugging Face / torch hub cache without any
     network access when they are there, else downloaded. Fails in seconds, in one line naming
     --weights FILE as the fix, when they are not cached and the hub cannot be reached."""

@@ -53,7 +53,7 @@ def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0) -> li
 
 def _image_set(run: Run, data: str) -> InputSet:
     from .data import builtin_split, image_folder
-    from vfpt_deploy.runtime.preprocess import find_images, load_image
+    from vfpt_deploy.runtime.preprocess import find_images
 
     if data == "builtin" or data.startswith("builtin:"):
         name = data.partition(":")[2] or "digits-shifted"
@@ -65,11 +65,9 @@ def _image_set(run: Run, data: str) -> InputSet:
     elif Path(data).is_dir() and any(p.is_dir() for p in Path(data).iterdir()):
         images, what = image_folder(data, classes=run.classes), f"folder {data}"
     else:
-        files = find_images([data])
-        pics = [load_image(f) for f in files]
-        return InputSet(f"{data}: {len(pics)} images", run.preprocess.batch(pics), None)
-    pics = [images.image(i) for i in range(len(images))]
-    return InputSet(f"{what}: {len(pics)} images", run.preprocess.batch(pics), np.array(images.labels))
+        files = find_images([data])  # decoded one at a time, only the preprocessed arrays kept
+        return InputSet(f"{data}: {len(files)} images", run.preprocess.batch(files), None)
+    return InputSet(f"{what}: {len(images)} images", run.preprocess.batch(images.items), np.array(images.labels))
 
 
 @torch.inference_mode()

@@ -1,14 +1,19 @@
-"""The preprocessing an artifact records (resize, crop, mean, std, interpolation) and its application to an
-image, with PIL + numpy: one implementation for training, verification and serving, so a deployed model
-sees exactly the pixels it was trained on. Torch-free. Reading image files is runtime/preprocess.py.
+"""Images in, model input out: decoding an image file (any common format, EXIF orientation applied,
+decompression bombs refused, at most DECODE_SLOTS at once) and the preprocessing an artifact records
+(resize, crop, mean, std, interpolation), with PIL + numpy. One implementation for training, verification
+and serving, so a deployed model sees exactly the pixels it was trained on. Torch-free; finding the image
+files in folders is runtime/preprocess.py.
 """
 from __future__ import annotations
 
 import math
+import os
+import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vfpt_deploy.errors import ArtifactError, ImageError
 
@@ -16,7 +21,59 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
            "nearest": Image.Resampling.NEAREST}
+# Refuse images above this many pixels before decoding them (a 20000x20000 PNG is a few KB on disk and
+# 1.2 GB decoded): 40 megapixels is well above any camera photo a classifier is fed.
+MAX_IMAGE_PIXELS = 40_000_000
 MAX_SIDE = 8192  # largest resize / crop side the metadata may ask for
+# Images decoded at once in this process (every thread together): with MAX_IMAGE_PIXELS each, at most
+# DECODE_SLOTS x 40 MP x 3 bytes (240 MB) of decoded pixels are held, however many files or requests arrive.
+# Everything that reads many images (predict, verify --data, calibration, training, serve) keeps only the
+# preprocessed arrays (3 x H x W floats each), never the decoded images.
+DECODE_SLOTS = 2
+_decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+def load_image(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open any common image as 8-bit RGB, upright (EXIF orientation applied, as PIL's exif_transpose).
+
+    Grayscale, palette, CMYK and alpha images are converted (alpha is dropped, as timm's loader does);
+    16-bit and float images are scaled to 8 bits by their type's range instead of being clipped.
+    Images over MAX_IMAGE_PIXELS are refused before they are decoded. draft (w, h): a JPEG at least twice
+    that size is decoded at a power-of-two reduced scale that still covers it (libjpeg's DCT scaling, as PIL's
+    thumbnail does), so a photo that claims 6000x6000 costs a fraction of its full size.
+    """
+    try:
+        with warnings.catch_warnings(), _decoding:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"{path} is {w}x{h} pixels, over the {MAX_IMAGE_PIXELS // 10**6} megapixel "
+                                     "limit (a decompression bomb or a huge scan); resize it first")
+                if draft is not None and im.format == "JPEG":
+                    im.draft("RGB", _oriented(im, draft))
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                try:
+                    return to_rgb(im)
+                except ImageError as e:
+                    raise ImageError(f"{path}: {e}") from None
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path} declares more pixels than the {MAX_IMAGE_PIXELS // 10**6} megapixel limit (a "
+                         "decompression bomb or a huge scan); resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"{path} is not a readable image ({type(e).__name__}); pass PNG/JPEG/... files") from None
+
+
+def _oriented(im: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """The draft size in the file's own orientation (EXIF rotations by 90 degrees swap width and height)."""
+    try:
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # a broken EXIF block: exif_transpose will ignore it too
+        turned = False
+    return (size[1], size[0]) if turned else size
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -103,8 +160,22 @@ class Preprocess:
         a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(a.transpose(2, 0, 1))
 
-    def batch(self, images: list[Image.Image]) -> np.ndarray:
-        return np.stack([self(im) for im in images]) if images else np.zeros((0, 3, *self.size), np.float32)
+    def batch(self, images: list) -> np.ndarray:
+        """Images (PIL images, or files: each decoded, preprocessed and let go before the next) -> [N, 3, H, W]."""
+        return (np.stack([self(im) if isinstance(im, Image.Image) else self.load(im) for im in images]) if images
+                else np.zeros((0, 3, *self.size), np.float32))
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """(w, h) a decoder may reduce an image to and still give resize all the pixels it uses."""
+        if isinstance(self.resize, int):
+            return (self.resize, self.resize)
+        return (int(self.resize[1]), int(self.resize[0]))
+
+    def load(self, path) -> np.ndarray:
+        """One image file -> its preprocessed array; the decoded image is dropped at once (and a large JPEG
+        decoded at a reduced scale: load_image's draft)."""
+        return self(load_image(path, draft=self.draft_size))
 
 
 def _side(v, what: str) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import vfpt_deploy.bench as bench
+import vfpt_deploy.bench.backends as bench
 from vfpt_deploy.bench import BenchSettings, make_input, run_bench
 from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
 from vfpt_deploy.errors import RuntimeSetupError, UsageError

@@ -39,8 +39,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError, VFPTError
-from .extras import import_onnxruntime, needs_extras
+from vfpt_deploy.errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError, VFPTError
+from vfpt_deploy.extras import import_onnxruntime, needs_extras
 from vfpt_deploy.artifacts.files import atomic_write, dumps_json
 from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT, artifact_tasks, output_classes
 from vfpt_deploy.runtime.onnx_runner import check_threads
@@ -740,7 +740,7 @@ def _ort_backends(bench: _Run, run, onnx_files: list[Path], export_dir: Path) ->
 
 def _export(bench: _Run, run, export_dir: Path) -> Path:
     """The run exported to ONNX by the one export pipeline (fold, export, verify against PyTorch)."""
-    from .pipeline import ExportSettings, export_run
+    from vfpt_deploy.pipeline import ExportSettings, export_run
 
     fold = bench.settings.fold
     out = export_dir / f"{Path(run.path).stem}.{fold}.onnx"

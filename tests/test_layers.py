@@ -47,6 +47,7 @@ BREAKS = [
     ("families", "vfpt_deploy/models/swin/fold.py", "from vfpt_deploy.models.vit.fold import FOLD_MODES"),
     ("layers", "vfpt_deploy/exporters/onnx.py", "from vfpt_deploy.pipeline import ExportSettings"),
     ("models", "vfpt_deploy/models/vit/reference.py", "from vfpt_deploy.models.backbone import create_backbone"),
+    ("bench", "vfpt_deploy/bench/report.py", "from vfpt_deploy.bench.loop import run_bench"),
     ("torch-free", "vfpt_deploy/runtime/predictor.py", "import torch"),
     ("torch-free", "vfpt_deploy/artifacts/schema.py", "from vfpt_deploy.artifacts.checkpoint import load_run"),
 ]

@@ -64,8 +64,8 @@ def _json_like(v, level: int = 0) -> bool:
 
 def check_backbone_kwargs(kwargs, name: str = "") -> dict:
     """Refuse, in one line naming the key, backbone keyword arguments that are not a dict of JSON-like
-    values, that vfpt sets itself, or that size a ViT (or, for a Swin `name`, a Swin) out of range (see
-    MAX_*). Returns kwargs."""
+    values, that vfpt sets itself, or that size a backbone out of range (the bounds of the family `name`
+    belongs to: models/vit/backbone.py, models/swin/backbone.py). Returns kwargs."""
     if not isinstance(kwargs, dict):
         raise UsageError(f"backbone options must be a mapping of timm keyword arguments, got {type(kwargs).__name__}")
     if len(kwargs) > 64:

@@ -40,7 +40,7 @@ from pathlib import Path
 from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError, VFPTError
 from vfpt_deploy.extras import MissingExtra, install_hint
 from vfpt_deploy.artifacts.files import Staging, file_sha256, umask_mode
-from vfpt_deploy.artifacts.inspect import inspect_artifact, printable
+from vfpt_deploy.inspect_artifact import inspect_artifact, printable
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
                                 read_graph, report_path)
 

@@ -38,6 +38,8 @@ class Predictor:
     metadata: dict  # decoded, as stored
     preprocess: Preprocess  # checked (schema.check_metadata) when the predictor opens
     graph_precision: str | None = None  # what the ONNX graph itself computes in, where it was read
+    notes: tuple[str, ...] = ()  # one line each: what the user should know about running it here (an int8 form
+    # that can saturate on this CPU: hardware.int8_isa_note); predict, serve and verify show them
     max_batch: int = 32
 
     @property

@@ -127,7 +127,7 @@ def verify_golden(artifact: str | os.PathLike, *, providers: list[str] | None = 
         tol = golden.tolerances.override(**(overrides or {}))
         check = self_check(predictor, str(artifact), tol)
         used = getattr(predictor, "providers", None) or ["TensorRT"]
-        notes = [n for n in (isa_note(golden), _loosened(golden)) if n]
+        notes = [n for n in (*getattr(predictor, "notes", ()), isa_note(golden), _loosened(golden)) if n]
         meta = predictor.metadata
     here = hardware.describe(used)
     ref_hw = golden.reference.get("hardware") or {}
@@ -171,7 +171,7 @@ def check_on_load(predictor: Predictor, source: str) -> SelfCheck | None:
     else:
         result = predictor.self_check_result = self_check(predictor, source)
     if result is not None and not result.passed:
-        isa = isa_note(result.golden)
+        isa = "; ".join(n for n in (isa_note(result.golden), *getattr(predictor, "notes", ())) if n)
         raise ArtifactError(f"{source} does not reproduce its golden set on this machine ({result.failure}; "
                             f"{hardware.summary(hardware.describe(getattr(predictor, 'providers', None)))}"
                             f"{'; ' + isa if isa else ''}): not served; re-export it, or verify it here with "

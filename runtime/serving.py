@@ -41,6 +41,7 @@ from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine
 from vfpt_deploy.threads import resolve_threads
 
+from . import serve_limits
 from .batcher import Batcher
 from .predictor import Predictor
 from .serve_io import decode_images, encode_response, metadata_tensors, parse_request
@@ -54,6 +55,7 @@ SELF_CHECK_METRIC = "vfpt_self_check_passed"  # 1 passed, 0 failed; absent for a
 SELF_CHECK_SECONDS = "vfpt_self_check_seconds"
 
 log = logging.getLogger(__name__)
+serve_limits.install()  # bounded REST bodies, gzip included, in every process that loads this runtime
 
 # MLServer re-executes this module (importlib.reload) for every model it loads from a model-settings.json,
 # so the process-wide state below is taken over from the previous execution, never made anew.
@@ -270,6 +272,8 @@ class VFPTModel(MLModel):
             self.predictor = _opened.pop((self.name, os.path.realpath(path)), None) or await asyncio.to_thread(
                 open_artifact, path, extra.get("providers"), extra.get("threads"),
                 bool(extra.get("allow_fallback", False)))
+        for note in getattr(self.predictor, "notes", ()):  # e.g. an int8 form that can saturate on this CPU
+            logging.getLogger("mlserver").warning("model %s: %s", self.name, note)
         self.task = task_index(self.predictor, extra.get("task"), self.name, path)
         self.self_check = None
         if extra.get("self_check", True) is not False:
@@ -282,6 +286,7 @@ class VFPTModel(MLModel):
         self.classes = self.predictor.classes_of(self.task)
         self.size = self.predictor.preprocess.size
         batching = self._batching()
+        serve_limits.allow_model(self.max_rows, self.size)  # the REST body limit covers this model's largest request
         if self.shared is not None:
             self.batcher = self.shared.batcher_for(self.name, batching)
             self.batch_sizes = self.shared.batch_sizes

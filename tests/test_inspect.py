@@ -16,7 +16,7 @@ from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, InputError, UsageError
 from vfpt_deploy.artifacts.files import dumps_json, file_sha256
-from vfpt_deploy.artifacts.inspect import inspect_artifact, summary_rows
+from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows
 from vfpt_deploy.runtime.preprocess import Preprocess
 from vfpt_deploy.verify import verify_artifact
 
@@ -148,7 +148,7 @@ def test_external_data_files_are_listed(work):
 
 def test_onnx_and_engine_inspection_import_no_torch(work):
     _, d = work
-    code = ("import sys, json; from vfpt_deploy.artifacts.inspect import inspect_artifact; "
+    code = ("import sys, json; from vfpt_deploy.inspect_artifact import inspect_artifact; "
             f"i = inspect_artifact({str(d / 'run.onnx')!r}); assert i['classes'] == list('abcd'); "
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -194,7 +194,7 @@ def test_engine_sidecar(engine, tmp_path):
 
 
 def test_engine_inspection_imports_no_torch(engine):
-    code = ("import sys; from vfpt_deploy.artifacts.inspect import inspect_artifact; "
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact; "
             f"i = inspect_artifact({str(engine.engine_path)!r}); assert i['sha256_matches_sidecar']; "
             "assert 'torch' not in sys.modules and 'tensorrt_rtx' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -410,7 +410,7 @@ def test_multi_task_cli(tasks_onnx):
 
 
 def test_multi_task_inspection_imports_no_torch(tasks_onnx):
-    code = ("import sys; from vfpt_deploy.artifacts.inspect import inspect_artifact, summary_rows; "
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows; "
             f"i = inspect_artifact({str(tasks_onnx)!r}); summary_rows(i); assert len(i['tasks']) == 3; "
             "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -447,7 +447,7 @@ def test_multi_task_engine(tasks_onnx, tmp_path):
     rows = dict(summary_rows(info))
     assert "task 2: flat" in rows and "0 = cars" in rows["task input"] and rows["logits"].startswith("7 wide")
     assert "task: min [1], opt [2], max [4]" in rows["profile"]
-    code = ("import sys; from vfpt_deploy.artifacts.inspect import inspect_artifact, summary_rows; "
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows; "
             f"summary_rows(inspect_artifact({str(engine)!r})); "
             "assert 'torch' not in sys.modules and 'tensorrt_rtx' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -44,7 +44,7 @@ def test_no_long_functions_at_the_seams(folder):
 # an import-linter contract (pyproject.toml, tests/test_layers.py). These import it lazily, on the torch
 # side of a command, and must stay free of it when imported.
 @pytest.mark.parametrize("module", ["vfpt_deploy", "vfpt_deploy.cli", "vfpt_deploy.models.families",
-                                    "vfpt_deploy.artifacts.inspect", "vfpt_deploy.exporters.tensorrt",
+                                    "vfpt_deploy.inspect_artifact", "vfpt_deploy.exporters.tensorrt",
                                     "vfpt_deploy.exporters.triton"])
 def test_torch_free_imports(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules and 'timm' not in sys.modules"

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,8 +26,15 @@ from vfpt_deploy.models.families import ARCHS
 from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
 from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.text import printable
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
+
+def escape(text) -> str:
+    """Text for a rich console: markup escaped, and control characters shown as escapes (class names, paths
+    and messages may come from a crafted artifact: vfpt_deploy/text.py)."""
+    return rich_escape(printable(str(text)))
+
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -230,7 +237,7 @@ def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_jso
     """Show what an artifact holds without running it: task, classes (per task for a multi-task artifact),
     preprocessing, VFPT config, fold and precision, opsets, inputs/outputs, op histogram, engine sidecar,
     hashes and verification state."""
-    from vfpt_deploy.artifacts.inspect import inspect_artifact as inspect
+    from vfpt_deploy.inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(artifact, backbone_weights=backbone), as_json)
 
@@ -239,13 +246,13 @@ def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_jso
 @cli_errors
 def info(ckpt_arg: CkptArg = None, ckpt: CkptOpt = None, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
     """The same as 'inspect' (kept for scripts): a run.pt, .onnx or engine, given as the argument or --ckpt."""
-    from vfpt_deploy.artifacts.inspect import inspect_artifact as inspect
+    from vfpt_deploy.inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(pick_ckpt(ckpt, ckpt_arg), backbone_weights=backbone), as_json)
 
 
 def print_inspection(info: dict, as_json: bool) -> None:
-    from vfpt_deploy.artifacts.inspect import summary_rows
+    from vfpt_deploy.inspect_artifact import summary_rows
 
     if as_json:
         print_json(info)
@@ -523,7 +530,7 @@ TritonKind = choices("TritonKind", TRITON_KINDS)
 def triton(
     model: Annotated[Path, typer.Argument(help="A verified .onnx, or a TensorRT .engine/.plan with its .json sidecar.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The Triton model repository folder (created if missing; other models in it are left alone).")],
-    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). An existing model folder of that name is replaced.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). In an existing model folder only 1/, config.pbtxt and labels.txt are replaced; everything else is kept.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help=f"max_batch_size (default: an engine's profile max; {TRITON_DEFAULT_BATCH} for an ONNX with a dynamic batch).")] = None,
     preferred_batch: Annotated[Optional[list[int]], typer.Option("--preferred-batch", min=1, max=65536, help="Batch size the dynamic batcher aims for (repeatable; default: an engine's opt batch when below max, else none).")] = None,
     max_queue_delay_us: Annotated[int, typer.Option(min=0, max=10_000_000, help="How long Triton may hold a request to batch it with later ones, microseconds.")] = TRITON_QUEUE_DELAY_US,
@@ -592,6 +599,8 @@ def predict(
             err_console.print(f"{escape(str(model))}: {describe_check(predictor.self_check_result)}", highlight=False)
         preds = predictor.predict(find_images(images), top_k=top_k, task=task)
         used = list(getattr(predictor, "providers", None) or ["TensorRT"])
+        for note in predictor.notes:  # stderr: --json keeps stdout clean
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         print_json({"model": str(model), "providers": used, **({"task": task} if task else {}), "predictions": [
             {"image": p.source, "error": p.error} if p.error else
@@ -607,7 +616,7 @@ def predict(
 
 def print_predictions(model: Path, used: list[str], preds) -> None:
     task = next((p.task for p in preds if p.task), None)
-    t = Table(title=f"{model}{f', task {task}' if task else ''} ({', '.join(used)})")
+    t = Table(title=escape(f"{model}{f', task {task}' if task else ''} ({', '.join(used)})"))
     t.add_column("image", overflow="fold")
     for i in range(max((len(p.top) for p in preds), default=0)):
         t.add_column(f"top-{i + 1}")
@@ -624,7 +633,7 @@ def bench(
     ckpt: CkptOpt = None,
     onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="An exported .onnx for the ort-* backends (repeatable).")] = None,
     engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="A TensorRT engine (with its .json sidecar) for the tensorrt backend (repeatable).")] = None,
-    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-cuda-graph (onnxruntime's CUDA graphs), ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
     batch: Annotated[Optional[list[str]], typer.Option("--batch", help="Batch size(s) to sweep: repeatable and/or comma-separated (default 1,8,32).")] = None,
     warmup: Annotated[Optional[int], typer.Option(min=0, max=1_000_000, help="Warm-up calls per batch size (default 10).")] = None,
     warmup_time: Annotated[Optional[float], typer.Option(help="Warm up for this many seconds (0 < s <= 3600) instead of a count.")] = None,
@@ -633,6 +642,7 @@ def bench(
     threads: ThreadsOpt = None,
     fold: Annotated[Fold, typer.Option(help="Fold of torch-folded and of the ONNX exported from the run.pt.")] = Fold.auto,
     device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(help="PyTorch backends: fp32, fp16 or bf16 (an ONNX file keeps its own precision).")] = "fp32",
     e2e: Annotated[bool, typer.Option("--e2e", help="GPU backends: also time end to end, host<->device copies included.")] = False,
     as_json: JsonFlag = False,
     report: Annotated[Optional[Path], typer.Option(help="Write every result and the machine to this JSON file (.json).")] = None,
@@ -662,7 +672,8 @@ def bench(
     loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
                     iters=iters if iters is not None or duration is not None else 50, duration_s=duration).check()
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
-                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task)
+                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task,
+                             dtype=dtype)
     result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
                        backbone_weights=backbone, export_dir=export_dir,
                        on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))

@@ -176,6 +176,7 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
             onnx_result = _quantize(onnx_result, spec, calib, stage.path(paths.onnx), notes)
         step("recording the golden set")
         _attach_golden(run, settings, sets, stage.path(paths.onnx))
+        onnx_result = dataclasses.replace(onnx_result, size_bytes=stage.path(paths.onnx).stat().st_size)
         built = None
         if builder is not None:
             step(f"building the {settings.format} engine")

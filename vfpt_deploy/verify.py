@@ -285,13 +285,14 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
                                 "re-export the artifact")
         used = getattr(predictor, "providers", None) or ["TensorRT"]
         backend = ", ".join(used)
+        notes = list(getattr(predictor, "notes", ()))  # e.g. an int8 form that can saturate on this CPU
     checkpoint = ", ".join(str(r.path) for r in run.runs) if multi else str(run.path)
     report = VerifyReport(name or str(artifact), checkpoint, f"{backend}; reference on {device}", precision,
                           tol.describe(), comparisons, [p for p in problems if p],
                           artifact_sha256=file_sha256(artifact), quantization=meta.get("quantization"),
                           tasks=list(run.names) if multi else None,
                           hardware=hardware.describe(used, gpu=is_engine(artifact) or None),
-                          golden_sha256=golden.sha256 if golden is not None else "")
+                          golden_sha256=golden.sha256 if golden is not None else "", notes=notes)
     if comparisons and not any(c.gated for c in comparisons):
         report.problems.append(f"{precision} artifacts are gated on real images, and none were given: pass --data "
                                "builtin[:name] or a folder of images")

@@ -7,6 +7,8 @@ Backends (each measured over a batch sweep, or skipped with the reason):
   torch-folded   PyTorch eager, prompts folded to constants (fold_model)
   ort-cpu        onnxruntime, CPU execution provider
   ort-cuda       onnxruntime, CUDA EP -- only when a session really runs on it (session.get_providers())
+  ort-cuda-graph the same with onnxruntime's CUDA graphs (enable_cuda_graph): each batch size is captured
+                 once on IO-bound device buffers and replayed; Unavailable when onnxruntime refuses the graph
   ort-trt        onnxruntime, TensorRT EP -- likewise
   tensorrt       a TensorRT engine file (needs the tensorrt module and a CUDA GPU)
 
@@ -32,10 +34,10 @@ TensorRT APIs; they run only where a GPU is present.
 """
 
 from vfpt_deploy.bench.backends import (ORT_PROVIDERS, Backend, CudaEventTimer, CudartEventTimer,  # noqa: F401
-                                        OrtBackend, TensorRTBackend, TorchBackend, make_input)
+                                        OrtBackend, TensorRTBackend, TorchBackend, make_input, torch_dtype)
 from vfpt_deploy.bench.loop import (Stream, check_request, check_task_request, measure_backend, run_bench,  # noqa: F401
                                     stream_task_ids, streams)
 from vfpt_deploy.bench.report import BenchReport, Result, Skipped, machine_line, results_table, table_width  # noqa: F401
-from vfpt_deploy.bench.settings import (BACKENDS, FOLDS, FORMAT, MAX_BATCH, VERSION, BenchSettings,  # noqa: F401
+from vfpt_deploy.bench.settings import (BACKENDS, DTYPES, FOLDS, FORMAT, MAX_BATCH, VERSION, BenchSettings,  # noqa: F401
                                         check_batches, check_input_memory, parse_batches)
 from vfpt_deploy.errors import Unavailable  # noqa: F401

@@ -5,6 +5,8 @@ records as skipped, with the reason).
   torch-folded   PyTorch eager, prompts folded to constants (fold_model)
   ort-cpu        onnxruntime, CPU execution provider
   ort-cuda       onnxruntime, CUDA EP -- only when a session really runs on it (session.get_providers())
+  ort-cuda-graph the same with onnxruntime's CUDA graphs (enable_cuda_graph): each batch size is captured
+                 once on IO-bound device buffers and replayed; Unavailable when onnxruntime refuses the graph
   ort-trt        onnxruntime, TensorRT EP -- likewise
   tensorrt       a TensorRT engine file (needs the tensorrt module and a CUDA GPU)
 
@@ -25,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT, output_classes
-from vfpt_deploy.bench.settings import MiB, check_input_memory
+from vfpt_deploy.bench.settings import DTYPES, MiB, check_input_memory
 from vfpt_deploy.errors import RuntimeSetupError, Unavailable, UsageError, VFPTError
 from vfpt_deploy.extras import import_onnxruntime
 from vfpt_deploy.runtime.timing import PerfCounterTimer, Timer
@@ -83,6 +85,14 @@ class CudaEventTimer:
         return start.elapsed_time(end) / 1e3
 
 
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 def _torch_device(device: str | None):
     import torch
 
@@ -100,24 +110,41 @@ def _torch_device(device: str | None):
 
 
 class TorchBackend(Backend):
-    """A torch module (eager), in inference mode, on CPU or one CUDA device."""
+    """A torch module (eager), in inference mode, on CPU or one CUDA device, in float32 (default), float16
+    or bfloat16 (`dtype`: DTYPES). The caller's module is left where it is, in its own dtype: the backend
+    runs a copy whenever the device or dtype differ (a run.pt's model is exported and verified afterwards).
+    One batch-1 call is made up front, so a dtype the module cannot run in (cuFFT in half precision, say)
+    is Unavailable here rather than a crash mid-sweep."""
 
-    def __init__(self, name: str, module, image_size: tuple[int, int], device: str | None, seed: int, detail: dict):
+    def __init__(self, name: str, module, image_size: tuple[int, int], device: str | None, seed: int, detail: dict,
+                 dtype: str = "fp32"):
+        import copy
+
         import torch
 
         self.torch = torch
         self.name = name
         self.dev = _torch_device(device)
         self.device = str(self.dev)
-        self.module = module.eval().to(self.dev)
+        self.dtype = torch_dtype(dtype)
+        first = next(iter(module.parameters()), None)
+        moves = first is not None and (first.device != self.dev or first.dtype != self.dtype)
+        self.module = (copy.deepcopy(module) if moves else module).eval().to(self.dev, self.dtype)
         self.image_size = tuple(image_size)
         self.seed = seed
-        self.detail = detail
+        self.detail = {**detail, **({"dtype": dtype} if dtype != "fp32" else {})}
         self.providers = []
+        try:
+            with torch.inference_mode():
+                self.module(torch.zeros(1, 3, *self.image_size, device=self.dev, dtype=self.dtype))
+        except RuntimeError as e:  # e.g. cuFFT refuses half precision for the live FFT's sizes
+            self.close()
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise Unavailable(f"{name} cannot run in {dtype} on {self.device}: {first_line}") from None
 
     def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
         torch, module = self.torch, self.module
-        host = torch.from_numpy(make_input(batch, self.image_size, self.seed))
+        host = torch.from_numpy(make_input(batch, self.image_size, self.seed)).to(self.dtype)
         if self.dev.type == "cuda" and e2e:
             host = host.pin_memory()
 
@@ -153,15 +180,25 @@ class TorchBackend(Backend):
             self.torch.cuda.empty_cache()
 
 
-# What each ort-* backend asks onnxruntime for; the first is the one it measures.
 ORT_PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"],
                  "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "ort-cuda-graph": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 class OrtBackend(Backend):
     """An ONNX file in onnxruntime through runtime.onnx_runner.OnnxPredictor, with one execution provider;
-    Unavailable when the session fell back to another provider (it would time the wrong thing)."""
+    Unavailable when the session fell back to another provider (it would time the wrong thing).
+
+    ort-cuda-graph turns on onnxruntime's CUDA graphs. Documented constraints (onnxruntime's CUDA EP page):
+    every node must run on the CUDA EP (else the session is refused: Unavailable, with onnxruntime's words),
+    inputs and outputs are bound once with IO binding and keep their device addresses, and a graph holds
+    one input shape. A dynamic batch leaves shape arithmetic (Shape/Gather/Concat) on the CPU, which alone
+    makes onnxruntime refuse the graph, so each runner opens its own session with the batch dimension fixed
+    (a free-dimension override: onnxruntime folds the shape arithmetic away), captures the graph there
+    with a few regular runs, and every timed call replays it. Capture cannot run on the legacy default
+    stream, so this backend runs on a stream of its own. The session made in __init__ (no graphs, batch
+    free) only checks that CUDA really runs and reads the metadata."""
 
     def __init__(self, name: str, kind: str, path: Path, threads: int | None, seed: int, detail: dict):
         from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
@@ -173,7 +210,8 @@ class OrtBackend(Backend):
         if want not in ort.get_available_providers():
             raise Unavailable(f"this onnxruntime build ({ort.__version__}) has no {want} (for CUDA, swap onnxruntime "
                               "for onnxruntime-gpu: README, 'Install')")
-        self.stream, self.device_id = None, 0
+        self.stream, self.device_id, self.graphs = None, 0, kind == "ort-cuda-graph"
+        self.threads, self._graph_predictors = threads, []
         options = {} if kind == "ort-cpu" else {"CUDAExecutionProvider": self._cuda_options()}
         # Fallback is judged here, more strictly than the predictor does: the measured provider must come first.
         self.predictor = OnnxPredictor(self.path, asked, threads=threads, allow_fallback=True, provider_options=options)
@@ -191,31 +229,63 @@ class OrtBackend(Backend):
                        **{k: meta[k] for k in ("fold", "precision") if k in meta}}
 
     def _cuda_options(self) -> dict:
-        """Run onnxruntime's CUDA work on torch's current stream, so CUDA events recorded there time it."""
+        """Run onnxruntime's CUDA work on torch's current stream, so CUDA events recorded there time it; with
+        CUDA graphs, on a new torch stream (capture cannot use the legacy default stream)."""
         try:
             import torch
         except ImportError:
             return {"device_id": 0}
         if not torch.cuda.is_available():
             return {"device_id": 0}
-        self.stream, self.device_id = torch.cuda.current_stream(), torch.cuda.current_device()
+        self.device_id = torch.cuda.current_device()
+        if self.stream is None:  # one stream for every session of this backend
+            self.stream = torch.cuda.Stream(self.device_id) if self.graphs else torch.cuda.current_stream()
         return {"device_id": self.device_id, "user_compute_stream": str(self.stream.cuda_stream)}
 
+    def _graph_predictor(self, batch: int):
+        """A session for this batch size alone, CUDA graphs on (see the class docstring)."""
+        from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+        dim = self.predictor.session.get_inputs()[0].shape[0]
+        fixed = {dim: batch} if isinstance(dim, str) and dim else {}
+        options = {"CUDAExecutionProvider": {**self._cuda_options(), "enable_cuda_graph": "1"}}
+        try:
+            p = OnnxPredictor(self.path, ORT_PROVIDERS[self.kind], threads=self.threads, allow_fallback=True,
+                              provider_options=options, fixed_dims=fixed)
+        except VFPTError as e:
+            raise Unavailable(f"onnxruntime would not make a CUDA-graph session of {self.path.name} at batch "
+                              f"{batch}: {e}") from None
+        self._graph_predictors.append(p)
+        if p.providers[:1] != ["CUDAExecutionProvider"]:
+            raise Unavailable(f"the CUDA-graph session fell back to {', '.join(p.providers)}")
+        return p
+
     def runner(self, batch: int, e2e: bool, task_ids: np.ndarray | None = None) -> Callable[[], object]:
+        if self.graphs and e2e:
+            raise Unavailable("CUDA graphs replay on device buffers bound once: no end-to-end rows (see ort-cuda)")
         x = make_input(batch, self.image_size, self.seed)
         infer = self.predictor.infer
         if self.kind == "ort-cpu" or e2e:
             return lambda: infer(x, task_ids)  # numpy in, numpy out: copies included on GPU EPs
         # IO binding: input and output live on the GPU, so a timed run is inference only.
-        ort, session = self.ort, self.predictor.session
+        predictor = self._graph_predictor(len(x)) if self.graphs else self.predictor
+        ort, session = self.ort, predictor.session
         binding = session.io_binding()
         binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id))
-        ids = self.predictor.check_task_ids(x, task_ids)
+        ids = predictor.check_task_ids(x, task_ids)
         if ids is not None:
             binding.bind_ortvalue_input(TASK_INPUT, ort.OrtValue.ortvalue_from_numpy(ids, "cuda", self.device_id))
         y = ort.OrtValue.ortvalue_from_shape_and_type([batch, self.num_classes], np.float32, "cuda", self.device_id)
         binding.bind_ortvalue_output(OUTPUT_NAME, y)
         binding.synchronize_inputs()
+        if not self.graphs:
+            return lambda: session.run_with_iobinding(binding)
+        try:  # regular runs (allocations) until onnxruntime captures the graph; later calls replay it
+            for _ in range(3):
+                session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own Fail / RuntimeException types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise Unavailable(f"onnxruntime could not capture a CUDA graph at batch {batch}: {first}") from None
         return lambda: session.run_with_iobinding(binding)
 
     def timer(self, e2e: bool) -> Timer:
@@ -225,6 +295,9 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.predictor.close()
+        for p in self._graph_predictors:
+            p.close()
+        self._graph_predictors = []
 
 
 class CudartEventTimer:
@@ -306,9 +379,3 @@ def make_input(batch: int, image_size: tuple[int, int], seed: int) -> np.ndarray
     before allocating when it would not fit memory (check_input_memory)."""
     check_input_memory(batch, image_size)
     return np.random.default_rng(seed).standard_normal((batch, 3, *image_size), dtype=np.float32)
-
-
-
-
-
-

@@ -222,7 +222,7 @@ def _torch_backends(bench: _Run, run) -> None:
             module = fold_model(run.model, bench.settings.fold)
             detail = {"fold": module.fold_mode}
         s = bench.settings
-        bench.backend(name, lambda: TorchBackend(name, module, run.model.img_size, s.device, s.seed, detail))
+        bench.backend(name, lambda: TorchBackend(name, module, run.model.img_size, s.device, s.seed, detail, s.dtype))
 
 
 def _ort_backends(bench: _Run, run, onnx_files: list[Path], export_dir: Path) -> None:

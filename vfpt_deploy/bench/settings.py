@@ -10,13 +10,14 @@ from vfpt_deploy.errors import UsageError
 from vfpt_deploy.runtime.onnx_runner import check_threads
 from vfpt_deploy.runtime.timing import LoopSpec, physical_memory_bytes
 
-BACKENDS = ("torch", "torch-folded", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
+BACKENDS = ("torch", "torch-folded", "ort-cpu", "ort-cuda", "ort-cuda-graph", "ort-trt", "tensorrt")
 FOLDS = ("auto", "tokens", "kv", "none")  # torch-folded; the exported ONNX takes all but 'none'
 FORMAT = "vfpt-deploy.bench"
 VERSION = 1
 MiB = 1024**2
 MAX_BATCH = 4096
 INPUT_RAM_FRACTION = 0.25  # an input batch may take at most this share of the machine's physical RAM
+DTYPES = ("fp32", "fp16", "bf16")  # what the PyTorch backends can run in (BenchSettings.dtype)
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -64,6 +65,7 @@ class BenchSettings:
     e2e: bool = False  # GPU backends: also time with host<->device copies
     fold: str = "auto"  # fold mode of torch-folded and of the ONNX exported from a checkpoint
     device: str | None = None  # torch backends: "cpu", "cuda", "cuda:1"; None: CUDA when present
+    dtype: str = "fp32"  # torch backends: fp32, fp16 or bf16 (an ONNX file carries its own precision)
     seed: int = 0
     task: str | None = None  # multi-task artifacts: also measure a single-task stream of this task
 
@@ -74,6 +76,8 @@ class BenchSettings:
         self.threads = check_threads(self.threads)
         if self.fold not in FOLDS:
             raise UsageError(f"fold must be one of {', '.join(FOLDS)}, got {self.fold!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.loop.check()
         return self
 

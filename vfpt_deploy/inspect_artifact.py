@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
 from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.text import printable as _printable
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
@@ -315,9 +316,7 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
 # -- rows for a table ----------------------------------------------------------------------------------------
 def printable(v, limit: int = 300) -> str:
     """One cell: JSON for structures, printable characters only (a crafted name cannot move the cursor)."""
-    s = v if isinstance(v, str) else json.dumps(v)
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return _printable(v, limit)
 
 
 def _shape(t: dict) -> str:
@@ -403,12 +402,28 @@ def _artifact_rows(info: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _int8_rows(q) -> list[tuple[str, str]]:
+    """An int8 artifact's quantization mode and integer-matmul form, and whether this CPU computes it as
+    verified (runtime.hardware.int8_isa_note)."""
+    from vfpt_deploy.runtime.hardware import int8_isa_note
+
+    if not isinstance(q, dict):
+        return []
+    cpu = q.get("cpu") if isinstance(q.get("cpu"), dict) else {}
+    form = (f"{printable(cpu.get('matmul', '?'))}; saturation-free on {printable(cpu.get('saturation_free_on', '?'))}"
+            if cpu else "full-range int8 weights (written before the form was recorded)")
+    rows = [("int8", f"{printable(q.get('mode', '?'))} ({printable(q.get('target', '?'))}): {form}")]
+    note = int8_isa_note(q)
+    return rows + ([("int8 on this CPU", note)] if note else [])
+
+
 def _onnx_rows(info: dict) -> list[tuple[str, str]]:
     rows = [("kind", "ONNX model" + ("" if info["task"] else " without vfpt-deploy metadata (made elsewhere)"))]
     if info["task"]:
         prec = info["precision"]
         rows += _common_rows(info) + _artifact_rows(info)
         rows.append(("precision", f"{prec['metadata']} (the graph computes in {prec['graph']})"))
+        rows += _int8_rows(info["vfpt_metadata"].get("quantization"))
     ops = info["ops"]
     top = ", ".join(f"{printable(k, 60)} {v}" for k, v in list(ops.items())[:12])
     ext = info["external_data"]

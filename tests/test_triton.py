@@ -16,8 +16,8 @@ from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError
 from vfpt_deploy.exporters import triton as triton_module
 from vfpt_deploy.exporters.triton import DEFAULT_MAX_BATCH, model_config_pb2, write_triton_repository
-from vfpt_deploy.files import file_sha256
-from vfpt_deploy.schema import encode_metadata
+from vfpt_deploy.artifacts.files import file_sha256
+from vfpt_deploy.artifacts.schema import encode_metadata
 from vfpt_deploy.verify import verify_artifact
 
 pytest.importorskip("tritonclient", reason="tritonclient ships Triton's config schema")

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import Run
+from vfpt_deploy.artifacts.checkpoint import Run
 from .errors import ArtifactError, UsageError, VFPTError
-from .files import Staging, check_outputs, check_suffix
-from .multitask import TaskSet
-from .schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
+from vfpt_deploy.artifacts.files import Staging, check_outputs, check_suffix
+from vfpt_deploy.folding.multitask import TaskSet
+from vfpt_deploy.artifacts.schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
 
 FOLD_DTYPES = ("float32", "float64")
 TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement", "max_top1_drop")
@@ -263,7 +263,7 @@ def _attach_golden(run: Run | TaskSet, settings: ExportSettings, sets, path: Pat
     precision, into the final ONNX (an engine's sidecar copies them): vfpt_deploy/golden.py."""
     from vfpt_deploy.exporters.onnx import add_metadata
 
-    from .golden import KEY, encode
+    from vfpt_deploy.artifacts.golden import KEY, encode
     from .verify import Tolerances, make_golden
 
     tol = Tolerances.for_precision(settings.precision).override(**settings.tolerances)

@@ -6,6 +6,7 @@ Forms (one interleaved run, every form in each round, a different starting form 
   kv           fp32, prompts folded to per-layer key/value constants
   int8-<mode>  kv quantized with `export --precision int8 --quantize <mode>` (dynamic, static; calibrated on
                the built-in digits-shifted train split, preprocessed by the run's own preprocessing)
+  int8-<mode>-<w>  the same with the weight form w (--weights int7,int8,uint8: exporters/quantize.py)
 Fidelity: logits of each kv form vs the fp32 PyTorch model on real images from the built-in sets
 (digits-shifted and digits val, upscaled to the model size): min / mean cosine and top-1 agreement.
 
@@ -18,6 +19,7 @@ Targets (issue 12): int8 kv latency <= 0.5x plain at batch 1 and 8 (onnxruntime 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -33,18 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from prompt_cost import MODELS, NUM_CLASSES, ints, time_calls  # noqa: E402
-from vfpt_deploy.backbone import create_backbone  # noqa: E402
+from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
 from vfpt_deploy.calibration import calibration_set  # noqa: E402
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
-from vfpt_deploy.config import VFPTConfig  # noqa: E402
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.data import builtin_split  # noqa: E402
 from vfpt_deploy.exporters.onnx import export_module, export_onnx  # noqa: E402
 from vfpt_deploy.exporters.quantize import quantize_onnx  # noqa: E402
-from vfpt_deploy.files import atomic_write, dumps_json  # noqa: E402
-from vfpt_deploy.model import VFPTViT  # noqa: E402
+from vfpt_deploy.artifacts.files import atomic_write, dumps_json  # noqa: E402
+from vfpt_deploy.models.vit.model import VFPTViT  # noqa: E402
 from vfpt_deploy.pipeline import ExportSettings  # noqa: E402
 from vfpt_deploy.runs import preprocess_for  # noqa: E402
-from vfpt_deploy.schema import read_graph  # noqa: E402
+from vfpt_deploy.artifacts.schema import read_graph  # noqa: E402
+from vfpt_deploy.runtime import hardware  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import make_session  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info  # noqa: E402
 from vfpt_deploy.verify import reference_logits  # noqa: E402
@@ -52,7 +55,8 @@ from vfpt_deploy.verify import reference_logits  # noqa: E402
 TARGETS = {"latency_ratio": 0.5, "size_ratio": 0.3, "min_cosine": 0.99}
 
 
-def build(model_name: str, prompts: int, modes: list[str], samples: int, work: Path, log) -> tuple[dict, object]:
+def build(model_name: str, prompts: int, modes: list[str], samples: int, work: Path, log,
+          weights: tuple[str, ...] = ("default",)) -> tuple[dict, object]:
     """plain + kv fp32 exports and the int8 forms of kv; returns ({form: path}, the Run)."""
     name, kwargs = MODELS.get(model_name, (model_name, {}))
     torch.manual_seed(0)
@@ -71,11 +75,15 @@ def build(model_name: str, prompts: int, modes: list[str], samples: int, work: P
     export_onnx(run, paths["kv"], fold="kv")
     calib = calibration_set(run, "builtin:digits-shifted", samples)
     for mode in modes:
-        spec = ExportSettings(precision="int8", quantize=mode).quant_spec()
-        t0 = time.perf_counter()
-        paths[f"int8-{mode}"] = quantize_onnx(paths["kv"], work / f"int8-{mode}.onnx", spec, calib=calib.x,
-                                              calib_info=calib.info).path
-        log(f"  int8 {mode}: {time.perf_counter() - t0:.1f} s")
+        for w in weights:
+            spec = ExportSettings(precision="int8", quantize=mode).quant_spec()
+            form = f"int8-{mode}" if w == "default" else f"int8-{mode}-{w}"
+            if w != "default":
+                spec = dataclasses.replace(spec, weights=w).check()
+            t0 = time.perf_counter()
+            paths[form] = quantize_onnx(paths["kv"], work / f"{form}.onnx", spec, calib=calib.x,
+                                        calib_info=calib.info).path
+            log(f"  {form}: {time.perf_counter() - t0:.1f} s")
     return paths, run
 
 
@@ -146,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="vit_base_patch16_224", help="timm ViT name, or 'tiny' (a smoke test)")
     ap.add_argument("--prompts", type=int, default=50, help="deep prompt count M of the kv fold")
     ap.add_argument("--modes", default="dynamic,static", help="int8 modes (export --quantize), comma separated")
+    ap.add_argument("--weights", default="default", help="int8 weight forms, comma separated: default (the "
+                    "exporter's), int7, int8, uint8 (exporters/quantize.py); forms other than default are named "
+                    "int8-<mode>-<weights>")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--calib-samples", type=int, default=128, help="static calibration images (built-in train split)")
     ap.add_argument("--images", type=int, default=64, help="real images for the fidelity check")
@@ -164,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tmp.name) if tmp else args.work
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    machine, load = machine_info(), os.getloadavg()
-    log(f"machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs, load {load[0]:.2f}")
+    machine, load = {**machine_info(), "hardware": hardware.describe(["CPUExecutionProvider"])}, os.getloadavg()
+    log(f"machine: {hardware.summary(machine['hardware'])}, {machine['usable_cpus']} usable CPUs, load {load[0]:.2f}")
     t0 = time.perf_counter()
-    paths, run = build(args.model, args.prompts, [m for m in args.modes.split(",") if m], args.calib_samples, work, log)
+    paths, run = build(args.model, args.prompts, [m for m in args.modes.split(",") if m], args.calib_samples, work, log,
+                       tuple(w for w in args.weights.split(",") if w))
     fid = fidelity(run, {f: p for f, p in paths.items() if f != "plain"}, args.images, args.threads)
     raw = timings(paths, batches, run.model.img_size, args, log)
     rows = summarize(raw, paths, fid, batches)

@@ -7,6 +7,14 @@ Modes (QUANTIZE_MODES):
   static    Q/DQ with calibrated activation ranges. For onnxruntime: uint8 activations, int8 per-channel
             weights on the linear layers. For TensorRT (--format trt/trt-rtx): the profile TensorRT parses
             (symmetric int8 activations and weights, float biases, Q/DQ only around MatMul/Gemm/Conv).
+
+The same model on every x86-64 CPU: onnxruntime multiplies uint8 activations by int8 weights with AVX2's
+vpmaddubsw, which sums two products in an int16 and saturates (255 x 127 x 2 > 32767) on CPUs without VNNI
+(measured: the tests' tiny model's min cosine fell from 0.9993 to 0.9855 under an emulated AVX2 CPU).
+onnxruntime targets therefore get 7-bit weights (onnxruntime's reduce_range: int8 in [-64, 64], 255 x 64 x 2
+fits) -- the same kernels and speed, the same logits on AVX2, AVX-512, VNNI and AMX -- and the written graph
+is checked for it. TensorRT keeps full-range int8 (GPUs do not saturate); its ONNX run by onnxruntime on a
+CPU without VNNI does saturate, which the artifact records (quantization.cpu) and predict/verify/serve say.
   modelopt  NVIDIA ModelOpt's ONNX PTQ (Q/DQ placed for TensorRT's fusions), calibrated with onnxruntime
             on the CPU; needs the `modelopt` extra.
 
@@ -35,7 +43,8 @@ import numpy as np
 import onnx
 
 from vfpt_deploy.errors import RuntimeSetupError, UsageError, VFPTError
-from vfpt_deploy.schema import INPUT_NAME, QUANTIZE_MODES, encode_metadata
+from vfpt_deploy.artifacts.schema import INPUT_NAME, QUANTIZE_MODES, encode_metadata
+from vfpt_deploy.runtime.hardware import INT8_FORMS, int8_cpu_record
 
 # Linear layers (weights x activations) and the attention products (activations x activations).
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
@@ -64,6 +73,15 @@ class QuantizeSpec:
     # does): on the demo run output Q/DQ raised the logit error from 0.16 to 0.26 for no speed on the CPU.
     output_float: bool = True
     keep_patch: bool = True  # the patch embedding Conv stays float (measured on the demo run)
+    # weights: 'int7' (int8 storage, values in [-64, 64]: onnxruntime's reduce_range), 'int8' (full range) or
+    # 'uint8' (asymmetric, onnxruntime's U8U8). None: int7 for onnxruntime -- with uint8 activations no int16
+    # pair sum of AVX2's vpmaddubsw can saturate, so the artifact computes the same on every x86-64 CPU
+    # (INT8_FORMS) --, int8 for TensorRT (GPUs do not saturate; its parser wants symmetric int8).
+    weights: str | None = None
+
+    @property
+    def weight_type(self) -> str:
+        return self.weights or ("int8" if self.target == "tensorrt" else "int7")
 
     def check(self) -> "QuantizeSpec":
         if self.mode not in QUANTIZE_MODES:
@@ -73,8 +91,12 @@ class QuantizeSpec:
         if self.target == "tensorrt" and self.mode == "dynamic":
             raise UsageError("TensorRT cannot run dynamic quantization (MatMulInteger); use --quantize static "
                              "or modelopt for --format trt/trt-rtx")
+        if self.weights == "uint8" and self.target == "tensorrt":
+            raise UsageError("TensorRT parses only symmetric int8 weights, not uint8")
         if self.asymmetric and self.target == "tensorrt":
             raise UsageError("TensorRT parses only symmetric int8 activations (zero point 0)")
+        if self.weights not in (None, *INT8_FORMS):
+            raise UsageError(f"int8 weights must be int8, int7 or uint8, got {self.weights!r}")
         if self.method not in ("minmax", "percentile"):
             raise UsageError(f"calibration method must be minmax or percentile, got {self.method!r}")
         return self
@@ -189,10 +211,21 @@ def _dynamic(src: Path, dst: Path, spec: QuantizeSpec, exclude: list[str]) -> di
     # exclusion list then no longer matched: the classifier head was quantized while the metadata said float
     # (measured on the demo run: that head alone changed 7 of 397 predictions). Exclude both names.
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(spec.op_types), per_channel=spec.per_channel,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
+                     weight_type=_wtype(spec), reduce_range=spec.weight_type == "int7", nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
                      extra_options={"MatMulConstBOnly": False})
-    return {"weights": f"int8 symmetric{', per channel' if spec.per_channel else ''}",
-            "activations": "uint8, ranges computed per batch at run time"}
+    return {"weights": _weights_text(spec), "activations": "uint8, ranges computed per batch at run time"}
+
+
+def _weights_text(spec: QuantizeSpec) -> str:
+    kind = {"int7": "int8 symmetric, 7-bit range [-64, 64] (reduce_range)", "int8": "int8 symmetric",
+            "uint8": "uint8 asymmetric"}[spec.weight_type]
+    return kind + (", per channel" if spec.per_channel else "")
+
+
+def _wtype(spec: QuantizeSpec):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if spec.weight_type == "uint8" else QuantType.QInt8
 
 
 def _static_ort(src: Path, dst: Path, spec: QuantizeSpec, exclude: list[str], x: np.ndarray) -> dict:
@@ -202,7 +235,7 @@ def _static_ort(src: Path, dst: Path, spec: QuantizeSpec, exclude: list[str], x:
     sym = trt or spec.asymmetric is False
     # (No CalibMaxIntermediateOutputs: onnxruntime 1.31 drops the collected batches when it is reached.
     # MinMax keeps only per-batch min/max, so memory stays small without it.)
-    extra = {"ActivationSymmetric": sym, "WeightSymmetric": True, "CalibPercentile": 99.999,
+    extra = {"ActivationSymmetric": sym, "WeightSymmetric": spec.weight_type != "uint8", "CalibPercentile": 99.999,
              "OpTypesToExcludeOutputQuantization": list(OUTPUT_FLOAT if spec.output_float else ())}
     if trt:  # TensorRT refuses int32 biases and non-zero zero points (ENVIRONMENT.md; measured)
         extra["QuantizeBias"] = False
@@ -210,9 +243,10 @@ def _static_ort(src: Path, dst: Path, spec: QuantizeSpec, exclude: list[str], x:
     act = QuantType.QInt8 if sym else QuantType.QUInt8
     quantize_static(str(src), str(dst), ArrayReader(x), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(spec.op_types), per_channel=spec.per_channel,
-                    activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                    activation_type=act, weight_type=_wtype(spec), reduce_range=spec.weight_type == "int7",
+                    nodes_to_exclude=exclude,
                     calibrate_method=method, calibration_providers=["CPUExecutionProvider"], extra_options=extra)
-    return {"weights": f"int8 symmetric{', per channel' if spec.per_channel else ''}",
+    return {"weights": _weights_text(spec),
             "activations": f"{'int8 symmetric' if sym else 'uint8 asymmetric'}, calibrated ({spec.method})"}
 
 
@@ -264,8 +298,36 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, spec: Quantize
     info = {"mode": spec.mode, "target": spec.target, "tool": tool, **how,
             "quantized": {"nodes": len(quantize), "op_types": sorted({n.op_type for n in model.graph.node
                                                                       if n.name in set(quantize)})},
-            "kept_float": kept_float(model, spec, kept), "calibration": calib_info if spec.mode != "dynamic" else None}
+            "kept_float": kept_float(model, spec, kept), "calibration": calib_info if spec.mode != "dynamic" else None,
+            "cpu": int8_cpu_record("int8" if spec.mode == "modelopt" else spec.weight_type)}
     return stamp(src, dst, info)
+
+
+INTEGER_WEIGHT_INPUTS = {"MatMulInteger": 1, "ConvInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
+                         "QLinearMatMul": 3, "QLinearConv": 3, "DequantizeLinear": 0}
+
+
+def int8_weight_ranges(model: onnx.ModelProto) -> dict[str, tuple[str, int, int]]:
+    """Every integer weight an integer matmul reads (directly, or through a Q/DQ DequantizeLinear):
+    name -> (dtype, min, max)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        i = INTEGER_WEIGHT_INPUTS.get(n.op_type)
+        if i is not None and len(n.input) > i and n.input[i] in inits:
+            w = onnx.numpy_helper.to_array(inits[n.input[i]])
+            if w.dtype in (np.int8, np.uint8) and w.size:
+                out[n.input[i]] = (str(w.dtype), int(w.min()), int(w.max()))
+    return out
+
+
+def saturation_problems(model: onnx.ModelProto, form: str) -> list[str]:
+    """Why the written int8 model is not the form its metadata claims (INT8_FORMS): an int7 model has int8
+    weights in [-64, 64] only (so two uint8 x weight products stay within int16), a uint8 one uint8 weights."""
+    want = {"int7": ("int8", -64, 64), "uint8": ("uint8", 0, 255), "int8": ("int8", -128, 127)}[form]
+    return [f"weight {name} is {dtype} in [{lo}, {hi}], outside the {form} form's {want[0]} [{want[1]}, {want[2]}]"
+            for name, (dtype, lo, hi) in int8_weight_ranges(model).items()
+            if dtype != want[0] or lo < want[1] or hi > want[2]]
 
 
 def kept_float(model: onnx.ModelProto, spec: QuantizeSpec, kept: list[str]) -> dict:
@@ -282,7 +344,7 @@ def stamp(src: Path, dst: Path, info: dict) -> QuantizeResult:
     """Copy src's vfpt metadata onto the quantized file (quantizers drop or keep it unpredictably) with
     precision int8, the real opset and the quantization record; check the result."""
     from vfpt_deploy.exporters.onnx import op_histogram
-    from vfpt_deploy.schema import decode_metadata
+    from vfpt_deploy.artifacts.schema import decode_metadata
 
     meta = decode_metadata({p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props})
     model = onnx.load(str(dst))
@@ -295,5 +357,9 @@ def stamp(src: Path, dst: Path, info: dict) -> QuantizeResult:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise VFPTError(f"onnx.checker rejected the quantized model: {_first(e)}") from None
+    wrong = saturation_problems(model, info["cpu"]["form"])
+    if wrong:  # the quantizer did not write what the metadata would promise (e.g. reduce_range ignored)
+        raise VFPTError(f"the quantized model is not the {info['cpu']['form']} form it should be: {wrong[0]}"
+                        f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}")
     onnx.save(model, str(dst))
     return QuantizeResult(dst, info, op_histogram(model), opset)

@@ -16,9 +16,12 @@ dynamic batch. Triton feeds the model preprocessed tensors: clients apply the ar
 (`vfpt-deploy inspect` shows it).
 
 The artifact must have passed verification (NAME.verify.json passed, and its artifact_sha256 is this
-file's) unless the caller opts out. The model folder is built in a staging folder inside REPO, then
-swapped in with renames: an existing NAME is replaced as a whole (no stale versions or files are left
-for Triton to load), and a failure leaves it untouched. Torch-free.
+file's) unless the caller opts out. The files are built in a staging folder inside REPO, then moved in with
+renames: the version folder 1/ is replaced as a whole, config.pbtxt and labels.txt are replaced (a different
+earlier one is kept as config.pbtxt.previous / labels.txt.previous), and everything else in NAME (other
+version folders, a user's notes) is kept and named in the result's notes (Triton serves the highest version
+by default: another version folder above 1 is served instead, which the note says). A failure leaves the
+folder as it was. Torch-free.
 
 Multi-task artifacts (metadata `tasks`: inputs `images` and `task`, logits as wide as the widest task) are
 refused: Triton's classification extension maps an output to ONE labels file, while their class names
@@ -36,9 +39,9 @@ from pathlib import Path
 
 from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError, VFPTError
 from vfpt_deploy.extras import MissingExtra, install_hint
-from vfpt_deploy.files import Staging, file_sha256, umask_mode
+from vfpt_deploy.artifacts.files import Staging, file_sha256, umask_mode
 from vfpt_deploy.inspect_artifact import inspect_artifact, printable
-from vfpt_deploy.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
                                 read_graph, report_path)
 
 KINDS = ("gpu", "cpu")
@@ -213,7 +216,7 @@ def _refuse_multitask(path: Path) -> None:
     inspect_artifact to report."""
     try:
         if is_engine(path):
-            from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+            from vfpt_deploy.artifacts.schema import read_sidecar
 
             meta = read_sidecar(path)["metadata"]
         else:
@@ -321,11 +324,11 @@ def _check_paths(repo: Path, final: Path, inputs: list[Path]) -> None:
     if final.is_symlink() or (final.exists() and not (final.is_dir() and _replaceable(final))):
         raise OutputError(f"{final} exists and is not a Triton model folder (no {CONFIG_FILE}); it is not replaced: "
                           "remove it or choose another --name")
-    target = final.resolve()
+    replaced = [(final / rel).resolve() for rel in (VERSION, CONFIG_FILE, LABELS_FILE)]
     for p in inputs:
-        if p.resolve().is_relative_to(target):
-            raise OutputError(f"{p} lies inside {final}, which this command replaces: writing it would destroy the "
-                              "input; choose another --out or --name")
+        if any(p.resolve().is_relative_to(t) for t in replaced):
+            raise OutputError(f"{p} lies inside {final}/{VERSION} (or is its config or labels), which this command "
+                              "replaces: writing it would destroy the input; choose another --out or --name")
 
 
 def _replaceable(folder: Path) -> bool:
@@ -355,19 +358,49 @@ def _write_folder(folder: Path, model: TritonModel, config_text: str) -> list[Pa
     return files
 
 
-def _swap_in(new: Path, final: Path, trash: Path) -> None:
-    """Rename the new folder onto `final`; a folder already there moves into `trash` first (removed with the
-    staging folder) and comes back if the second rename fails."""
-    old = None
-    if final.exists():
-        old = trash / "previous"
-        os.replace(final, old)
+def _move_in(new: Path, final: Path, trash: Path) -> list[str]:
+    """Move the staged model folder's entries (1/, config.pbtxt, labels.txt) into `final`, keeping everything
+    else there. The old 1/ goes to `trash` (removed with the staging folder); an old config or labels file
+    that differs is kept beside as NAME.previous. Every step is undone if a later one fails. Returns notes."""
+    created = not final.exists()
+    final.mkdir(parents=True, exist_ok=True)
+    ours = [VERSION, CONFIG_FILE, LABELS_FILE]
+    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir()
+                  if p.name not in ours and not p.name.endswith(".previous"))
+    done: list[tuple[Path, Path]] = []  # renames, undone in reverse if a later one fails
+    kept_as_previous = []
+
+    def move(a: Path, b: Path) -> None:
+        os.replace(a, b)
+        done.append((a, b))
+
     try:
-        os.replace(new, final)
+        for rel in ours:
+            src, dst = new / rel, final / rel
+            if dst.exists() or dst.is_symlink():
+                same = dst.is_file() and not dst.is_symlink() and dst.read_bytes() == src.read_bytes()
+                if rel == VERSION or same:
+                    move(dst, trash / f"old-{rel}")
+                else:  # never delete a config or labels file that is not the one written now
+                    move(dst, final / f"{rel}.previous")
+                    kept_as_previous.append(rel)
+            move(src, dst)
     except OSError:
-        if old is not None:
-            os.replace(old, final)
+        for a, b in reversed(done):
+            os.replace(b, a)
+        if created:
+            final.rmdir()
         raise
+    notes = []
+    if kept:
+        notes.append(f"{final} keeps what was there besides {VERSION}/, {CONFIG_FILE}, {LABELS_FILE}: "
+                     f"{', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}")
+    higher = [k.rstrip("/") for k in kept if k.endswith("/") and k.rstrip("/").isdigit() and int(k.rstrip("/")) > 1]
+    if higher:
+        notes.append(f"Triton serves the highest version by default: {final.name} version {max(higher, key=int)} "
+                     f"will be served, not the {VERSION}/ written now (remove it, or set a version_policy)")
+    notes += [f"the earlier {rel} differed and was kept as {rel}.previous" for rel in kept_as_previous]
+    return notes
 
 
 def _companions(artifact: Path, info: dict) -> list[Path]:
@@ -399,6 +432,6 @@ def write_triton_repository(artifact: str | os.PathLike, repo_dir: str | os.Path
     _check_paths(repo, final, [src for src, _ in model.files] + _companions(artifact, info))
     with Staging(repo) as stage:
         staged = _write_folder(stage.dir / name, model, text)
-        _swap_in(stage.dir / name, final, stage.dir)
-    files = [final / p.relative_to(stage.dir / name) for p in staged]
+        files = [final / p.relative_to(stage.dir / name) for p in staged]
+        notes += _move_in(stage.dir / name, final, stage.dir)
     return TritonResult(final, name, cfg.platform, cfg.max_batch_size, text, files, notes + model.notes)

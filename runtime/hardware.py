@@ -95,3 +95,57 @@ def missing_isa(required: list[str] | tuple[str, ...]) -> list[str]:
     """The flags of `required` this CPU lacks (all of them when the CPU's flags cannot be read)."""
     have = set(cpu()["isa"])
     return [f for f in required if f not in have]
+
+
+# -- int8 on onnxruntime's CPU provider ------------------------------------------------------------------
+# onnxruntime (MLAS) multiplies uint8 activations by int8 weights with AVX2's vpmaddubsw, which adds two
+# u8 x s8 products into an int16 and saturates there (255 x 127 x 2 > 32767); AVX-512 without VNNI uses the
+# same instruction. VNNI (vpdpbusd) and AMX accumulate in int32 and do not saturate. Int8 activations are
+# shifted to uint8 on x86, so symmetric int8 x int8 (TensorRT's Q/DQ profile, ModelOpt) saturates the same.
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+# weight form (the artifact's metadata quantization.cpu.form) -> what its integer matmuls are and the x86
+# ISAs of which onnxruntime's CPU provider needs one to compute them without saturating ([]: none needed).
+INT8_FORMS = {
+    "int7": {"matmul": "uint8 activations x 7-bit weights (int8 in [-64, 64], onnxruntime reduce_range)",
+             "needs_one_of": []},
+    "uint8": {"matmul": "uint8 activations x uint8 weights (onnxruntime U8U8)", "needs_one_of": []},
+    "int8": {"matmul": "uint8/int8 activations x full-range int8 weights (onnxruntime U8S8)",
+             "needs_one_of": list(VNNI)},
+}
+
+
+def int8_cpu_record(form: str) -> dict:
+    """What an int8 artifact's metadata records (quantization.cpu) for a weight form of INT8_FORMS."""
+    needs = INT8_FORMS[form]["needs_one_of"]
+    where = ("every x86-64 CPU (AVX2, AVX-512, VNNI, AMX): two of its products fit vpmaddubsw's int16"
+             if not needs else f"x86-64 CPUs with {', '.join(needs[:-1])} or {needs[-1]}; AVX2 and AVX-512 "
+             "without VNNI saturate vpmaddubsw's int16 pair sums and compute another model")
+    return {"form": form, "matmul": INT8_FORMS[form]["matmul"], "saturation_free_on": where,
+            "needs_one_of": list(needs)}
+
+
+def int8_isa_note(quantization, providers: list[str] | None = None) -> str | None:
+    """One line when an int8 artifact's integer matmuls can saturate on this CPU (onnxruntime's CPU provider
+    on an x86 CPU without VNNI/AMX, for a form that needs them; an artifact that records no form was written
+    with full-range int8 weights); None where they compute as verified. The metadata is untrusted: only known
+    flag names and forms are used."""
+    if not isinstance(quantization, dict) or (providers and providers[0] != "CPUExecutionProvider"):
+        return None
+    c = cpu()
+    if c["arch"].lower() not in X86:
+        return None
+    rec = quantization.get("cpu")
+    if isinstance(rec, dict) and rec.get("form") in INT8_FORMS:
+        form = rec["form"]
+        needs = INT8_FORMS[form]["needs_one_of"]
+    else:
+        form, needs = "int8", list(VNNI)
+    if not needs or len(missing_isa(needs)) < len(needs):
+        return None
+    have = (f"this CPU ({c['model']}) has none of them" if c["isa"] else "this CPU's ISA flags could not be read")
+    fix = ("its TensorRT engine on a GPU is unaffected; check this ONNX on a VNNI CPU" if
+           quantization.get("target") == "tensorrt" else
+           "re-export it with this vfpt-deploy (7-bit weights, saturation-free on every x86-64 CPU)")
+    return (f"int8 artifact ({INT8_FORMS[form]['matmul']}) computes as verified only on CPUs with "
+            f"{', '.join(needs)}; {have}, so onnxruntime's int8 matmuls can saturate and its logits differ: {fix}")

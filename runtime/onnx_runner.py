@@ -18,10 +18,11 @@ import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
-from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
                                 decode_metadata, is_engine, output_classes, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
+from .hardware import int8_isa_note
 from .predictor import Predictor
 
 CONTROL_FLOW_OPS = frozenset({"Loop", "Scan", "If", "SequenceMap"})
@@ -126,10 +127,23 @@ def check_fallback(asked: list[str], used: list[str]) -> None:
                                 "GPU/CUDA libraries); use --providers cpu, or --allow-fallback to accept the CPU")
 
 
-def _session_options(ort, threads: int | None, optimization: str, optimized_model_path):
+def check_fixed_dims(fixed_dims) -> dict[str, int]:
+    """{symbolic dimension name: size >= 1}, e.g. {'batch': 8}; None gives {}."""
+    out = {}
+    for name, size in (fixed_dims or {}).items():
+        if not isinstance(name, str) or not name or isinstance(size, bool) or not isinstance(size, (int, np.integer)) \
+                or size < 1:
+            raise UsageError(f"fixed dimensions map a dimension name to a size >= 1, got {name!r}: {size!r}")
+        out[name] = int(size)
+    return out
+
+
+def _session_options(ort, threads: int | None, optimization: str, optimized_model_path, fixed_dims=None):
     if optimization not in _OPT_LEVELS:
         raise UsageError(f"optimization must be one of {', '.join(_OPT_LEVELS)}, got {optimization!r}")
     so = ort.SessionOptions()
+    for name, size in check_fixed_dims(fixed_dims).items():  # onnxruntime then folds the shape arithmetic
+        so.add_free_dimension_override_by_name(name, size)
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -144,15 +158,18 @@ def _session_options(ort, threads: int | None, optimization: str, optimized_mode
 
 def make_session(path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None,
                  optimization: str = "all", optimized_model_path: str | None = None,
-                 provider_options: dict[str, dict] | None = None, allow_fallback: bool = False):
+                 provider_options: dict[str, dict] | None = None, allow_fallback: bool = False,
+                 fixed_dims: dict[str, int] | None = None):
     """An InferenceSession. threads: intra-op threads (None = onnxruntime's default, one per core).
     providers: names or aliases (cpu, cuda, tensorrt); None: the best that can really run here.
     provider_options: {provider: {option: value}}, e.g. {'cuda': {'device_id': 0}}.
-    allow_fallback: accept a session that asked for a GPU provider and runs on the CPU."""
+    allow_fallback: accept a session that asked for a GPU provider and runs on the CPU.
+    fixed_dims: symbolic input dimensions fixed for this session, e.g. {'batch': 8} (onnxruntime's free
+    dimension override): a session for one shape, as CUDA graphs need."""
     ort = import_onnxruntime()  # refuses onnxruntime and onnxruntime-gpu side by side (vfpt_deploy.extras)
 
     threads = check_threads(threads)
-    so = _session_options(ort, threads, optimization, optimized_model_path)
+    so = _session_options(ort, threads, optimization, optimized_model_path, fixed_dims)
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a model file" if path.is_dir() else "does not exist"
@@ -187,7 +204,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None,
                  optimization: str = "all", allow_fallback: bool = False,
-                 provider_options: dict[str, dict] | None = None) -> None:
+                 provider_options: dict[str, dict] | None = None, fixed_dims: dict[str, int] | None = None) -> None:
         self.path = Path(path)
         # The graph is read once, before onnxruntime runs anything: control flow is refused, and the
         # graph's own precision is kept (verify gates by it). Without the onnx package (a lean serving
@@ -197,7 +214,8 @@ class OnnxPredictor(Predictor):
             refuse_control_flow(self.path, facts.ops)
         self.graph_precision = facts.precision if facts is not None else None
         self.session = make_session(path, providers, threads=threads, optimization=optimization,
-                                    provider_options=provider_options, allow_fallback=allow_fallback)
+                                    provider_options=provider_options, allow_fallback=allow_fallback,
+                                    fixed_dims=fixed_dims)
         # A failing run raises (and is reported in one line below); onnxruntime's own log line is not needed.
         self._quiet_run = import_onnxruntime().RunOptions()
         self._quiet_run.log_severity_level = _QUIET_SEVERITY
@@ -220,6 +238,8 @@ class OnnxPredictor(Predictor):
         checked = check_metadata(self.metadata, str(path), inputs[0].shape)
         check_output_width(outputs[0].shape[-1], checked, str(path))
         self.preprocess = checked["preprocess"]
+        note = int8_isa_note(self.metadata.get("quantization"), self.providers)
+        self.notes = (note,) if note else ()
 
     @property
     def providers(self) -> list[str]:

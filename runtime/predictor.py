@@ -2,7 +2,7 @@
 
 A backend (onnxruntime, TensorRT) implements `infer` on a preprocessed float32 NCHW batch; everything
 else -- preprocessing from the artifact's own (checked) metadata, batching, softmax, top-k with class
-names, per-file errors -- lives here once. The metadata schema is vfpt_deploy.schema.
+names, per-file errors -- lives here once. The metadata schema is vfpt_deploy.artifacts.schema.
 Predictors hold sessions or GPU buffers: close() them, or use them as context managers.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from vfpt_deploy.errors import ImageError, UsageError
-from vfpt_deploy.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata,  # noqa: F401
+from vfpt_deploy.artifacts.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata,  # noqa: F401
                                 task_names)
 
 from .preprocess import Preprocess, load_image
@@ -38,6 +38,8 @@ class Predictor:
     metadata: dict  # decoded, as stored
     preprocess: Preprocess  # checked (schema.check_metadata) when the predictor opens
     graph_precision: str | None = None  # what the ONNX graph itself computes in, where it was read
+    notes: tuple[str, ...] = ()  # one line each: what the user should know about running it here (an int8 form
+    # that can saturate on this CPU: hardware.int8_isa_note); predict, serve and verify show them
     max_batch: int = 32
 
     @property
@@ -124,20 +126,32 @@ class Predictor:
                 task: str | list[str] | None = None) -> list[Prediction]:
         """Top-k per input, in input order. task: the task name for every input, or one per input
         (multi-task artifacts only). An unreadable image, or an input whose logits are not finite, gets a
-        Prediction with `error` set; the others are still classified."""
+        Prediction with `error` set; the others are still classified. Files are decoded one at a time and
+        only max_batch preprocessed arrays are held at once, so memory does not grow with the number of files
+        (or with the sizes they claim: runtime/preprocess.py)."""
         ids = self.task_ids(task, len(sources))
-        names = [str(s) if not isinstance(s, Image.Image) else "<image>" for s in sources]
-        images, errors = [], {}
-        for i, s in enumerate(sources):
-            try:
-                images.append(s if isinstance(s, Image.Image) else load_image(s))
-            except ImageError as e:
-                errors[i] = str(e)
-        ok = [i for i in range(len(sources)) if i not in errors]
-        logits = self.logits(images, None if ids is None else ids[ok]).astype(np.float64)
+        out: list[Prediction] = []
+        for start in range(0, len(sources), max(1, self.max_batch)):
+            chunk = range(start, min(start + max(1, self.max_batch), len(sources)))
+            out += self._predict_chunk(sources, chunk, ids, top_k)
+        return out
+
+    def _predict_chunk(self, sources, chunk: range, ids: np.ndarray | None, top_k: int) -> list[Prediction]:
+        names = {i: str(sources[i]) if not isinstance(sources[i], Image.Image) else "<image>" for i in chunk}
         tname = (lambda i: None) if ids is None else (lambda i: self.tasks[ids[i]])
-        out = {i: Prediction(names[i], [], err, tname(i)) for i, err in errors.items()}
-        for i, full in zip(ok, logits):
+        arrays, ok, out = [], [], {}
+        for i in chunk:
+            s = sources[i]
+            try:
+                arrays.append(self.preprocess(s) if isinstance(s, Image.Image) else self.preprocess.load(s))
+                ok.append(i)
+            except ImageError as e:
+                out[i] = Prediction(names[i], [], str(e), tname(i))
+        if ok:
+            x = np.stack(arrays)
+            del arrays
+            logits = self.infer(x, None if ids is None else ids[ok]).astype(np.float64)
+        for i, full in zip(ok, logits if ok else []):
             t = None if ids is None else int(ids[i])
             row = self.task_logits(full, t)
             classes = self.classes_of(t) or [str(c) for c in range(len(row))]
@@ -149,4 +163,4 @@ class Predictor:
             p = z / z.sum()
             idx = np.argsort(-p, kind="stable")[:min(top_k, len(p))]
             out[i] = Prediction(names[i], [(classes[j], float(p[j])) for j in idx], None, tname(i))
-        return [out[i] for i in range(len(sources))]
+        return [out[i] for i in chunk]

@@ -25,13 +25,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
 from vfpt_deploy.errors import ImageError
-from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME
+from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
 
 from .preprocess import Preprocess, load_image
+from .serve_limits import check_claimed_pixels
 
 BYTES_INPUT = "image_bytes"
 LABELS, PROBS, INDICES = "top_k_labels", "top_k_probabilities", "top_k_indices"
@@ -46,6 +48,16 @@ class BadRequest(MLServerError):
 
     def __init__(self, msg: str) -> None:
         super().__init__(msg, 400)
+
+
+class ModelFault(MLServerError):
+    """The model failed on a valid request (HTTP 500, gRPC INTERNAL): the server's fault, not the client's."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, 500)
+
+
+SANE_INPUT = 1e4  # |value| a preprocessed image never reaches (normalized pixels are a few units)
 
 
 @dataclass(frozen=True)
@@ -162,10 +174,24 @@ class _Named(io.BytesIO):
 def decode_images(blobs: tuple[bytes, ...], preprocess: Preprocess) -> np.ndarray:
     """Encoded images -> float32 [B, 3, H, W], with load_image's checks (pixel limit before decoding,
     EXIF orientation, any mode to RGB). CPU work: run it off the event loop."""
+    named = [_Named(b, f"{BYTES_INPUT}[{i}]") for i, b in enumerate(blobs)]
     try:
-        return preprocess.batch([load_image(_Named(b, f"{BYTES_INPUT}[{i}]")) for i, b in enumerate(blobs)])
+        check_claimed_pixels([_claimed(n) for n in named])  # from the headers, before any decoding
+        return preprocess.batch(named)  # one at a time, only the preprocessed arrays kept
     except ImageError as e:
         raise BadRequest(str(e)) from None
+
+
+def _claimed(blob) -> int:
+    """The pixels an encoded image's header claims (0 when unreadable: load_image then names the problem)."""
+    try:
+        with Image.open(blob) as im:
+            w, h = im.size
+    except Exception:  # PIL raises many types for a bad header; decoding reports it properly
+        return 0
+    finally:
+        blob.seek(0)
+    return w * h
 
 
 def _top_k(payload: InferenceRequest, num_classes: int) -> int:
@@ -194,8 +220,13 @@ def encode_response(logits: np.ndarray, parsed: Parsed, classes: list[str], name
     z = logits.astype(np.float64)
     if not np.isfinite(z).all():
         bad = int(np.flatnonzero(~np.isfinite(z).all(axis=1))[0])
-        raise BadRequest(f"the model's logits are not finite (NaN or Inf) for row {bad} of this request; "
-                         "check that row's values")
+        x = parsed.x
+        if x is not None and np.abs(x[bad]).max() > SANE_INPUT:  # the client's extreme values overflowed it
+            raise BadRequest(f"the model's logits are not finite (NaN or Inf) for row {bad} of this request, whose "
+                             f"values reach {float(np.abs(x[bad]).max()):.3g}; send preprocessed images (values of a few "
+                             "units)")
+        raise ModelFault(f"the model gave non-finite logits (NaN or Inf) for row {bad} of a valid request: the "
+                         "artifact is broken (NaN/Inf weights?); check it with 'vfpt-deploy verify ARTIFACT'")
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     idx = np.argsort(-p, axis=1, kind="stable")[:, :parsed.top_k]

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, UsageError
-from vfpt_deploy.files import atomic_write, check_outputs, dumps_json
-from vfpt_deploy.schema import MAX_BATCH, is_engine, sidecar_path
+from vfpt_deploy.artifacts.files import atomic_write, check_outputs, dumps_json
+from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine, sidecar_path
 
 DEFAULT_PORTS = {"http_port": 8080, "grpc_port": 8081, "metrics_port": 8082}  # MLServer's own defaults
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -55,6 +55,7 @@ class ServeOptions:
     threads: int | None = None
     providers: tuple[str, ...] | None = None
     allow_fallback: bool = False
+    self_check: bool = True  # replay each artifact's golden set at load; refuse a model that does not reproduce
 
     def check(self) -> "ServeOptions":
         for key in DEFAULT_PORTS:
@@ -151,7 +152,7 @@ def model_settings(name: str, uri: str, opts: ServeOptions, task: str | None = N
 
     extra = {"threads": opts.threads, "allow_fallback": opts.allow_fallback,
              "providers": list(opts.providers) if opts.providers else None, "task": task,
-             "artifact": artifact if task is not None else None}
+             "artifact": artifact if task is not None else None, "self_check": False if not opts.self_check else None}
     return {"name": name, "implementation": IMPLEMENTATION, "max_batch_size": opts.max_batch_size,
             "max_batch_time": opts.max_batch_delay_ms / 1000.0,
             "parameters": {"uri": uri, "extra": {k: v for k, v in extra.items() if v is not None}}}
@@ -176,6 +177,10 @@ def open_models(models: list[Item], opts: ServeOptions, on_status: Callable[[str
         for name, path, _ in models:
             on_status(f"opening {name}: {path}")
             predictor = opened[name] = open_artifact(path, opts.providers, opts.threads, opts.allow_fallback)
+            if opts.self_check:  # before the server starts: a model that does not reproduce here is one line
+                from .selfcheck import check_on_load, describe_check
+
+                on_status(f"{name}: {describe_check(check_on_load(predictor, str(path)))}")
             limit = getattr(predictor, "profile_max", None)
             if limit is not None and opts.max_batch_size > limit:
                 raise UsageError(f"--max-batch-size {opts.max_batch_size} is over the largest batch of {path}'s "

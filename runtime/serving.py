@@ -38,9 +38,10 @@ from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelRes
 from mlserver.utils import get_model_uri
 
 from vfpt_deploy.errors import UsageError, VFPTError
-from vfpt_deploy.schema import MAX_BATCH, is_engine
+from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine
 from vfpt_deploy.threads import resolve_threads
 
+from . import serve_limits
 from .batcher import Batcher
 from .predictor import Predictor
 from .serve_io import decode_images, encode_response, metadata_tensors, parse_request
@@ -50,6 +51,11 @@ WELLKNOWN = ["model.onnx", "model.plan", "model.engine"]  # found in a folder ur
 DEFAULT_MAX_ROWS = 32  # rows per request when batching is off (MLServer's max_batch_size 0 or 1)
 BATCH_METRIC = "vfpt_batch_size"
 TASKS_METRIC = "vfpt_batch_tasks"
+SELF_CHECK_METRIC = "vfpt_self_check_passed"  # 1 passed, 0 failed; absent for an artifact without a golden set
+SELF_CHECK_SECONDS = "vfpt_self_check_seconds"
+
+log = logging.getLogger(__name__)
+serve_limits.install()  # bounded REST bodies, gzip included, in every process that loads this runtime
 
 # MLServer re-executes this module (importlib.reload) for every model it loads from a model-settings.json,
 # so the process-wide state below is taken over from the previous execution, never made anew.
@@ -59,6 +65,7 @@ _histogram = globals().get("_histogram")
 _tasks_histogram = globals().get("_tasks_histogram")
 _shared: dict = globals().get("_shared", {})  # (artifact name, real path) -> Shared, for multi-task artifacts
 _shared_lock: threading.Lock = globals().get("_shared_lock") or threading.Lock()  # loads run in threads
+_self_check_gauges = globals().get("_self_check_gauges")
 
 
 def open_artifact(path: str | os.PathLike, providers=None, threads: int | None = None,
@@ -107,6 +114,40 @@ def tasks_histogram():
         _tasks_histogram = Histogram(TASKS_METRIC, "Distinct tasks per inference call of a multi-task VFPT artifact",
                                      ["model_name", "model_version"], buckets=(1, 2, 3, 4, 8, 16, 32, 64, 128, 256))
     return _tasks_histogram
+
+
+def self_check_gauges():
+    """(passed, seconds) Prometheus gauges by model, on the registry /metrics serves; made once per process."""
+    global _self_check_gauges
+    if _self_check_gauges is None:
+        from prometheus_client import Gauge
+
+        _self_check_gauges = (
+            Gauge(SELF_CHECK_METRIC, "1 when the model reproduced its golden set on this machine at load, 0 when not",
+                  ["model_name", "model_version"]),
+            Gauge(SELF_CHECK_SECONDS, "Seconds the load-time golden-set replay took", ["model_name", "model_version"]))
+    return _self_check_gauges
+
+
+def run_self_check(model: str, version: str, predictor: Predictor, path: str):
+    """The load-time self-check of one model (once per predictor: a multi-task artifact's task models share
+    it): logged in one line, exported as gauges; ArtifactError when the artifact does not reproduce here."""
+    from .selfcheck import check_on_load, describe_check
+
+    passed, seconds = self_check_gauges()
+    try:
+        result = check_on_load(predictor, path)
+    except VFPTError as e:
+        passed.labels(model_name=model, model_version=version).set(0)
+        log.error("model %s: %s", model, e)
+        raise
+    if result is None:
+        log.warning("model %s: %s", model, describe_check(None))
+        return None
+    passed.labels(model_name=model, model_version=version).set(1)
+    seconds.labels(model_name=model, model_version=version).set(result.seconds)
+    log.info("model %s: %s", model, describe_check(result))
+    return result
 
 
 @dataclass(eq=False)
@@ -231,10 +272,21 @@ class VFPTModel(MLModel):
             self.predictor = _opened.pop((self.name, os.path.realpath(path)), None) or await asyncio.to_thread(
                 open_artifact, path, extra.get("providers"), extra.get("threads"),
                 bool(extra.get("allow_fallback", False)))
+        for note in getattr(self.predictor, "notes", ()):  # e.g. an int8 form that can saturate on this CPU
+            logging.getLogger("mlserver").warning("model %s: %s", self.name, note)
         self.task = task_index(self.predictor, extra.get("task"), self.name, path)
+        self.self_check = None
+        if extra.get("self_check", True) is not False:
+            try:
+                self.self_check = await asyncio.to_thread(run_self_check, self.name, self.version or "",
+                                                          self.predictor, path)
+            except VFPTError:
+                await self.unload()
+                raise
         self.classes = self.predictor.classes_of(self.task)
         self.size = self.predictor.preprocess.size
         batching = self._batching()
+        serve_limits.allow_model(self.max_rows, self.size)  # the REST body limit covers this model's largest request
         if self.shared is not None:
             self.batcher = self.shared.batcher_for(self.name, batching)
             self.batch_sizes = self.shared.batch_sizes
@@ -272,9 +324,18 @@ class VFPTModel(MLModel):
         inputs, outputs = metadata_tensors(self.size, len(self.classes))
         platform = "tensorrt_plan" if hasattr(self.predictor, "profile_max") else "onnxruntime_onnx"
         params = Parameters(max_batch_size=self.max_rows, max_batch_time=self.max_batch_time,
-                            num_classes=len(self.classes), **self._task_metadata())
+                            num_classes=len(self.classes), **self._task_metadata(), **self._check_metadata())
         return MetadataModelResponse(name=self.name, versions=[self.version] if self.version else None,
                                      platform=platform, inputs=inputs, outputs=outputs, parameters=params)
+
+    def _check_metadata(self) -> dict:
+        """The load-time self-check: passed / absent (no golden set) / off, its time and inputs."""
+        r = getattr(self, "self_check", None)
+        if r is None:
+            has_golden = "golden" in self.predictor.metadata
+            return {"self_check": "off" if has_golden else "absent"}
+        return {"self_check": "passed", "self_check_seconds": round(r.seconds, 4),
+                "self_check_inputs": sum(c.samples for c in r.comparisons)}
 
     def _task_metadata(self) -> dict:
         """For a task model: its task, its artifact's name, and the models sharing its session and batcher."""

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vfpt_deploy.backbone import create_backbone
-from vfpt_deploy.config import VFPTConfig
-from vfpt_deploy.model import VFPTViT
+from vfpt_deploy.models.backbone import create_backbone
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.vit.model import VFPTViT
 
 TINY = "vit_tiny_patch16_224"
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -132,7 +132,7 @@ def images():
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory):
     """A tiny deep VFPT run.pt (classes a..d) and its verified kv ONNX export."""
-    from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
     from vfpt_deploy.exporters.onnx import export_onnx
     from vfpt_deploy.runtime.preprocess import Preprocess
 
@@ -153,7 +153,7 @@ TASK_SPECS = {"cars": dict(num_classes=4, num_prompts=6, alpha=0.5),
 
 def save_task_runs(folder, specs: dict = TASK_SPECS, **backbone) -> dict:
     """run.pt files (name -> path) of tiny runs sharing one backbone; each task's prompts and head differ."""
-    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
     from vfpt_deploy.runtime.preprocess import Preprocess
 
     pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
@@ -189,7 +189,7 @@ def task_runs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tasks_onnx(task_runs):
     """A verified multi-task ONNX of task_runs (tasks cars, birds, flat in that order), written by the pipeline."""
-    from vfpt_deploy.multitask import load_tasks
+    from vfpt_deploy.folding.multitask import load_tasks
     from vfpt_deploy.pipeline import ExportSettings, export_run
 
     tasks = load_tasks(list(task_runs.items()))

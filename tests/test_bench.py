@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vfpt_deploy.bench import BenchReport, BenchSettings, OrtBackend, Result, Unavailable, parse_batches, run_bench
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.runtime.onnx_runner import gpu_present
@@ -195,7 +196,7 @@ def test_bench_cli_end_to_end(run_pt, tmp_path):
 
 
 def test_bench_onnx_artifact_by_duration(run_pt, tmp_path):
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx", fold="tokens").path
@@ -227,12 +228,51 @@ def test_json_report_is_strict(tmp_path):
 @pytest.mark.skipif(gpu_present() or not CUDA_LISTED,
                     reason="needs onnxruntime-gpu on a machine without a usable GPU (CUDA falls back)")
 def test_ort_cuda_fallback_is_reported_not_timed(run_pt, tmp_path):
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx").path
     with pytest.raises(Unavailable, match="fell back to CPUExecutionProvider"):
         OrtBackend("ort-cuda", "ort-cuda", onnx_path, None, 0, {})
+
+
+def test_torch_dtype_runs_a_copy_and_refuses_what_cannot_run(run_pt):
+    """--dtype: the PyTorch backends run a converted copy (the run's own model stays float32 on the CPU, since
+    it is exported and verified afterwards); the live FFT in half precision is skipped with the reason."""
+    from vfpt_deploy.bench import TorchBackend
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from vfpt_deploy.folding import fold_model
+
+    run = load_run(run_pt)
+    folded = fold_model(run.model, "kv")
+    b = TorchBackend("torch-folded", folded, (32, 32), "cpu", 0, {"fold": "kv"}, "bf16")
+    assert b.runner(2, False)().dtype == torch.bfloat16 and b.detail == {"fold": "kv", "dtype": "bf16"}
+    assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+    assert {p.device.type for p in run.model.parameters()} == {"cpu"}
+    with pytest.raises(Unavailable, match="torch cannot run in fp16 on cpu"):  # the CPU's FFT has no half precision
+        TorchBackend("torch", run.model, (32, 32), "cpu", 0, {}, "fp16")
+    report = run_bench(checkpoint=run_pt, backends=["torch-folded"],
+                       settings=BenchSettings(batches=(1,), loop=LoopSpec(warmup=0, iters=2), device="cpu", dtype="bf16"))
+    assert [r.detail["dtype"] for r in report.results] == ["bf16"]
+
+
+def test_ort_cuda_graph_backend_is_skipped_without_cuda(run_pt, tmp_path):
+    """ort-cuda-graph is a backend of its own (CUDA graphs on, IO binding); where CUDA cannot run it is
+    reported as skipped with the reason, never timed on another provider."""
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from vfpt_deploy.exporters.onnx import export_onnx
+
+    onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx").path
+    settings = BenchSettings(batches=(1,), loop=LoopSpec(warmup=0, iters=2), threads=1)
+    report = run_bench(onnx=[onnx_path], backends=["ort-cpu", "ort-cuda-graph"], settings=settings)
+    measured = {r.backend for r in report.results}
+    if gpu_present() and CUDA_LISTED:  # onnxruntime-gpu on a GPU: timed, or skipped with onnxruntime's reason
+        why = [s.reason for s in report.skipped if s.backend == "ort-cuda-graph"]
+        assert "ort-cuda-graph" in measured or any(re.search("CUDA.graph|fell back", w) for w in why), why
+    else:
+        assert measured == {"ort-cpu"}
+        why = next(s.reason for s in report.skipped if s.backend == "ort-cuda-graph")
+        assert ("fell back" if CUDA_LISTED else "has no CUDAExecutionProvider") in why
 
 
 def flat(output: str) -> str:
@@ -259,6 +299,7 @@ def flat(output: str) -> str:
     (["--threads", "1025"], "threads"),
     (["--backend", "openvino"], "unknown backend"),
     (["--device", "tpu"], "device"),
+    (["--dtype", "fp64"], "dtype must be one of fp32, fp16, bf16"),
 ])
 def test_bad_arguments_are_rejected(run_pt, args, words):
     res = invoke("bench", run_pt, "--backend", "torch", *args) if "--backend" not in args else invoke("bench", run_pt, *args)
@@ -290,6 +331,27 @@ def test_prompt_cost_script_tiny(tmp_path):
     assert all(r["ratio"] > 0 for r in data["summary"])
     assert data["tokens_vs_kv_max_abs_diff"]["4"] < 1e-3  # the two folds compute the same logits
     assert (tmp_path / "prompt_cost_tiny.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runtime_cost_script_tiny(tmp_path):
+    """The interleaved runtime/prompt-cost benchmark (the GPU check runs it on CUDA) on a tiny ViT on the CPU:
+    torch and onnxruntime rows for plain and kv at each batch, ratios within repeats, CUDA graphs skipped
+    with the reason."""
+    res = subprocess.run([sys.executable, "benchmarks/runtime_cost.py", "--model", "tiny", "--device", "cpu",
+                          "--dtype", "fp32", "--prompts", "4", "--batches", "1,2", "--repeats", "2", "--iters", "2",
+                          "--warmup", "1", "--threads", "1", "--out", tmp_path],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "runtime_cost.json").read_text())
+    cells = {(r["runtime"], r["form"], r["batch"]) for r in data["rows"]}
+    assert cells == {(rt, f, b) for rt in ("torch", "ort") for f in ("plain", "kv") for b in (1, 2)}
+    assert all(len(r["repeat_ms"]) == 2 and r["median_ms"] > 0 for r in data["rows"])
+    whats = {(r["what"], r["batch"]) for r in data["ratios"]}
+    assert {(w, b) for w in ("torch kv / plain", "ort kv / plain", "plain: ort / torch", "kv: ort / torch")
+            for b in (1, 2)} == whats
+    assert data["providers"] == {"ort:plain": ["CPUExecutionProvider"], "ort:kv": ["CPUExecutionProvider"]}
+    assert {(s["runtime"], s["form"]) for s in data["skipped"]} == {("ort-graph", "plain"), ("ort-graph", "kv")}
+    assert all("CUDA" in s["reason"] for s in data["skipped"])
 
 
 # -- multi-task artifacts (issue 11): mixed-task and single-task streams ------------------------------------
@@ -387,8 +449,8 @@ def test_multi_task_usage_errors(tasks_onnx, exported_run, run_pt, tmp_path):
 def _fake_tasks_engine(onnx_path, folder):
     """An engine file with the sidecar a build of onnx_path would write (bench reads the tasks from it
     before anything runs; TensorRT never sees the file)."""
-    from vfpt_deploy.files import file_sha256
-    from vfpt_deploy.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
+    from vfpt_deploy.artifacts.files import file_sha256
+    from vfpt_deploy.artifacts.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
 
     engine = folder / "tasks.engine"
     engine.write_bytes(b"not a real engine")

@@ -25,7 +25,7 @@ from vfpt_deploy.cli import app
 from vfpt_deploy.extras import ORT_DISTRIBUTIONS, check_one_onnxruntime, installed_ort_distributions
 from vfpt_deploy.errors import RuntimeSetupError
 from vfpt_deploy.runtime import open_predictor
-from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME
+from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
 
 from conftest import free_ports
 
@@ -230,6 +230,37 @@ def test_lean_inspect_onnx(lean, exported_run, tmp_path):
 def test_lean_serve_names_the_extra(lean, exported_run, tmp_path):
     line = one_error_line(lean_cli(lean, "serve", exported_run[1], "--host", "127.0.0.1", cwd=tmp_path))
     assert "serve needs MLServer, which is not installed" in line and "pip install 'vfpt-deploy[serve]'" in line
+
+
+@pytest.fixture(scope="module")
+def golden_pair(exported_run, tmp_path_factory):
+    """An export with its golden set (made by this venv), and the same file with one weight nudged."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vfpt_deploy.pipeline import ExportSettings, export_run
+
+    d = tmp_path_factory.mktemp("golden-lean")
+    assert export_run(exported_run[0], ExportSettings(num_random=4), d / "good.onnx").passed
+    model = onnx.load(str(d / "good.onnx"))
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += 0.05
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(d / "bad.onnx"))
+    return d / "good.onnx", d / "bad.onnx"
+
+
+@pytest.mark.slow
+def test_lean_verify_replays_the_golden_set(lean, golden_pair, tmp_path):
+    """The base install (no torch) verifies an artifact exported elsewhere by replaying its golden set, and a
+    tampered weight fails in one line."""
+    good, bad = golden_pair
+    res = lean_cli(lean, "verify", good, "--report", tmp_path / "good.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((tmp_path / "good.json").read_text())["passed"]
+    line = one_error_line(lean_cli(lean, "verify", bad, "--report", tmp_path / "bad.json", cwd=tmp_path))
+    assert "outside tolerance" in line
 
 
 # -- serve: the base install plus [serve] ----------------------------------------------------------------

@@ -13,13 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import load_run
+from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx, export_tasks
-from vfpt_deploy.multitask import check_task_set, fold_tasks, load_tasks, task_sources
+from vfpt_deploy.folding.multitask import check_task_set, fold_tasks, load_tasks, task_sources
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
-from vfpt_deploy.schema import check_metadata
+from vfpt_deploy.artifacts.schema import check_metadata
 
 from conftest import (TASK_SPECS, TINY, TINY_KWARGS, assert_logits_close, save_task_runs, tiny_backbone,
                       tiny_model)
@@ -159,7 +159,7 @@ def _run_like(run, **changes):
 
 
 def test_runs_must_share_backbone_and_preprocessing(tasks, tmp_path):
-    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 
     other = tiny_model(num_classes=3, seed=5, num_prompts=2, alpha=0.5)  # other backbone weights
     save_run(tmp_path / "other.pt", other, BackboneInfo(TINY, dict(TINY_KWARGS)), list("xyz"), tasks.preprocess)
@@ -232,7 +232,13 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "tasks.onnx.verify.json").read_text())
     assert report["passed"] and report["tasks"] == ["cars", "birds", "flat"]
-    assert [c["inputs"] for c in report["comparisons"]] == [f"task {n}: random N(0,1) x16" for n in report["tasks"]]
+    own = [c["inputs"] for c in report["comparisons"] if not c["inputs"].startswith("golden: ")]
+    assert own == [f"task {n}: random N(0,1) x16" for n in report["tasks"]]
+    # the golden set the export wrote holds rows of every task, replayed and checked against each task's run
+    golden = [c["inputs"] for c in report["comparisons"] if c["inputs"].startswith("golden: ")]
+    assert golden == [f"golden: task {n}: 1 of random N(0,1) x16" for n in report["tasks"]] and report["golden_sha256"]
+    res = invoke("verify", out)  # the same replay without the checkpoints (torch-free)
+    assert res.exit_code == 0 and "golden set (3 inputs" in " ".join(res.output.split()), res.output
     images = _png(tmp_path / "imgs")
     res = invoke("predict", out, images, "--task", "birds")
     assert res.exit_code == 0 and "task birds" in " ".join(res.output.split()) and "birds-" in res.output, res.output
@@ -272,7 +278,7 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
     (["verify", "{single}", "--ckpt", "{cars}", "--ckpt", "{birds}"], "is a single-task artifact"),
 ])
 def test_bad_multitask_input_is_one_line(args, message, task_runs, tasks_onnx, exported_run, tmp_path):
-    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 
     other = tmp_path / "other.pt"
     save_run(other, tiny_model(num_classes=3, seed=5, num_prompts=2, alpha=0.5), BackboneInfo(TINY, dict(TINY_KWARGS)),
@@ -295,7 +301,7 @@ def test_one_task_with_other_weights_makes_a_single_backbone(tasks):
 
 
 def test_swin_runs_are_refused(tasks):
-    from vfpt_deploy.swin import VFPTSwin  # noqa: F401 (the check names the type)
+    from vfpt_deploy.models.swin.model import VFPTSwin  # noqa: F401 (the check names the type)
 
     class FakeSwin(torch.nn.Module):
         pass
@@ -367,11 +373,18 @@ def test_verify_names_the_checkpoint_that_is_not_a_tasks(task_runs, tasks_onnx, 
     for args, message in (
             (["--task", f"cars={b}", "--ckpt", b, "--ckpt", f], "is not the run.pt task 'cars' was exported from"),
             (["--ckpt", retrained, "--ckpt", b, "--ckpt", f], "has the name task 'cars' was exported from but other"),
-            (["--task", f"cars={copy}", "--ckpt", c, "--ckpt", b, "--ckpt", f], "which --task cars already names"),
-            ([], "holds 3 tasks; pass each task's run.pt (--ckpt cars.pt --ckpt birds.pt --ckpt flat.pt)")):
+            (["--task", f"cars={copy}", "--ckpt", c, "--ckpt", b, "--ckpt", f], "which --task cars already names")):
         res = invoke("verify", tasks_onnx, *args)
         assert res.exit_code == 2, res.output
         assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    # without checkpoints verify replays the golden set; one without a golden set names every task's run.pt
+    res = invoke("verify", tasks_onnx)
+    assert res.exit_code == 0 and "golden set (3 inputs" in " ".join(res.output.split()), res.output
+    old = _tampered(tasks_onnx, tmp_path / "old.onnx", lambda props: props.pop("vfpt.golden"))
+    res = invoke("verify", old)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert ("carries no golden set (exported before vfpt-deploy recorded one); verify it against its checkpoints "
+            "with --ckpt cars.pt --ckpt birds.pt --ckpt flat.pt") in " ".join(res.output.split())
 
 
 def _tampered(src, dst, edit):

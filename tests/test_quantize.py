@@ -14,7 +14,7 @@ from PIL import Image
 from vfpt_deploy.calibration import calibration_set
 from vfpt_deploy.errors import RuntimeSetupError, UsageError
 from vfpt_deploy.pipeline import ExportSettings, export_run
-from vfpt_deploy.schema import read_graph
+from vfpt_deploy.artifacts.schema import read_graph
 from vfpt_deploy.verify import Tolerances, compare, verify_artifact
 
 
@@ -228,6 +228,10 @@ def test_static_qdq_for_tensorrt_parses_and_builds_with_trt_rtx(exported_run, tm
     assert not any(v.dtype == np.int32 for v in inits.values())  # no int32 biases
     side = json.loads((tmp_path / "m.engine.json").read_text())
     assert side["precision"] == "int8" and side["metadata"]["quantization"]["target"] == "tensorrt"
+    # the engine's sidecar carries the golden set of the ONNX it was built from, with the int8 gate
+    golden = side["metadata"]["golden"]
+    assert golden["precision"] == "int8" and golden["tolerances"]["min_cosine"] == 0.99
+    assert golden["sha256"] == read_graph(tmp_path / "m.onnx").metadata["golden"]["sha256"]
 
 
 def test_cli_export_int8_static(exported_run, tmp_path, folders, pixels_quantized):
@@ -260,3 +264,158 @@ def test_modelopt_qdq_builds_with_trt_rtx(exported_run, tmp_path, folders):
     out = export_run(run, settings, tmp_path / "mo.engine")
     assert out.passed and out.engine.engine_bytes > 0
     assert read_graph(tmp_path / "mo.onnx").metadata["quantization"]["tool"].startswith("nvidia-modelopt")
+
+
+# -- the same int8 model on every x86-64 CPU (issue 19) ---------------------------------------------------
+# onnxruntime multiplies uint8 activations by int8 weights with AVX2's vpmaddubsw, which adds two products
+# into an int16: 2 x 255 x |w| must stay <= 32767, i.e. |w| <= 64. VNNI does not saturate, so a test of
+# the logits alone passes on a VNNI CPU whatever the weights: these tests check the written numbers.
+INT16_MAX = 32767
+
+
+def _integer_weights(model):
+    """name -> int array of every initializer an integer matmul reads (directly or through Q/DQ)."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    reads = {"MatMulInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1, "QLinearMatMul": 3,
+             "ConvInteger": 1, "QLinearConv": 3, "DequantizeLinear": 0}
+    return {n.input[reads[n.op_type]]: inits[n.input[reads[n.op_type]]] for n in model.graph.node
+            if n.op_type in reads and n.input[reads[n.op_type]] in inits
+            and inits[n.input[reads[n.op_type]]].dtype in (np.int8, np.uint8)}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_written_int8_cannot_saturate_on_any_x86_cpu(exported_run, tmp_path, folders, mode):
+    """CPU-independent: every weight of the 12 quantized linear layers is int8 in [-64, 64] and the activations
+    are uint8, so no pair of products can leave int16 on AVX2; the metadata says so."""
+    run, _ = exported_run
+    kw = {"quantize": mode} if mode == "dynamic" else {"quantize": mode, "calib": str(folders["calib"])}
+    assert _export(run, tmp_path, folders, "q.onnx", **kw).passed
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    weights = _integer_weights(model)
+    assert len(weights) == 12 and all(w.dtype == np.int8 for w in weights.values())
+    widest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights.values())
+    assert 2 * 255 * widest <= INT16_MAX, f"|w| up to {widest}: AVX2's int16 pair sums can saturate"
+    assert widest >= 60  # the 7-bit range is used, not a collapsed scale
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    if mode == "dynamic":  # activations: DynamicQuantizeLinear makes uint8
+        assert "DynamicQuantizeLinear" in {n.op_type for n in model.graph.node}
+    else:
+        zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert len(zps) == 12 and all(z.dtype == np.uint8 for z in zps)
+    cpu = read_graph(tmp_path / "q.onnx").metadata["quantization"]["cpu"]
+    assert cpu["form"] == "int7" and cpu["needs_one_of"] == [] and "every x86-64 CPU" in cpu["saturation_free_on"]
+
+
+def test_an_int7_record_over_full_range_weights_is_refused(exported_run, tmp_path, monkeypatch):
+    """If onnxruntime's quantizer stopped honouring reduce_range, the exporter refuses the file rather than
+    promise a saturation-free form it did not write."""
+    import onnxruntime.quantization as oq
+
+    from vfpt_deploy.errors import VFPTError
+    from vfpt_deploy.exporters.quantize import QuantizeSpec, quantize_onnx, saturation_problems
+
+    real = oq.quantize_dynamic
+    monkeypatch.setattr(oq, "quantize_dynamic", lambda *a, **k: real(*a, **{**k, "reduce_range": False}))
+    _, onnx_path = exported_run
+    with pytest.raises(VFPTError, match=r"not the int7 form.*outside the int7 form's int8 \[-64, 64\]"):
+        quantize_onnx(onnx_path, tmp_path / "full.onnx", QuantizeSpec(mode="dynamic"))
+    monkeypatch.setattr(oq, "quantize_dynamic", real)
+    full = quantize_onnx(onnx_path, tmp_path / "s8.onnx", QuantizeSpec(mode="dynamic", weights="int8"))
+    assert full.info["cpu"]["needs_one_of"] == ["avx512_vnni", "avx_vnni", "amx_int8"]
+    assert saturation_problems(onnx.load(str(full.path)), "int7") and not saturation_problems(
+        onnx.load(str(full.path)), "int8")
+
+
+AVX2_ONLY = {"model": "AMD EPYC 7B13", "arch": "x86_64", "isa": ["avx2", "fma"], "cores": 2}
+VNNI_CPU = {"model": "Intel Xeon", "arch": "x86_64", "isa": ["avx2", "fma", "avx512f", "avx512_vnni"], "cores": 2}
+
+
+@pytest.mark.parametrize("cpu, quantization, providers, expect", [
+    (AVX2_ONLY, {"mode": "dynamic"}, None, "has none of them"),  # written before the form was recorded
+    (AVX2_ONLY, {"mode": "static", "cpu": {"form": "int8"}}, ["CPUExecutionProvider"], "re-export"),
+    (AVX2_ONLY, {"mode": "static", "target": "tensorrt", "cpu": {"form": "int8"}}, None, "TensorRT engine"),
+    (AVX2_ONLY, {"mode": "dynamic", "cpu": {"form": "nonsense", "needs_one_of": []}}, None, "has none"),
+    ({**AVX2_ONLY, "isa": []}, {"mode": "dynamic"}, None, "could not be read"),
+    (AVX2_ONLY, {"mode": "dynamic", "cpu": {"form": "int7", "needs_one_of": ["avx512_vnni"]}}, None, None),
+    (AVX2_ONLY, {"mode": "static", "cpu": {"form": "uint8"}}, None, None),
+    (AVX2_ONLY, {"mode": "dynamic"}, ["CUDAExecutionProvider", "CPUExecutionProvider"], None),
+    (VNNI_CPU, {"mode": "dynamic"}, None, None),
+    ({**AVX2_ONLY, "isa": ["avx2", "avx_vnni"]}, {"mode": "dynamic"}, None, None),
+    ({**AVX2_ONLY, "arch": "aarch64", "isa": ["asimd"]}, {"mode": "dynamic"}, None, None),
+    (AVX2_ONLY, None, None, None),
+    (AVX2_ONLY, "crafted", None, None),
+])
+def test_int8_isa_note(monkeypatch, cpu, quantization, providers, expect):
+    from vfpt_deploy.runtime import hardware
+
+    monkeypatch.setattr(hardware, "cpu", lambda: cpu)
+    note = hardware.int8_isa_note(quantization, providers)
+    if expect is None:
+        assert note is None
+    else:
+        assert expect in note and "\n" not in note and "avx512_vnni, avx_vnni, amx_int8" in note
+
+
+def test_predict_and_verify_say_when_the_int8_form_can_saturate_here(exported_run, tmp_path, folders, monkeypatch):
+    """An int8 artifact that records no form (written before it was recorded: full-range int8 weights) on an
+    AVX2-only CPU: predict and verify say so in one line; the current form says nothing."""
+    from typer.testing import CliRunner
+
+    from vfpt_deploy.cli import app
+    from vfpt_deploy.runtime import hardware
+
+    run, _ = exported_run
+    assert _export(run, tmp_path, folders, "new.onnx", quantize="dynamic").passed
+    model = onnx.load(str(tmp_path / "new.onnx"))
+    for p in model.metadata_props:
+        if p.key == "vfpt.quantization":
+            p.value = json.dumps({k: v for k, v in json.loads(p.value).items() if k != "cpu"})
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    image = str(next(folders["val"].iterdir()))
+    monkeypatch.setattr(hardware, "cpu", lambda: AVX2_ONLY)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "old.onnx"), image, "--json"])
+    assert res.exit_code == 0, res.output
+    notes = [line for line in res.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "none of them" in notes[0] and "avx512_vnni" in notes[0]
+    assert "note:" not in CliRunner().invoke(app, ["predict", str(tmp_path / "new.onnx"), image]).output
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "old.onnx")], terminal_width=400).output
+    assert "int8 on this CPU" in shown and "full-range int8 weights" in shown
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "new.onnx")], terminal_width=400).output
+    assert "int8 on this CPU" not in shown and "saturation-free on every x86-64 CPU" in shown
+    report = verify_artifact(tmp_path / "old.onnx", run, data=str(folders["val"]))
+    assert len(report.notes) == 1 and "saturate" in report.notes[0]
+    from vfpt_deploy.runtime.selfcheck import verify_golden
+
+    replayed = verify_golden(tmp_path / "old.onnx")  # verify without --ckpt: the golden set, torch-free
+    assert replayed.passed and [n for n in replayed.notes if "saturate" in n]
+    monkeypatch.setattr(hardware, "cpu", lambda: VNNI_CPU)
+    assert not verify_artifact(tmp_path / "old.onnx", run, data=str(folders["val"])).notes
+    assert _served_notes(tmp_path / "old.onnx") == []  # a VNNI CPU: nothing to say
+    monkeypatch.setattr(hardware, "cpu", lambda: AVX2_ONLY)
+    assert [n for n in _served_notes(tmp_path / "old.onnx") if "none of them" in n] and not _served_notes(
+        tmp_path / "new.onnx")
+
+
+def _served_notes(path) -> list[str]:
+    """What the server logs while it loads `path` as a model (MLServer's logger)."""
+    import asyncio
+    import logging
+
+    pytest.importorskip("mlserver")
+    from mlserver.settings import ModelSettings
+
+    from vfpt_deploy.runtime.serving import VFPTModel
+
+    lines = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("mlserver")
+    log.addHandler(handler)
+    try:
+        model = VFPTModel(ModelSettings(name="m", implementation=VFPTModel, parameters={
+            "uri": str(path), "extra": {"threads": 1, "providers": ["cpu"]}}))
+        assert asyncio.run(model.load())
+        asyncio.run(model.unload())
+    finally:
+        log.removeHandler(handler)
+    return [line for line in lines if "int8" in line]

@@ -8,12 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import vfpt_deploy.bench as bench
+import vfpt_deploy.bench.backends as bench_backends
+import vfpt_deploy.bench.settings as bench_settings
 from vfpt_deploy.bench import BenchSettings, make_input, run_bench
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
-from vfpt_deploy.errors import RuntimeSetupError, UsageError
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
+from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx
-from vfpt_deploy.runtime.onnx_runner import OnnxPredictor, gpu_present, make_session
+from vfpt_deploy.runtime.onnx_runner import GPU_PROVIDERS, OnnxPredictor, gpu_present, make_session
 from vfpt_deploy.runtime.preprocess import Preprocess
 from vfpt_deploy.runtime.timing import LoopSpec
 
@@ -165,10 +166,10 @@ def test_input_that_cannot_fit_memory_is_refused_before_allocating():
 
 def test_bench_batch_too_large_is_refused_before_any_row(onnx_path, monkeypatch):
     one = 3 * 32 * 32 * 4  # bytes of one 32x32 input image
-    monkeypatch.setattr(bench, "physical_memory_bytes", lambda: 4 * 16 * one)  # a quarter fits 16 images
+    monkeypatch.setattr(bench_settings, "physical_memory_bytes", lambda: 4 * 16 * one)  # a quarter fits 16 images
     made = []
-    real_make_input = bench.make_input
-    monkeypatch.setattr(bench, "make_input", lambda *a: made.append(a) or real_make_input(*a))
+    real_make_input = bench_backends.make_input
+    monkeypatch.setattr(bench_backends, "make_input", lambda *a: made.append(a) or real_make_input(*a))
     rows = []
     settings = BenchSettings(batches=(1, 17), loop=LoopSpec(warmup=0, iters=1))
     with pytest.raises(UsageError, match="batch 17 of 32x32 images") as e:
@@ -192,18 +193,23 @@ def test_concurrent_sessions_leave_the_terminal_streams_alone(onnx_path):
     assert (sys.stdout, sys.stderr) == before
 
 
-# Whichever onnxruntime build is installed (CI's is the CPU one, where the tests above skip).
+# Whichever onnxruntime build is installed (CI's is the CPU one, where the tests above skip), and on a
+# machine with a usable GPU too, where onnxruntime-gpu really runs CUDA and nothing is refused or falls back.
 def test_gpu_provider_missing_or_unusable_is_refused_in_one_line(onnx_path, capfd):
-    with pytest.raises(RuntimeSetupError) as e:
-        OnnxPredictor(onnx_path, ["cuda"])
-    msg = str(e.value)
-    assert "\n" not in msg and "--providers cpu" in msg and "--allow-fallback" in msg
+    try:
+        p = OnnxPredictor(onnx_path, ["cuda"])
+    except RuntimeSetupError as e:
+        msg = str(e)
+        assert "\n" not in msg and "--providers cpu" in msg and "--allow-fallback" in msg
+    else:  # accepted only where CUDA really runs
+        assert gpu_present() and p.providers[0] == "CUDAExecutionProvider", p.providers
     assert capfd.readouterr() == ("", "")
 
 
 def test_allow_fallback_runs_on_the_cpu_whichever_onnxruntime(onnx_path, capfd):
     with OnnxPredictor(onnx_path, ["tensorrt", "cuda"], allow_fallback=True) as p:
-        assert p.providers == ["CPUExecutionProvider"]
+        if p.providers != ["CPUExecutionProvider"]:  # a usable GPU: TensorRT or CUDA first, the CPU behind
+            assert gpu_present() and p.providers[0] in GPU_PROVIDERS and p.providers[-1] == "CPUExecutionProvider"
         assert p.infer(batch()).shape == (2, 5)
     assert capfd.readouterr() == ("", "")
 
@@ -222,3 +228,18 @@ def test_fallback_rule(asked, used, refused):
             check_fallback(asked, used)
     else:
         check_fallback(asked, used)
+
+
+def test_fixed_dims_give_a_session_for_one_batch_size(onnx_path):
+    """make_session(fixed_dims=...): onnxruntime's free-dimension override (what the CUDA-graph benchmark
+    uses): the session's input has that batch, runs it, and refuses another; bad values are one-line errors."""
+    free = make_session(onnx_path, ["cpu"])
+    assert free.get_inputs()[0].shape[0] == "batch"
+    with OnnxPredictor(onnx_path, ["cpu"], fixed_dims={"batch": 3}) as p:
+        assert p.session.get_inputs()[0].shape == [3, 3, 32, 32]
+        assert p.infer(batch(3)).shape == (3, 5)
+        with pytest.raises(ArtifactError, match="batch of 2"):
+            p.infer(batch(2))
+    for bad in ({"batch": 0}, {"batch": 1.5}, {"": 2}, {"batch": True}):
+        with pytest.raises(UsageError, match="fixed dimensions"):
+            make_session(onnx_path, ["cpu"], fixed_dims=bad)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.runtime.preprocess import ImageError, Preprocess, find_images, load_image
 
@@ -79,10 +79,11 @@ def test_export_writes_verified_onnx(exported):
 
 def test_predict_table_and_json(exported, tmp_path):
     d = odd_images(tmp_path / "imgs")
-    res = invoke("predict", exported / "run.onnx", d, "--top-k", 2)
+    # --providers cpu: the default takes CUDA wherever onnxruntime-gpu runs on a GPU; this is about the output
+    res = invoke("predict", exported / "run.onnx", d, "--top-k", 2, "--providers", "cpu")
     assert res.exit_code == 0, res.output
     assert "CPUExecutionProvider" in res.output and "gray.png" in res.output
-    res = invoke("predict", exported / "run.onnx", d / "gray.png", d / "rgba.png", "--json")
+    res = invoke("predict", exported / "run.onnx", d / "gray.png", d / "rgba.png", "--json", "--providers", "cpu")
     data = json.loads(res.output)
     assert data["providers"] == ["CPUExecutionProvider"]
     assert len(data["predictions"]) == 2 and {t["class"] for t in data["predictions"][0]["top"]} <= {"cat", "dog", "eel"}

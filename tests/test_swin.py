@@ -20,17 +20,18 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from vfpt_deploy.backbone import build_backbone, create_backbone, read_state_dict
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+from vfpt_deploy.models.backbone import build_backbone, create_backbone, read_state_dict
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
 from vfpt_deploy.cli import app
-from vfpt_deploy.config import VFPTConfig
+from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.exporters.onnx import FFT_OPS, TENSORRT_ONNX_OPS, export_module
-from vfpt_deploy.fold import fold_model
+from vfpt_deploy.folding import fold_model
 from vfpt_deploy.reference import import_state_dict
 from vfpt_deploy.runtime.preprocess import Preprocess
-from vfpt_deploy.swin import VFPTSwin, check_swin_kwargs
-from vfpt_deploy.swin_reference import infer_swin_backbone
+from vfpt_deploy.models.swin.backbone import check_swin_kwargs
+from vfpt_deploy.models.swin.model import VFPTSwin
+from vfpt_deploy.models.swin.reference import infer_swin_backbone
 
 from conftest import assert_logits_close, color_image_folder
 

@@ -16,8 +16,8 @@ from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError
 from vfpt_deploy.exporters import triton as triton_module
 from vfpt_deploy.exporters.triton import DEFAULT_MAX_BATCH, model_config_pb2, write_triton_repository
-from vfpt_deploy.files import file_sha256
-from vfpt_deploy.schema import encode_metadata
+from vfpt_deploy.artifacts.files import file_sha256
+from vfpt_deploy.artifacts.schema import encode_metadata
 from vfpt_deploy.verify import verify_artifact
 
 pytest.importorskip("tritonclient", reason="tritonclient ships Triton's config schema")
@@ -273,17 +273,30 @@ def test_unverified_stale_and_failed_are_refused(work):
 
 
 # -- replacing, and never writing over the input ---------------------------------------------------------
-def test_a_model_folder_is_replaced_whole(work):
+def test_only_the_version_folder_is_replaced_and_user_files_are_kept(work):
+    """triton --out adds or replaces 1/, config.pbtxt and labels.txt only: other versions and a user's files stay
+    (and the notes say so, and that Triton would serve a higher version); a changed config is kept aside."""
     repo = work / "repo"
     write_triton_repository(work / "run.onnx", repo, max_batch_size=4)
+    (repo / "run" / "1" / "stale.onnx").write_bytes(b"left in 1/ by hand")
     (repo / "run" / "2").mkdir()
-    (repo / "run" / "2" / "model.onnx").write_bytes(b"an old version Triton would serve as the latest")
+    (repo / "run" / "2" / "model.onnx").write_bytes(b"another version")
+    (repo / "run" / "NOTES.md").write_text("mine")
     (repo / "other").mkdir()
     (repo / "other" / "config.pbtxt").write_text('name: "other"')
-    write_triton_repository(work / "run.onnx", repo, max_batch_size=2)
-    assert not (repo / "run" / "2").exists() and parse_config(repo / "run").max_batch_size == 2
+    old_config = (repo / "run" / "config.pbtxt").read_text()
+    res = write_triton_repository(work / "run.onnx", repo, max_batch_size=2)
+    run = repo / "run"
+    assert parse_config(run).max_batch_size == 2 and not (run / "1" / "stale.onnx").exists()
+    assert (run / "2" / "model.onnx").read_bytes() == b"another version" and (run / "NOTES.md").read_text() == "mine"
+    assert (run / "config.pbtxt.previous").read_text() == old_config
+    text = " ".join(res.notes)
+    assert "keeps what was there" in text and "2/" in text and "NOTES.md" in text
+    assert "version 2 will be served" in text and "kept as config.pbtxt.previous" in text
     assert (repo / "other" / "config.pbtxt").read_text() == 'name: "other"'  # other models are left alone
     assert sorted(p.name for p in repo.iterdir()) == ["other", "run"]  # no staging folder left behind
+    again = write_triton_repository(work / "run.onnx", repo, max_batch_size=2)  # the same config: no .previous note
+    assert "previous" not in " ".join(again.notes)
 
 
 def test_a_failed_write_leaves_the_old_folder(work, monkeypatch):
@@ -295,7 +308,7 @@ def test_a_failed_write_leaves_the_old_folder(work, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(triton_module, "_copy", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"No space left on device.*nothing was replaced"):  # one line, no traceback
         write_triton_repository(work / "run.onnx", repo, max_batch_size=2)
     assert {p: p.read_bytes() for p in (repo / "run").rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in repo.iterdir()) == ["run"]

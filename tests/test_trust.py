@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.runtime.preprocess import Preprocess, load_image
 
@@ -153,8 +153,10 @@ def test_sigterm_leaves_no_temporary_files(work):
     ["bench", "--onnx", "{onnx}", "--warmup-time", "inf"], ["bench", "--onnx", "{onnx}", "--duration", "inf"],
     ["bench", "--onnx", "{onnx}", "--duration", "nan"], ["bench", "--onnx", "{onnx}", "--batch", 100000000],
     ["bench", "--onnx", "{onnx}", "--batch", "0"], ["predict", "{onnx}", "{img}", "--threads", 0],
-    ["train", *TINY_ARGS, "--device", "cuda"], ["train", *TINY_ARGS, "--device", "tpu"],
-    ["predict", "{onnx}", "{img}", "--providers", "cuda"], ["verify", "{onnx}", "--ckpt", "{ckpt}", "--providers", "nope"],
+    # A GPU or provider that is not there, on every machine: no machine has 100 GPUs, and DirectML exists
+    # on Windows only (plain 'cuda' runs where a GPU is lent, so it would not be refused there).
+    ["train", *TINY_ARGS, "--device", "cuda:99"], ["train", *TINY_ARGS, "--device", "tpu"],
+    ["predict", "{onnx}", "{img}", "--providers", "dml"], ["verify", "{onnx}", "--ckpt", "{ckpt}", "--providers", "nope"],
 ])
 def test_bad_numbers_and_devices_are_one_line_errors(args, work):
     before = snapshot(work)
@@ -176,11 +178,16 @@ def test_train_with_allow_fallback_runs_on_cpu(tmp_path):
     assert "on cpu" in res.output
 
 
-def test_same_seed_gives_bit_identical_runs(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_same_seed_gives_bit_identical_runs(tmp_path, device):
+    """--seed's promise (same command, seed and machine: bit-identical run.pt tensors), on each device: the
+    device is pinned, since training picks CUDA by default wherever a GPU is present."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     runs = []
     for name in ("a.pt", "b.pt"):
         res = invoke("train", *TINY_ARGS, "--out", tmp_path / name, "--epochs", 2, "--prompts", 2,
-                     "--batch-size", 128, "--warmup-epochs", 0, "--seed", 3, "--threads", 1)
+                     "--batch-size", 128, "--warmup-epochs", 0, "--seed", 3, "--threads", 1, "--device", device)
         assert res.exit_code == 0, res.output
         runs.append(torch.load(tmp_path / name, weights_only=True))
     a, b = runs
@@ -303,7 +310,16 @@ def test_tampered_metadata_is_refused(case, command, work):
     assert snapshot(work) == before
 
 
-def test_demo_is_reproducible(tmp_path):
+def test_demo_is_reproducible(tmp_path, monkeypatch):
+    """Bit-identical for a seed, and on every machine: the demo trains on the CPU even where torch sees a
+    GPU (the default device is never consulted; on a GPU, pretraining there left the backbone on the GPU and
+    the CPU-side evaluation after it failed)."""
+    import vfpt_deploy.train
+
+    def no_default(*_):
+        raise AssertionError("the demo asked for the default (CUDA when present) device")
+
+    monkeypatch.setattr(vfpt_deploy.train, "default_device", no_default)
     tensors = []
     for name in ("a", "b"):
         res = invoke("demo", "--out", tmp_path / name, "--pretrain-epochs", 1, "--epochs", 1, "--seed", 7,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Run
+from vfpt_deploy.artifacts.checkpoint import Run
 from .errors import InputError, UsageError
 
 DEFAULT_SAMPLES = 128
@@ -38,7 +38,7 @@ def _builtin(name: str):
 
 
 def _folder(root: Path):
-    from vfpt_deploy.runtime.preprocess import ImageError, find_images, load_image
+    from vfpt_deploy.runtime.preprocess import ImageError, find_images
 
     split = "train" if (root / "train").is_dir() else "all"
     base = root / "train" if split == "train" else root
@@ -47,7 +47,7 @@ def _folder(root: Path):
     except ImageError as e:
         raise InputError(f"--calib: {e}") from None
     ids = [f.relative_to(base).as_posix() for f in files]
-    return ids, lambda i: load_image(files[i]), str(root), split
+    return ids, lambda i: files[i], str(root), split  # a file: preprocess.batch decodes it when its turn comes
 
 
 def calibration_set(run: Run, source: str, samples: int = DEFAULT_SAMPLES, seed: int = SEED) -> CalibrationSet:

@@ -16,17 +16,25 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as rich_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
-from .config import LOCATIONS
-from .errors import UsageError, VFPTError
+from vfpt_deploy.models.config import LOCATIONS
+from vfpt_deploy.models.families import ARCHS
+from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
-from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.text import printable
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
+
+def escape(text) -> str:
+    """Text for a rich console: markup escaped, and control characters shown as escapes (class names, paths
+    and messages may come from a crafted artifact: vfpt_deploy/text.py)."""
+    return rich_escape(printable(str(text)))
+
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -65,7 +73,7 @@ Format = choices("Format", FORMATS)
 Precision = choices("Precision", PRECISIONS)
 Quantize = choices("Quantize", QUANTIZE_MODES)
 FoldDtype = choices("FoldDtype", ("float32", "float64"))
-Arch = choices("Arch", ("vit", "mae", "moco", "swin"))
+Arch = choices("Arch", ARCHS)
 
 
 def cli_errors(fn):
@@ -111,7 +119,7 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     """Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers."""
     from rich.logging import RichHandler
 
-    from .files import sigterm_as_interrupt
+    from vfpt_deploy.artifacts.files import sigterm_as_interrupt
     from .threads import passive_waits
 
     passive_waits()  # before anything loads torch: see threads.py
@@ -159,7 +167,7 @@ def split_list(text: str | None) -> list[str] | None:
 
 
 def print_json(obj) -> None:
-    from .files import dumps_json
+    from vfpt_deploy.artifacts.files import dumps_json
 
     print(dumps_json(obj, indent=2))
 
@@ -192,7 +200,7 @@ def train(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train VFPT prompts and a linear head on a frozen timm ViT or Swin Transformer."""
-    from .config import VFPTConfig
+    from vfpt_deploy.models.config import VFPTConfig
     from .runs import train_run
     from .threads import set_torch_threads
     from .train import TrainSettings, resolve_device
@@ -229,7 +237,7 @@ def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_jso
     """Show what an artifact holds without running it: task, classes (per task for a multi-task artifact),
     preprocessing, VFPT config, fold and precision, opsets, inputs/outputs, op histogram, engine sidecar,
     hashes and verification state."""
-    from .inspect_artifact import inspect_artifact as inspect
+    from vfpt_deploy.inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(artifact, backbone_weights=backbone), as_json)
 
@@ -238,13 +246,13 @@ def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_jso
 @cli_errors
 def info(ckpt_arg: CkptArg = None, ckpt: CkptOpt = None, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
     """The same as 'inspect' (kept for scripts): a run.pt, .onnx or engine, given as the argument or --ckpt."""
-    from .inspect_artifact import inspect_artifact as inspect
+    from vfpt_deploy.inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(pick_ckpt(ckpt, ckpt_arg), backbone_weights=backbone), as_json)
 
 
 def print_inspection(info: dict, as_json: bool) -> None:
-    from .inspect_artifact import summary_rows
+    from vfpt_deploy.inspect_artifact import summary_rows
 
     if as_json:
         print_json(info)
@@ -359,8 +367,8 @@ def export(
 
 def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path | None, inputs: dict):
     """Check an export's settings, sources and outputs; return what loads its run (or its TaskSet)."""
-    from .checkpoint import load_run
-    from .multitask import load_tasks, source_labels, task_sources
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from vfpt_deploy.folding.multitask import load_tasks, source_labels, task_sources
     from .pipeline import check_multitask_settings, plan_export
 
     if len(ckpts) > 1 or tasks:
@@ -393,10 +401,16 @@ def print_export(outcome) -> None:
 
 
 def print_verify(report) -> None:
-    console.print(f"verify [bold]{escape(report.artifact)}[/] against the unfolded PyTorch model of "
-                  f"{escape(report.checkpoint)}", highlight=False)
-    console.print(f"backend: {report.backend}; precision {report.precision}; pass if {report.tolerances}",
-                  highlight=False)
+    against = (report.checkpoint if report.checkpoint.startswith("golden set")
+               else f"the unfolded PyTorch model of {report.checkpoint}")
+    console.print(f"verify [bold]{escape(report.artifact)}[/] against {escape(against)}", highlight=False,
+                  soft_wrap=True)
+    console.print(f"backend: {escape(report.backend)}; precision {report.precision}; pass if {report.tolerances}",
+                  highlight=False, soft_wrap=True)
+    if report.hardware:
+        from vfpt_deploy.runtime.hardware import summary
+
+        console.print(f"ran on: {escape(summary(report.hardware))}", highlight=False, soft_wrap=True)
     t = Table()
     for col in ("inputs", "max |diff|", "max rel", "min cosine", "top-1 agree", "top-k order", "top-1 ref / artifact", "result"):
         t.add_column(col, overflow="fold")
@@ -409,7 +423,9 @@ def print_verify(report) -> None:
                   f"{c.agreement:.2f}%", f"{c.topk_order:.2f}%", acc, result)
     console.print(t)
     for p in report.problems:
-        console.print(f"[red]metadata:[/] {escape(p)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]problem:[/] {escape(p)}", highlight=False, soft_wrap=True)
+    for n in report.notes:
+        console.print(f"note: {escape(n)}", highlight=False, soft_wrap=True)
 
 
 def finish_verify(report, written: list | None = None) -> None:
@@ -442,15 +458,22 @@ def verify(
 ) -> None:
     """Compare an artifact with the unfolded PyTorch model on random inputs (and real images). A multi-task
     artifact is checked task by task against each task's own run.pt (--ckpt files are matched to tasks by
-    the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream."""
-    from .files import check_outputs, check_suffix
-    from .schema import report_path
-    from .threads import set_torch_threads
-    from .verify import Tolerances, verify_artifact
+    the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream.
+    Without --ckpt/--task: replay the golden set the artifact carries on this machine's runtime, without
+    PyTorch (report: ARTIFACT.golden.verify.json)."""
+    from vfpt_deploy.artifacts.compare import Tolerances
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.schema import report_path
 
     overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                      max_top1_drop=max_top1_drop)
     Tolerances().override(**overrides)  # range-check before any work
+    if not ckpt and not task:
+        return verify_golden_cli(artifact, data, num_random, backbone, overrides, providers, allow_fallback, report,
+                                 threads)
+    from .threads import set_torch_threads
+    from .verify import verify_artifact
+
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
     load, sources = plan_verify_source(artifact, ckpt or [], task or [])
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
@@ -461,12 +484,28 @@ def verify(
     finish_verify(rep)
 
 
+def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, providers, allow_fallback, report,
+                      threads) -> None:
+    """verify without a checkpoint: the golden-set replay (torch-free)."""
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+    from vfpt_deploy.runtime.selfcheck import golden_report_path, verify_golden
+
+    given = [o for o, v in (("--data", data), ("--num-random", num_random != 16), ("--backbone", backbone)) if v]
+    if given:
+        raise UsageError(f"{given[0]} needs the checkpoint: pass --ckpt run.pt (without it, verify replays the golden "
+                         "set the artifact carries)")
+    out = check_suffix(report, (".json",), "JSON report", "--report") if report else golden_report_path(artifact)
+    check_outputs({"--report": out}, {"ARTIFACT": artifact})
+    finish_verify(verify_golden(artifact, providers=split_list(providers), threads=threads,
+                                allow_fallback=allow_fallback, overrides=overrides, report_path_=out))
+
+
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
     """What verify loads: one run, or (for a multi-task artifact) each task's run matched to it; and the
     input files by option, so the report never overwrites one."""
-    from .checkpoint import load_run
-    from .multitask import load_tasks, match_tasks, source_labels, task_sources
-    from .schema import artifact_tasks
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from vfpt_deploy.folding.multitask import load_tasks, match_tasks, source_labels, task_sources
+    from vfpt_deploy.artifacts.schema import artifact_tasks
 
     recorded = artifact_tasks(artifact) if artifact.is_file() else []
     if recorded and not ckpts and not tasks:
@@ -491,7 +530,7 @@ TritonKind = choices("TritonKind", TRITON_KINDS)
 def triton(
     model: Annotated[Path, typer.Argument(help="A verified .onnx, or a TensorRT .engine/.plan with its .json sidecar.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="The Triton model repository folder (created if missing; other models in it are left alone).")],
-    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). An existing model folder of that name is replaced.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name, which is its folder (default: the artifact's file stem). In an existing model folder only 1/, config.pbtxt and labels.txt are replaced; everything else is kept.")] = None,
     max_batch: Annotated[Optional[int], typer.Option(min=1, max=65536, help=f"max_batch_size (default: an engine's profile max; {TRITON_DEFAULT_BATCH} for an ONNX with a dynamic batch).")] = None,
     preferred_batch: Annotated[Optional[list[int]], typer.Option("--preferred-batch", min=1, max=65536, help="Batch size the dynamic batcher aims for (repeatable; default: an engine's opt batch when below max, else none).")] = None,
     max_queue_delay_us: Annotated[int, typer.Option(min=0, max=10_000_000, help="How long Triton may hold a request to batch it with later ones, microseconds.")] = TRITON_QUEUE_DELAY_US,
@@ -537,21 +576,31 @@ def predict(
     allow_fallback: FallbackOpt = False,
     threads: ThreadsOpt = None,
     task: Annotated[Optional[str], typer.Option(help="Multi-task artifacts: the task to classify for (inspect lists them).")] = None,
+    self_check: Annotated[bool, typer.Option("--self-check", help="First replay the artifact's golden set on this machine; refuse (one line) if it does not reproduce or carries none.")] = False,
 ) -> None:
     """Classify images with an exported model (no torch needed). An unreadable image is reported and the
     others still run; the exit code is 1 if any failed."""
     from vfpt_deploy.runtime.onnx_runner import open_predictor
     from vfpt_deploy.runtime.preprocess import find_images
 
-    from .schema import is_engine
+    from vfpt_deploy.artifacts.schema import is_engine
     from .threads import resolve_threads
 
     kwargs = {} if is_engine(model) else {"threads": resolve_threads(threads), "allow_fallback": allow_fallback}
     with open_predictor(model, split_list(providers), **kwargs) as predictor:
         predictor.max_batch = batch
         predictor.task_ids(task, 0 if task is None else 1)  # a wrong or missing --task: one line, before any image
+        if self_check:
+            from vfpt_deploy.runtime.selfcheck import check_on_load, describe_check
+
+            if check_on_load(predictor, str(model)) is None:
+                raise ArtifactError(f"{model} carries no golden set to self-check (exported before vfpt-deploy "
+                                    "recorded one); re-export it, or drop --self-check")
+            err_console.print(f"{escape(str(model))}: {describe_check(predictor.self_check_result)}", highlight=False)
         preds = predictor.predict(find_images(images), top_k=top_k, task=task)
         used = list(getattr(predictor, "providers", None) or ["TensorRT"])
+        for note in predictor.notes:  # stderr: --json keeps stdout clean
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
         print_json({"model": str(model), "providers": used, **({"task": task} if task else {}), "predictions": [
             {"image": p.source, "error": p.error} if p.error else
@@ -567,7 +616,7 @@ def predict(
 
 def print_predictions(model: Path, used: list[str], preds) -> None:
     task = next((p.task for p in preds if p.task), None)
-    t = Table(title=f"{model}{f', task {task}' if task else ''} ({', '.join(used)})")
+    t = Table(title=escape(f"{model}{f', task {task}' if task else ''} ({', '.join(used)})"))
     t.add_column("image", overflow="fold")
     for i in range(max((len(p.top) for p in preds), default=0)):
         t.add_column(f"top-{i + 1}")
@@ -584,7 +633,7 @@ def bench(
     ckpt: CkptOpt = None,
     onnx: Annotated[Optional[list[Path]], typer.Option("--onnx", help="An exported .onnx for the ort-* backends (repeatable).")] = None,
     engine: Annotated[Optional[list[Path]], typer.Option("--engine", help="A TensorRT engine (with its .json sidecar) for the tensorrt backend (repeatable).")] = None,
-    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="torch, torch-folded, ort-cpu, ort-cuda, ort-cuda-graph (onnxruntime's CUDA graphs), ort-trt, tensorrt (repeatable; default: all, the unusable ones reported as skipped).")] = None,
     batch: Annotated[Optional[list[str]], typer.Option("--batch", help="Batch size(s) to sweep: repeatable and/or comma-separated (default 1,8,32).")] = None,
     warmup: Annotated[Optional[int], typer.Option(min=0, max=1_000_000, help="Warm-up calls per batch size (default 10).")] = None,
     warmup_time: Annotated[Optional[float], typer.Option(help="Warm up for this many seconds (0 < s <= 3600) instead of a count.")] = None,
@@ -593,6 +642,7 @@ def bench(
     threads: ThreadsOpt = None,
     fold: Annotated[Fold, typer.Option(help="Fold of torch-folded and of the ONNX exported from the run.pt.")] = Fold.auto,
     device: DeviceOpt = None,
+    dtype: Annotated[str, typer.Option(help="PyTorch backends: fp32, fp16 or bf16 (an ONNX file keeps its own precision).")] = "fp32",
     e2e: Annotated[bool, typer.Option("--e2e", help="GPU backends: also time end to end, host<->device copies included.")] = False,
     as_json: JsonFlag = False,
     report: Annotated[Optional[Path], typer.Option(help="Write every result and the machine to this JSON file (.json).")] = None,
@@ -608,7 +658,7 @@ def bench(
     which stream it measured."""
     from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
     from .extras import require
-    from .files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from .threads import resolve_threads
     from vfpt_deploy.runtime.timing import LoopSpec
 
@@ -622,7 +672,8 @@ def bench(
     loop = LoopSpec(warmup=warmup if warmup is not None or warmup_time is not None else 10, warmup_s=warmup_time,
                     iters=iters if iters is not None or duration is not None else 50, duration_s=duration).check()
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
-                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task)
+                             threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task,
+                             dtype=dtype)
     result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
                        backbone_weights=backbone, export_dir=export_dir,
                        on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))
@@ -655,6 +706,7 @@ def serve(
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
     write_settings: Annotated[Optional[Path], typer.Option(help="Write the MLServer settings folder (settings.json, NAME/model-settings.json and a copy of each artifact) here and exit without serving: for 'mlserver start DIR' or a KServe storageUri.")] = None,
+    self_check: Annotated[bool, typer.Option("--self-check/--no-self-check", help="Replay each artifact's golden set when it loads and refuse a model that does not reproduce on this machine (reported in the log, model metadata and the vfpt_self_check_passed metric).")] = True,
 ) -> None:
     """Serve exported models over the V2 / Open Inference Protocol (REST and gRPC) on MLServer, with
     adaptive batching, health endpoints and Prometheus metrics; no torch needed. Ctrl-C stops it."""
@@ -665,7 +717,8 @@ def serve(
 
     opts = ServeOptions(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                         max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms, threads=threads,
-                        providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback)
+                        providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback,
+                        self_check=self_check)
     status = lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False)  # noqa: E731
     if write_settings is not None:
         for path in write_folder(write_settings, models, opts, on_status=status):
@@ -691,7 +744,7 @@ def import_reference(
 ) -> None:
     """Convert a reference VFPT/VPT ViT or Swin checkpoint into a run.pt (shapes give M, deep, width, depth,
     patch, image size and classes; alpha, location, heads and class names come from the options)."""
-    from .reference import import_checkpoint
+    from vfpt_deploy.reference import import_checkpoint
 
     src = pick_ckpt(ckpt, ckpt_arg)
     result = import_checkpoint(src, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,

@@ -47,7 +47,7 @@ class TensorDataset(torch.utils.data.Dataset):
         # In-memory (built-in) images are small: preprocess them once instead of every epoch.
         self._cache = None
         if all(isinstance(it, Image.Image) for it in images.items):
-            self._cache = torch.from_numpy(preprocess.batch([images.image(i) for i in range(len(images))]))
+            self._cache = torch.from_numpy(preprocess.batch(images.items))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -56,7 +56,8 @@ class TensorDataset(torch.utils.data.Dataset):
         if self._cache is not None:
             return self._cache[i], self.images.labels[i]
         try:
-            x = self.preprocess(self.images.image(i))
+            it = self.images.items[i]
+            x = self.preprocess(it) if isinstance(it, Image.Image) else self.preprocess.load(it)
         except ImageError as e:
             raise VFPTError(str(e)) from None
         return torch.from_numpy(x), self.images.labels[i]

@@ -26,9 +26,10 @@ import math
 import os
 from pathlib import Path, PurePosixPath
 
-from .errors import ArtifactError, InputError, UsageError, VFPTError
-from .files import file_sha256, read_json
-from .schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, is_engine,
+from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
+from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.text import printable as _printable
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
 TASK = "classification"
@@ -111,6 +112,13 @@ def _task_facts(index: int, task: dict) -> dict:
 
 
 _SHOWN_APART = ("classes", "preprocess", "tasks")  # metadata shown by _model_facts, not again in vfpt_metadata
+
+
+def _shown_metadata(meta: dict) -> dict:
+    """The vfpt metadata to show: a golden set as its summary (sets, size, reference machine), not its data."""
+    from vfpt_deploy.artifacts.golden import KEY, summary
+
+    return plain({k: (summary(meta) if k == KEY else v) for k, v in meta.items() if k not in _SHOWN_APART})
 
 
 # -- verification reports ------------------------------------------------------------------------------
@@ -232,7 +240,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
     sha = file_sha256(path)
     out = {"kind": "onnx", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
            **(_model_facts(checked) if checked else {"task": None}),
-           "vfpt_metadata": plain({k: v for k, v in facts.metadata.items() if k not in _SHOWN_APART}),
+           "vfpt_metadata": _shown_metadata(facts.metadata),
            "precision": {"metadata": checked["precision"] if checked else None, "graph": facts.precision},
            "producer": {"name": model.producer_name, "version": model.producer_version},
            "ir_version": model.ir_version,
@@ -251,7 +259,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
 # -- TensorRT engines -----------------------------------------------------------------------------------
 def inspect_engine(path: str | os.PathLike) -> dict:
     """The engine's sidecar, checked as the runtime checks it, and the engine file's sha256 against it."""
-    from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+    from vfpt_deploy.artifacts.schema import read_sidecar
 
     path = Path(path)
     side = read_sidecar(path)
@@ -266,7 +274,7 @@ def inspect_engine(path: str | os.PathLike) -> dict:
     return {"kind": "engine", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
             "sha256_matches_sidecar": sha == side["engine"]["sha256"], "sidecar": sidecar_path(path).name,
             **_model_facts(meta),
-            "vfpt_metadata": plain({k: v for k, v in side["metadata"].items() if k not in _SHOWN_APART}),
+            "vfpt_metadata": _shown_metadata(side["metadata"]),
             "precision": meta["precision"], "tensorrt": plain(side["tensorrt"]), "gpu": plain(side.get("gpu")),
             "profile": plain(side["profile"]), "build": plain(side["build"]), "source_onnx": source,
             "tool_version": plain(side.get("tool_version")), "created": plain(side.get("created")),
@@ -278,8 +286,8 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
     """A run.pt, checked as a load checks it (every field and tensor), without its backbone weights:
     parameter counts come from a meta-device skeleton. backbone_weights: also load with these weights,
     which checks them against the recorded hash."""
-    from .backbone import state_sha256
-    from .checkpoint import check_run, load_run, parse_run, read_run_dict
+    from vfpt_deploy.models.backbone import state_sha256
+    from vfpt_deploy.artifacts.checkpoint import check_run, load_run, parse_run, read_run_dict
 
     path = Path(path)
     parts = parse_run(read_run_dict(path), path)
@@ -308,9 +316,7 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
 # -- rows for a table ----------------------------------------------------------------------------------------
 def printable(v, limit: int = 300) -> str:
     """One cell: JSON for structures, printable characters only (a crafted name cannot move the cursor)."""
-    s = v if isinstance(v, str) else json.dumps(v)
-    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return _printable(v, limit)
 
 
 def _shape(t: dict) -> str:
@@ -326,7 +332,7 @@ def prompts_text(cfg: dict) -> str:
 
 def _vfpt_config(meta: dict) -> dict | None:
     """An artifact's recorded VFPT config with num_fourier, when it is a valid one."""
-    from .config import VFPTConfig
+    from vfpt_deploy.models.config import VFPTConfig
 
     try:
         cfg = VFPTConfig.from_dict(meta.get("config"))
@@ -387,7 +393,28 @@ def _artifact_rows(info: dict) -> list[tuple[str, str]]:
     if not multi:
         rows.append(("source checkpoint", f"{printable(meta.get('checkpoint', '?'))} sha256 {printable(meta.get('checkpoint_sha256', '?'))}"))
     rows.append(("written by", f"vfpt-deploy {printable(meta.get('tool_version', '?'))}"))
+    g = meta.get("golden")
+    if isinstance(g, dict):
+        rows.append(("golden set", f"{printable('; '.join(g.get('sets') or []), 300)} ({g.get('bytes', 0) / 1024:.0f} KiB; "
+                     f"reference on {printable(g.get('reference_cpu'), 80)}, ISA {printable(' '.join(g.get('reference_isa') or []), 120)})"))
+    else:
+        rows.append(("golden set", "none (exported before golden sets; verify needs --ckpt)"))
     return rows
+
+
+def _int8_rows(q) -> list[tuple[str, str]]:
+    """An int8 artifact's quantization mode and integer-matmul form, and whether this CPU computes it as
+    verified (runtime.hardware.int8_isa_note)."""
+    from vfpt_deploy.runtime.hardware import int8_isa_note
+
+    if not isinstance(q, dict):
+        return []
+    cpu = q.get("cpu") if isinstance(q.get("cpu"), dict) else {}
+    form = (f"{printable(cpu.get('matmul', '?'))}; saturation-free on {printable(cpu.get('saturation_free_on', '?'))}"
+            if cpu else "full-range int8 weights (written before the form was recorded)")
+    rows = [("int8", f"{printable(q.get('mode', '?'))} ({printable(q.get('target', '?'))}): {form}")]
+    note = int8_isa_note(q)
+    return rows + ([("int8 on this CPU", note)] if note else [])
 
 
 def _onnx_rows(info: dict) -> list[tuple[str, str]]:
@@ -396,6 +423,7 @@ def _onnx_rows(info: dict) -> list[tuple[str, str]]:
         prec = info["precision"]
         rows += _common_rows(info) + _artifact_rows(info)
         rows.append(("precision", f"{prec['metadata']} (the graph computes in {prec['graph']})"))
+        rows += _int8_rows(info["vfpt_metadata"].get("quantization"))
     ops = info["ops"]
     top = ", ".join(f"{printable(k, 60)} {v}" for k, v in list(ops.items())[:12])
     ext = info["external_data"]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import Run
+from vfpt_deploy.artifacts.checkpoint import Run
 from .errors import ArtifactError, UsageError, VFPTError
-from .files import Staging, check_outputs, check_suffix
-from .multitask import TaskSet
-from .schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
+from vfpt_deploy.artifacts.files import Staging, check_outputs, check_suffix
+from vfpt_deploy.folding.multitask import TaskSet
+from vfpt_deploy.artifacts.schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
 
 FOLD_DTYPES = ("float32", "float64")
 TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement", "max_top1_drop")
@@ -174,6 +174,9 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
         if spec is not None:
             step(f"quantizing to int8 ({spec.mode}" + (f", {calib.info['count']} calibration images)" if calib else ")"))
             onnx_result = _quantize(onnx_result, spec, calib, stage.path(paths.onnx), notes)
+        step("recording the golden set")
+        _attach_golden(run, settings, sets, stage.path(paths.onnx))
+        onnx_result = dataclasses.replace(onnx_result, size_bytes=stage.path(paths.onnx).stat().st_size)
         built = None
         if builder is not None:
             step(f"building the {settings.format} engine")
@@ -253,6 +256,18 @@ def _quantize(fp32, spec, calib, path: Path, notes: list[str]):
                      "--format trt/trt-rtx (static Q/DQ)")
     return dataclasses.replace(fp32, path=path, precision="int8", opset=q.opset, size_bytes=path.stat().st_size,
                                ops=q.ops)
+
+
+def _attach_golden(run: Run | TaskSet, settings: ExportSettings, sets, path: Path) -> None:
+    """A few of the verification inputs and the unfolded model's logits for them, with the gate of this
+    precision, into the final ONNX (an engine's sidecar copies them): vfpt_deploy/golden.py."""
+    from vfpt_deploy.exporters.onnx import add_metadata
+
+    from vfpt_deploy.artifacts.golden import KEY, encode
+    from .verify import Tolerances, make_golden
+
+    tol = Tolerances.for_precision(settings.precision).override(**settings.tolerances)
+    add_metadata(path, {KEY: encode(make_golden(run, sets, tol, settings.precision))})
 
 
 def _build(stage: Staging, paths: ExportPaths, builder):

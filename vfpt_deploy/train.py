@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .errors import RuntimeSetupError, UsageError, VFPTError
-from .model import VFPTViT
 
 
 def _check_number(name: str, v, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> None:
@@ -121,7 +120,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     return 100.0 * correct / max(1, total)
 
 
-def fit(model: VFPTViT, train_set, val_set, settings: TrainSettings, *,
+def fit(model: nn.Module, train_set, val_set, settings: TrainSettings, *,
         device: torch.device | None = None,
         on_epoch: Callable[[EpochResult, bool], None] | None = None,
         on_step: Callable[[int, int], None] | None = None) -> History:
@@ -146,7 +145,7 @@ def fit(model: VFPTViT, train_set, val_set, settings: TrainSettings, *,
     best_state: dict[str, torch.Tensor] = {}
     step = 0
     for epoch in range(settings.epochs):
-        model.train()  # the backbone stays in eval (VFPTViT.train)
+        model.train()  # the backbone stays in eval (VFPTViT.train, VFPTSwin.train)
         losses = []
         lr = opt.param_groups[0]["lr"]
         for x, y in train_loader:

@@ -10,185 +10,20 @@ be usable by the runtime (the predictor checks it when it opens) and must descri
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import Run
-from .errors import InputError, UsageError, VerificationError, VFPTError
-from .files import atomic_write, dumps_json, file_sha256
-from .fold import kv_refusal
-from .multitask import TaskSet
-from .schema import is_engine, report_path as default_report_path
-
-TOP_K = 5
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """Pass criteria. atol / rtol gate the max abs / max rel difference of the logits when set;
-    min_cosine gates the smallest per-sample cosine similarity; min_agreement the top-1 agreement with
-    the reference, in percent; topk_order (needs atol) the order of the top-5 classes wherever the
-    reference's logits differ by more than atol (closer ones are ties and may swap). An order change
-    needs two logits to move by more than atol together, so this catches what atol alone lets through:
-    two differences each within atol that still reorder the top classes.
-    max_top1_drop: the most the dataset top-1 may fall below the reference's, in points, where labels
-    exist. gate_random: gate the random N(0,1) inputs too (int8 does not: its activation ranges are
-    calibrated on images, and noise far outside them says nothing about images; they are still reported,
-    and a non-finite logit still fails)."""
-
-    atol: float | None = None
-    rtol: float | None = None
-    min_cosine: float | None = None
-    min_agreement: float = 100.0
-    topk_order: bool = False
-    max_top1_drop: float | None = None
-    gate_random: bool = True
-
-    def __post_init__(self) -> None:
-        for name, lo, hi in (("atol", 0.0, 1e6), ("rtol", 0.0, 1e6), ("min_cosine", -1.0, 1.0),
-                             ("min_agreement", 0.0, 100.0), ("max_top1_drop", 0.0, 100.0)):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number in [{lo:g}, {hi:g}], got {v!r}")
-
-    @classmethod
-    def for_precision(cls, precision: str) -> "Tolerances":
-        if precision == "int8":  # measured: docs/benchmarks.md, INT8
-            return cls(atol=None, min_cosine=0.99, min_agreement=98.0, max_top1_drop=1.0, gate_random=False)
-        if precision == "fp16":
-            return cls(atol=None, min_cosine=0.999, min_agreement=99.0)
-        return cls(atol=1e-4, min_agreement=100.0, topk_order=True)
-
-    def override(self, **values) -> "Tolerances":
-        """These tolerances with the given (non-None) values replaced, checked again."""
-        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
-
-    def describe(self) -> str:
-        parts = []
-        if self.atol is not None:
-            parts.append(f"max |diff| <= {self.atol:g}")
-        if self.rtol is not None:
-            parts.append(f"max rel diff <= {self.rtol:g}")
-        if self.min_cosine is not None:
-            parts.append(f"min cosine >= {self.min_cosine:g}")
-        parts.append(f"top-1 agreement >= {self.min_agreement:g}%")
-        if self.topk_order and self.atol is not None:
-            parts.append(f"top-{TOP_K} order kept (ties within {self.atol:g} may swap)")
-        if self.max_top1_drop is not None:
-            parts.append(f"dataset top-1 at most {self.max_top1_drop:g} points below the reference's (where labels exist)")
-        parts.append("all logits finite")
-        if not self.gate_random:
-            parts.append("real images only (random inputs reported, not gated)")
-        return ", ".join(parts)
-
-
-_UNGATED = Tolerances(min_agreement=0.0)  # what an ungated comparison is held to: finite logits only
-
-
-@dataclass
-class Comparison:
-    inputs: str  # what was compared on
-    samples: int
-    max_abs: float
-    mean_abs: float
-    max_rel: float
-    min_cosine: float
-    agreement: float  # top-1 agreement, percent
-    topk_order: float = 100.0  # percent of samples whose top-k order is kept (ties allowed)
-    ref_top1: float | None = None  # dataset top-1 when labels are known
-    artifact_top1: float | None = None
-    failures: list[str] = field(default_factory=list)
-    gated: bool = True  # False: reported only (random inputs of an int8 artifact); non-finite logits still fail
-
-
-@dataclass
-class VerifyReport:
-    artifact: str
-    checkpoint: str
-    backend: str
-    precision: str
-    tolerances: str
-    comparisons: list[Comparison]
-    problems: list[str] = field(default_factory=list)  # failures not tied to one input set (metadata)
-    notes: list[str] = field(default_factory=list)
-    artifact_sha256: str = ""  # of the file compared: a later step (triton) checks it is still this one
-    quantization: dict | None = None  # an int8 artifact's record: mode, what stayed float, calibration set
-    tasks: list[str] | None = None  # a multi-task artifact's tasks (comparisons name theirs)
-
-    @property
-    def passed(self) -> bool:
-        return not self.problems and bool(self.comparisons) and all(not c.failures for c in self.comparisons)
-
-    def to_json(self) -> str:
-        return dumps_json({**asdict(self), "passed": self.passed}, indent=2)
-
-
-def _nonfinite(a: np.ndarray, who: str) -> str | None:
-    bad = np.argwhere(~np.isfinite(a))
-    if not len(bad):
-        return None
-    i, j = (int(v) for v in bad[0])
-    return f"{who} logits are not finite: {len(bad)} values, first at sample {i}, class {j} ({a[i, j]})"
-
-
-def _topk_kept(ref: np.ndarray, out: np.ndarray, tie: float) -> np.ndarray:
-    """Per sample: the artifact's top-k classes are the reference's, in order, up to reference ties."""
-    k = min(TOP_K, ref.shape[1])
-    r_idx = np.argsort(-ref, axis=1, kind="stable")[:, :k]
-    o_idx = np.argsort(-out, axis=1, kind="stable")[:, :k]
-    rows = np.arange(len(ref))[:, None]
-    gap = np.abs(ref[rows, r_idx] - ref[rows, o_idx])  # 0 where the same class sits at that rank
-    return (gap <= tie).all(axis=1)
-
-
-def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None = None,
-            gated: bool = True) -> Comparison:
-    """gated False: only non-finite logits fail; the differences are reported."""
-    with np.errstate(all="ignore"):  # overflowing logits are reported by the gate, not as warnings
-        c = _compare(ref.astype(np.float64), out.astype(np.float64), tol if gated else _UNGATED, inputs, labels)
-    c.gated = gated
-    return c
-
-
-def _compare(ref: np.ndarray, out: np.ndarray, tol: Tolerances, inputs: str, labels: np.ndarray | None) -> Comparison:
-    if ref.shape != out.shape:
-        raise VerificationError(f"the artifact gives logits of shape {list(out.shape)}, the checkpoint "
-                                f"{list(ref.shape)}; they are not the same model")
-    diff = np.abs(out - ref)
-    rel = diff / np.maximum(np.abs(ref), 1e-12)
-    cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-30)
-    agree = 100.0 * float((ref.argmax(1) == out.argmax(1)).mean())
-    kept = _topk_kept(ref, out, tol.atol) if tol.atol is not None else np.ones(len(ref), bool)
-    c = Comparison(inputs, len(ref), float(diff.max()), float(diff.mean()), float(rel.max()), float(cos.min()),
-                   agree, 100.0 * float(kept.mean()))
-    if labels is not None:
-        c.ref_top1 = 100.0 * float((ref.argmax(1) == labels).mean())
-        c.artifact_top1 = 100.0 * float((out.argmax(1) == labels).mean())
-    c.failures = [f for f in (_nonfinite(ref, "the PyTorch reference's"), _nonfinite(out, "the artifact's")) if f]
-    if c.failures:  # nothing else is meaningful, and NaN compares False with every bound
-        return c
-    if tol.atol is not None and c.max_abs > tol.atol:
-        c.failures.append(f"max |diff| {c.max_abs:.3g} > atol {tol.atol:g}")
-    if tol.rtol is not None and c.max_rel > tol.rtol:
-        c.failures.append(f"max rel diff {c.max_rel:.3g} > rtol {tol.rtol:g}")
-    if tol.min_cosine is not None and c.min_cosine < tol.min_cosine:
-        c.failures.append(f"min cosine {c.min_cosine:.6f} < {tol.min_cosine:g}")
-    if c.agreement < tol.min_agreement:
-        c.failures.append(f"top-1 agreement {c.agreement:.2f}% < {tol.min_agreement:g}%")
-    if tol.max_top1_drop is not None and c.ref_top1 is not None and c.ref_top1 - c.artifact_top1 > tol.max_top1_drop:
-        c.failures.append(f"dataset top-1 {c.artifact_top1:.2f}% is {c.ref_top1 - c.artifact_top1:.2f} points below "
-                          f"the reference's {c.ref_top1:.2f}% (> {tol.max_top1_drop:g})")
-    if tol.topk_order and tol.atol is not None and not kept.all():
-        c.failures.append(f"top-{TOP_K} order differs on {int((~kept).sum())} of {len(kept)} samples")
-    return c
+from vfpt_deploy.artifacts.checkpoint import Run
+from vfpt_deploy.artifacts.compare import TOP_K, Comparison, Tolerances, VerifyReport, compare  # noqa: F401 (re-exported)
+from .errors import InputError, UsageError, VFPTError
+from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.models.families import family_of_model
+from vfpt_deploy.folding.multitask import TaskSet
+from vfpt_deploy.artifacts.schema import is_engine, report_path as default_report_path
 
 
 @dataclass
@@ -218,7 +53,7 @@ def input_sets(run: Run, data: str | None, num_random: int, seed: int = 0) -> li
 
 def _image_set(run: Run, data: str) -> InputSet:
     from .data import builtin_split, image_folder
-    from vfpt_deploy.runtime.preprocess import find_images, load_image
+    from vfpt_deploy.runtime.preprocess import find_images
 
     if data == "builtin" or data.startswith("builtin:"):
         name = data.partition(":")[2] or "digits-shifted"
@@ -230,11 +65,9 @@ def _image_set(run: Run, data: str) -> InputSet:
     elif Path(data).is_dir() and any(p.is_dir() for p in Path(data).iterdir()):
         images, what = image_folder(data, classes=run.classes), f"folder {data}"
     else:
-        files = find_images([data])
-        pics = [load_image(f) for f in files]
-        return InputSet(f"{data}: {len(pics)} images", run.preprocess.batch(pics), None)
-    pics = [images.image(i) for i in range(len(images))]
-    return InputSet(f"{what}: {len(pics)} images", run.preprocess.batch(pics), np.array(images.labels))
+        files = find_images([data])  # decoded one at a time, only the preprocessed arrays kept
+        return InputSet(f"{data}: {len(files)} images", run.preprocess.batch(files), None)
+    return InputSet(f"{what}: {len(images)} images", run.preprocess.batch(images.items), np.array(images.labels))
 
 
 @torch.inference_mode()
@@ -245,6 +78,76 @@ def reference_logits(run: Run, x: np.ndarray, batch: int = 32, device: str = "cp
                                for i in range(0, len(x), batch)])
     finally:
         model.cpu()
+
+
+GOLDEN_RANDOM, GOLDEN_IMAGES = 2, 4  # golden rows per task: random inputs, real images (halved per task
+GOLDEN_CANDIDATES = 32  # when there are several); chosen by the clearest top-1 margin among this many
+
+
+def _margins(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit, relative to the row's largest |logit|: how far a row is from a top-1 tie."""
+    if logits.shape[1] < 2:
+        return np.ones(len(logits))
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return (top2[:, 1] - top2[:, 0]) / np.maximum(np.abs(logits).max(1), 1e-12)
+
+
+def _pick(run: Run, s: InputSet, count: int, device: str) -> np.ndarray:
+    """The `count` inputs of a set (of its first GOLDEN_CANDIDATES) whose reference top-1 is clearest, so a
+    replay on another machine tests the artifact, not a coin-flip between two near-equal classes."""
+    cand = s.x[:GOLDEN_CANDIDATES]
+    keep = np.sort(np.argsort(-_margins(reference_logits(run, cand, device=device)), kind="stable")[:count])
+    return keep
+
+
+def make_golden(run: Run | TaskSet, sets: list[InputSet] | list[list[InputSet]], tol: Tolerances, precision: str,
+                width: int | None = None, device: str = "cpu"):
+    """The golden set an export writes into its artifact (vfpt_deploy/golden.py): per task up to 2 of the
+    verification's random inputs and up to 4 of its real images (1 and 2 per task for several tasks), stored
+    as float16, with the unfolded float32 model's logits computed on exactly those stored values."""
+    from vfpt_deploy.runtime import hardware
+
+    from vfpt_deploy.artifacts.golden import GoldenSet
+
+    multi = isinstance(run, TaskSet)
+    runs, per_task = (run.runs, sets) if multi else ([run], [sets])
+    n_rand, n_img = (1, 2) if multi and len(runs) > 1 else (GOLDEN_RANDOM, GOLDEN_IMAGES)
+    width = width or max(len(r.classes) for r in runs)
+    xs, logits, labels, tasks, records, start = [], [], [], [], [], 0
+    for t, (r, task_sets) in enumerate(zip(runs, per_task)):
+        for s in task_sets:
+            keep = _pick(r, s, n_rand if s.random else n_img, device)
+            x16 = s.x[keep].astype(np.float16)
+            ref = reference_logits(r, x16.astype(np.float32), device=device)
+            padded = np.zeros((len(keep), width), np.float32)
+            padded[:, :ref.shape[1]] = ref
+            xs.append(x16), logits.append(padded), tasks.append(np.full(len(keep), t, np.int64))
+            labels.append(s.labels[keep].astype(np.int64) if s.labels is not None else np.full(len(keep), -1, np.int64))
+            what = f"{len(keep)} of {s.what}" + ("" if s.random else " (clearest top-1)")
+            records.append({"what": (f"task {run.names[t]}: " if multi else "") + what, "start": start,
+                            "stop": start + len(keep), "random": s.random, "task": t if multi else None})
+            start += len(keep)
+    ref_hw = hardware.describe([f"PyTorch {device}"], gpu=device.startswith("cuda"))
+    return GoldenSet(np.concatenate(xs), np.concatenate(logits), np.concatenate(labels),
+                     np.concatenate(tasks) if multi else None, records, precision, tol,
+                     {"model": "unfolded PyTorch, float32", "hardware": ref_hw})
+
+
+def golden_problems(golden, run: Run | TaskSet, device: str = "cpu") -> list[str]:
+    """Where the artifact's golden reference is not this checkpoint's unfolded model on the stored inputs (it
+    belongs to another run, or was altered): held to the fp32 gate."""
+    multi = isinstance(run, TaskSet)
+    fp32 = Tolerances.for_precision("fp32")
+    problems = []
+    for s in golden.sets:
+        r = run.runs[s["task"]] if multi else run
+        rows = slice(s["start"], s["stop"])
+        ref = reference_logits(r, golden.x[rows], device=device)
+        c = compare(ref, golden.logits[rows, :ref.shape[1]], fp32, s["what"])
+        if c.failures:
+            problems.append(f"the golden set's reference for {s['what']!r} is not this checkpoint's model "
+                            f"({c.failures[0]}): it came from another run or was altered; re-export the artifact")
+    return problems
 
 
 def graph_precision(predictor, claimed: str) -> tuple[str, str | None]:
@@ -311,7 +214,7 @@ def task_metadata_problems(meta: dict, tasks: TaskSet) -> list[str]:
             problems.append(f"task {t['name']!r}: {p}")
         if t.get("config") != run.config.to_dict() or t.get("num_prompts") != run.config.num_prompts:
             problems.append(f"task {t['name']!r}: the artifact's VFPT config is not the checkpoint's: re-export it")
-        if t.get("fold") == "kv" and kv_refusal(run.model) is not None:
+        if t.get("fold") == "kv" and family_of_model(run.model).parts().kv_refusal(run.model) is not None:
             problems.append(f"task {t['name']!r}: the artifact says kv fold, which this checkpoint cannot have: re-export it")
     return problems
 
@@ -349,7 +252,9 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
     the JSON report (default: beside the artifact). overrides: atol / rtol / min_cosine / min_agreement
     replacing the precision's defaults. name: how the report names the artifact (default: its path).
     run: a multitask.TaskSet for a multi-task artifact (inputs then per task: task_input_sets)."""
+    from vfpt_deploy.runtime import hardware
     from vfpt_deploy.runtime.onnx_runner import open_predictor
+    from vfpt_deploy.runtime.selfcheck import golden_of, replay
 
     artifact = Path(artifact)
     kwargs = {"threads": threads, "allow_fallback": allow_fallback} if not is_engine(artifact) else {}
@@ -370,12 +275,24 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
         else:
             comparisons = [compare(reference_logits(run, s.x, device=device), _infer(predictor, s.x), tol, s.what,
                                    s.labels, gated=tol.gate_random or not s.random) for s in inputs]
-        backend = ", ".join(getattr(predictor, "providers", None) or ["TensorRT"])
+        golden = golden_of(predictor, str(name or artifact))
+        if golden is not None and comparisons:  # what the artifact carries is checked too: replayed, and its
+            replayed, golden_issues = replay(predictor, golden, tol)  # reference recomputed from the checkpoint
+            comparisons += replayed
+            problems += golden_issues + golden_problems(golden, run, device)
+            if golden.precision != precision:
+                problems.append(f"the golden set was recorded for {golden.precision}, the graph computes in {precision}: "
+                                "re-export the artifact")
+        used = getattr(predictor, "providers", None) or ["TensorRT"]
+        backend = ", ".join(used)
+        notes = list(getattr(predictor, "notes", ()))  # e.g. an int8 form that can saturate on this CPU
     checkpoint = ", ".join(str(r.path) for r in run.runs) if multi else str(run.path)
     report = VerifyReport(name or str(artifact), checkpoint, f"{backend}; reference on {device}", precision,
                           tol.describe(), comparisons, [p for p in problems if p],
                           artifact_sha256=file_sha256(artifact), quantization=meta.get("quantization"),
-                          tasks=list(run.names) if multi else None)
+                          tasks=list(run.names) if multi else None,
+                          hardware=hardware.describe(used, gpu=is_engine(artifact) or None),
+                          golden_sha256=golden.sha256 if golden is not None else "", notes=notes)
     if comparisons and not any(c.gated for c in comparisons):
         report.problems.append(f"{precision} artifacts are gated on real images, and none were given: pass --data "
                                "builtin[:name] or a folder of images")

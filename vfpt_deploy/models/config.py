@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import UsageError
+from vfpt_deploy.errors import UsageError
 
 LOCATIONS = ("prepend", "append")
 MAX_PROMPTS = 10_000  # prompt tokens per layer; the reference uses up to a few hundred

@@ -9,18 +9,19 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import OutputError
+from vfpt_deploy.errors import OutputError, VFPTError
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str, error=None):
     """A JSON file's value, or one error line (missing, unreadable, not UTF-8, not JSON, nested too deep)."""
-    from .errors import InputError
+    from vfpt_deploy.errors import InputError
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -45,25 +46,113 @@ def umask_mode() -> int:
     return 0o666 & ~mask
 
 
+STALE_AFTER_S = 60  # a temporary file or staging folder of a dead process this old is litter (kill -9)
+_OURS = re.compile(r"\.(?:vfpt-stage-(\d+)-.*|.+\.(\d+)\.[^.]+\.tmp)")
+
+
+def make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first), so a failure can remove them again."""
+    created = []
+    for d in reversed([folder, *folder.parents]):
+        if not d.exists():
+            d.mkdir()
+            created.append(d)
+    return created
+
+
+def remove_new_dirs(created: list[Path]) -> None:
+    """Remove folders make_dirs created, innermost first, where still empty: a failed command leaves none."""
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove this tool's own temporary files and staging folders in `folder` that a killed run left behind:
+    recognised by name (.NAME.PID.XXXX.tmp, .vfpt-stage-PID-XXXX), their process gone and older than
+    STALE_AFTER_S. Returns what was removed."""
+    import time
+
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _OURS.fullmatch(e.name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        try:
+            old = time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if not old or _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
+            removed.append(Path(e.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
+
+
+def write_failure(e: BaseException, path: Path) -> OutputError | None:
+    """A failed write as one line, or None when `e` is not about writing. torch.save reports a full disk as a
+    RuntimeError from its zip writer ('basic_ios::clear', 'inline_container.cc ... unexpected pos', 'failed
+    writing file'), safetensors as its own SafetensorError; both become the same line as an OSError."""
+    text = str(e)
+    full = False
+    with contextlib.suppress(OSError):
+        full = shutil.disk_usage(path.parent if path.parent.exists() else ".").free < 64 * 2**20
+    if isinstance(e, OSError):
+        why = e.strerror or text
+    elif type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and (full or any(
+            k in text for k in ("basic_ios", "inline_container", "failed writing", "No space left", "file write failed")))):
+        why = "No space left on device" if full or "space" in text.lower() else text.strip().splitlines()[0][:120]
+    else:
+        return None
+    return OutputError(f"cannot write {path} ({why}{'; the disk is full' if full and 'space' not in why else ''}); "
+                       "free some space or choose another output path (nothing was replaced)")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it onto `path`: readers never
-    see a half-written file, and a failed write leaves the old file as it was."""
+    see a half-written file, and a failed write leaves the old file as it was (and no new empty folder)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a folder; name a file to write")
+    created: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        created = make_dirs(path.parent)
+        clean_stale(path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        remove_new_dirs(created)
         raise OutputError(f"cannot write {path} ({e.strerror}); choose a writable output path") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        # judged before the partial file goes: a torch.save on a full disk names only its zip writer's position
+        err = None if isinstance(e, (KeyboardInterrupt, SystemExit)) else write_failure(e, path)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        remove_new_dirs(created)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -149,10 +238,13 @@ class Staging:
         self.finals: dict[Path, Path] = {}  # staged -> final
 
     def __enter__(self) -> "Staging":
+        self.created: list[Path] = []
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=".vfpt-stage-", dir=self.folder))
+            self.created = make_dirs(self.folder)
+            clean_stale(self.folder)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".vfpt-stage-{os.getpid()}-", dir=self.folder))
         except OSError as e:
+            remove_new_dirs(self.created)
             raise OutputError(f"cannot write in {self.folder} ({e.strerror}); choose a writable output folder") from None
         return self
 
@@ -177,9 +269,14 @@ class Staging:
                 done.append(final)
         return done
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+        if exc is not None:
+            remove_new_dirs(self.created)  # a failed command leaves no new empty folder
+            err = None if isinstance(exc, (KeyboardInterrupt, SystemExit, VFPTError)) else write_failure(exc, self.folder)
+            if err is not None:
+                raise err from None
 
 
 # -- signals -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 
 from vfpt_deploy.artifacts.compare import Comparison, Tolerances, VerifyReport, compare
 from vfpt_deploy.errors import ArtifactError
-from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.artifacts.files import file_sha256
 from vfpt_deploy.artifacts.golden import GoldenSet, read
 from vfpt_deploy.artifacts.schema import output_classes, report_path
 
@@ -154,11 +154,7 @@ def verify_golden(artifact: str | os.PathLike, *, providers: list[str] | None = 
                           quantization=meta.get("quantization"), tasks=[t["name"] for t in meta.get("tasks") or []] or None)
     report.hardware = here
     report.golden_sha256 = golden.sha256
-    out = Path(report_path_) if report_path_ else golden_report_path(artifact)
-    if not report.passed and out.exists():  # a failed check never replaces a passing report
-        out = out.with_name(out.name.removesuffix(".json") + ".failed.json")
-        report.notes.append(f"the earlier report was kept; this one is {out.name}")
-    atomic_write(out, lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
+    report.write(Path(report_path_) if report_path_ else golden_report_path(artifact))
     return report
 
 

@@ -20,7 +20,7 @@ import torch
 from vfpt_deploy.artifacts.checkpoint import Run
 from vfpt_deploy.artifacts.compare import TOP_K, Comparison, Tolerances, VerifyReport, compare  # noqa: F401 (re-exported)
 from .errors import InputError, UsageError, VFPTError
-from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.artifacts.files import file_sha256
 from vfpt_deploy.models.families import family_of_model
 from vfpt_deploy.folding.multitask import TaskSet
 from vfpt_deploy.artifacts.schema import is_engine, report_path as default_report_path
@@ -296,9 +296,5 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
     if comparisons and not any(c.gated for c in comparisons):
         report.problems.append(f"{precision} artifacts are gated on real images, and none were given: pass --data "
                                "builtin[:name] or a folder of images")
-    out_path = Path(report_path) if report_path else default_report_path(artifact)
-    if not report.passed and out_path.exists():  # a failed verify never replaces the previous report
-        out_path = out_path.with_name(out_path.name.removesuffix(".json") + ".failed.json")
-        report.notes.append(f"the earlier report was kept; this one is {out_path.name}")
-    atomic_write(out_path, lambda tmp: Path(tmp).write_text(report.to_json() + "\n"))
+    report.write(Path(report_path) if report_path else default_report_path(artifact))
     return report

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from vfpt_deploy.errors import UsageError, VerificationError
-from vfpt_deploy.artifacts.files import dumps_json
+from vfpt_deploy.artifacts.files import atomic_write, dumps_json
 
 TOP_K = 5
 
@@ -122,6 +123,16 @@ class VerifyReport:
 
     def to_json(self) -> str:
         return dumps_json({**asdict(self), "passed": self.passed}, indent=2)
+
+    def write(self, path) -> Path:
+        """Write the report to `path`; a failed one never replaces an earlier report there: it goes to
+        NAME.failed.json instead, and its notes say so. Returns where it was written."""
+        path = Path(path)
+        if not self.passed and path.exists():
+            path = path.with_name(path.name.removesuffix(".json") + ".failed.json")
+            self.notes.append(f"the earlier report was kept; this one is {path.name}")
+        atomic_write(path, lambda tmp: Path(tmp).write_text(self.to_json() + "\n"))
+        return path
 
 
 def _nonfinite(a: np.ndarray, who: str) -> str | None:

@@ -19,7 +19,7 @@ import numpy as np
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
 from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
-                                decode_metadata, is_engine, output_classes, read_graph)
+                                decode_metadata, graph_problems, is_engine, output_classes, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
 from .hardware import int8_isa_note
@@ -213,6 +213,7 @@ class OnnxPredictor(Predictor):
         if facts is not None:
             refuse_control_flow(self.path, facts.ops)
         self.graph_precision = facts.precision if facts is not None else None
+        self._facts = facts
         self.session = make_session(path, providers, threads=threads, optimization=optimization,
                                     provider_options=provider_options, allow_fallback=allow_fallback,
                                     fixed_dims=fixed_dims)
@@ -237,6 +238,10 @@ class OnnxPredictor(Predictor):
             raise ArtifactError(f"{path}: input '{TASK_INPUT}' is {inputs[1].type}, not tensor(int64); re-export it")
         checked = check_metadata(self.metadata, str(path), inputs[0].shape)
         check_output_width(outputs[0].shape[-1], checked, str(path))
+        problems = graph_problems(self._facts, checked, [i.name for i in inputs], outputs[0].shape[-1]) \
+            if self._facts is not None else []
+        if problems:  # the same contradictions inspect shows
+            raise ArtifactError(f"{path}: {problems[0]}; re-export the artifact")
         self.preprocess = checked["preprocess"]
         note = int8_isa_note(self.metadata.get("quantization"), self.providers)
         self.notes = (note,) if note else ()

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -198,6 +199,25 @@ def refuse_control_flow(path: Path, ops) -> None:
                             "(a crafted graph can run for ever); re-export the model with 'vfpt-deploy export'")
 
 
+RUN_FAILURE_FIX = "re-export the model with 'vfpt-deploy export'"  # (the export pipeline says what it did instead)
+
+
+def ort_cause(e: BaseException, limit: int = 240) -> str:
+    """onnxruntime's failure in one short line that keeps its cause: the op and node, then the reason, without
+    the source location, C++ signature and failed check that come before it ('... dynamic_quantize_matmul.cc:97
+    onnxruntime::common::Status ...(...) const IsBQuantParamSupported(...) was false. MatmulInteger : b zero
+    point is not valid'). Cut from the front when still long: the cause is at the end."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    m = re.match(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if m:
+        op, node, status = m.groups()
+        status = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ .*? was false\. ", "", status)
+        status = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ ", "", status)
+        text = f"{op} node {node[:80]!r}: {status}"
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
 class OnnxPredictor(Predictor):
     """Serve an exported VFPT ONNX model with onnxruntime. `session` is the InferenceSession (None once
     closed); `providers` what it really runs on."""
@@ -263,9 +283,8 @@ class OnnxPredictor(Predictor):
         try:
             return self.session.run(None, feed, self._quiet_run)[0]
         except Exception as e:  # onnxruntime's own Fail / RuntimeException types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {first}; "
-                                "re-export the model with 'vfpt-deploy export'") from None
+            raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {ort_cause(e)}; "
+                                f"{RUN_FAILURE_FIX}") from None
 
     def close(self) -> None:
         """Release the session (its memory goes when nothing else holds it). Safe to call twice."""

@@ -297,7 +297,14 @@ def _verify(stage: Staging, paths: ExportPaths, run: Run | TaskSet, settings: Ex
             # the ONNX the engine was built from.
             notes.append(f"engine built but NOT run here ({e}); verified the ONNX it was built from")
             common["report_path"] = stage.path(report_path(paths.onnx))
-    return verify_artifact(stage.dir / paths.onnx.name, name=str(paths.onnx), **common)
+    try:
+        return verify_artifact(stage.dir / paths.onnx.name, name=str(paths.onnx), **common)
+    except ArtifactError as e:  # the file just written does not run: name it as the user knows it, no re-export
+        from vfpt_deploy.runtime.onnx_runner import RUN_FAILURE_FIX
+
+        msg = str(e).replace(str(stage.dir / paths.onnx.name), str(paths.onnx))
+        raise ArtifactError(msg.replace(RUN_FAILURE_FIX, "nothing was written (this export cannot run in onnxruntime: "
+                                                         "try another --precision, --quantize or --fold)")) from None
 
 
 def recorded_builtin_data(run: Run) -> str | None:

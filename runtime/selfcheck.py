@@ -55,12 +55,26 @@ def golden_of(predictor: Predictor, source: str) -> GoldenSet | None:
                 width=output_classes(predictor.metadata))
 
 
-def replay(predictor: Predictor, golden: GoldenSet, tol: Tolerances | None = None) -> tuple[list[Comparison], list[str]]:
-    """Every golden set through the predictor, compared with its stored reference under `tol` (default: the
-    recorded gate). A multi-task artifact's rows beyond their task's classes must be -inf."""
+def load_sets(golden: GoldenSet) -> list[dict]:
+    """What the load-time check replays: per task, the first row of its real images (the gate every precision
+    applies; int8 gates nothing else), else of its random inputs. One ViT-B/16 image is about half a second on
+    2 CPU cores (docs/benchmarks.md); `verify ARTIFACT` replays every row."""
+    chosen: dict = {}
+    for s in golden.sets:
+        t = s.get("task")
+        if t not in chosen or (chosen[t]["random"] and not s["random"]):
+            chosen[t] = s
+    return [{**s, "stop": s["start"] + 1} for s in chosen.values()]
+
+
+def replay(predictor: Predictor, golden: GoldenSet, tol: Tolerances | None = None,
+           sets: list[dict] | None = None) -> tuple[list[Comparison], list[str]]:
+    """Every golden set (or the given `sets` of its rows) through the predictor, compared with its stored
+    reference under `tol` (default: the recorded gate). A multi-task artifact's rows beyond their task's classes
+    must be -inf."""
     tol = tol or golden.tolerances
     comparisons, problems = [], []
-    for s in golden.sets:
+    for s in golden.sets if sets is None else sets:
         rows = slice(s["start"], s["stop"])
         x, ref = golden.x[rows], golden.logits[rows]
         ids = None if golden.task is None else golden.task[rows]
@@ -77,13 +91,15 @@ def replay(predictor: Predictor, golden: GoldenSet, tol: Tolerances | None = Non
     return comparisons, problems
 
 
-def self_check(predictor: Predictor, source: str, tol: Tolerances | None = None) -> SelfCheck | None:
-    """Replay the artifact's golden set; None when it has none. A crafted golden set raises ArtifactError."""
+def self_check(predictor: Predictor, source: str, tol: Tolerances | None = None,
+               at_load: bool = False) -> SelfCheck | None:
+    """Replay the artifact's golden set (at_load: only load_sets' rows); None when it has none. A crafted golden
+    set raises ArtifactError."""
     t0 = time.perf_counter()
     golden = golden_of(predictor, source)
     if golden is None:
         return None
-    comparisons, problems = replay(predictor, golden, tol)
+    comparisons, problems = replay(predictor, golden, tol, load_sets(golden) if at_load else None)
     if comparisons and not any(c.gated for c in comparisons):
         problems.append(f"the golden set has no real images, and {golden.precision} artifacts are gated on images")
     passed = not problems and all(not c.failures for c in comparisons)
@@ -169,7 +185,7 @@ def check_on_load(predictor: Predictor, source: str) -> SelfCheck | None:
     if hasattr(predictor, "self_check_result"):
         result = predictor.self_check_result
     else:
-        result = predictor.self_check_result = self_check(predictor, source)
+        result = predictor.self_check_result = self_check(predictor, source, at_load=True)
     if result is not None and not result.passed:
         isa = "; ".join(n for n in (isa_note(result.golden), *getattr(predictor, "notes", ())) if n)
         raise ArtifactError(f"{source} does not reproduce its golden set on this machine ({result.failure}; "
@@ -185,5 +201,6 @@ def describe_check(result: SelfCheck | None) -> str:
         return "no golden set (exported before vfpt-deploy recorded one): not self-checked; re-export to get one"
     worst = max((c.max_abs for c in result.comparisons), default=0.0)
     cosine = min((c.min_cosine for c in result.comparisons), default=1.0)
-    return (f"self-check {'passed' if result.passed else 'FAILED'}: {result.golden.rows} golden inputs, max |diff| "
+    rows = sum(c.samples for c in result.comparisons)
+    return (f"self-check {'passed' if result.passed else 'FAILED'}: {rows} of {result.golden.rows} golden inputs, max |diff| "
             f"{worst:.3g}, min cosine {cosine:.6f}, {result.seconds * 1000:.0f} ms")

@@ -338,7 +338,8 @@ class VFPTModel(MLModel):
         if r is None:
             has_golden = "golden" in self.predictor.metadata
             return {"self_check": "off" if has_golden else "absent"}
-        return {"self_check": "passed", "self_check_seconds": round(r.seconds, 4), "self_check_inputs": r.golden.rows}
+        return {"self_check": "passed", "self_check_seconds": round(r.seconds, 4),
+                "self_check_inputs": sum(c.samples for c in r.comparisons)}
 
     def _task_metadata(self) -> dict:
         """For a task model: its task, its artifact's name, and the models sharing its session and batcher."""

@@ -8,7 +8,7 @@ from vfpt_deploy.config import VFPTConfig
 from vfpt_deploy.model import VFPTViT
 from vfpt_deploy.train import TrainSettings, fit
 
-from conftest import tiny_backbone, tiny_model
+from conftest import assert_logits_close, tiny_backbone, tiny_model
 
 N_PATCHES = 16  # conftest's tiny ViT: 32 x 32 images, 8 x 8 patches
 
@@ -56,14 +56,14 @@ CASES = [dict(num_prompts=M, alpha=a, deep=d, location=loc)
 @torch.no_grad()
 def test_model_matches_hand_written_forward(cfg, images):
     model = tiny_model(scale=4.0, **cfg)
-    np.testing.assert_allclose(model(images).numpy(), reference_forward(model, images).numpy(), atol=2e-5)
+    assert_logits_close(model(images), reference_forward(model, images), "model vs hand-written forward")
 
 
 @torch.no_grad()
 def test_projection_forward_matches_reference(images):
     model = tiny_model(num_prompts=4, alpha=0.5, project=6)
     assert model.prompt_embeddings.shape == (1, 4, 6)
-    np.testing.assert_allclose(model(images).numpy(), reference_forward(model, images).numpy(), atol=2e-5)
+    assert_logits_close(model(images), reference_forward(model, images), "model vs hand-written forward")
 
 
 @pytest.mark.parametrize("deep", [True, False])
@@ -73,7 +73,7 @@ def test_mean_pooling_reads_prompt_rows_like_the_reference(deep, images):
     model = VFPTViT(tiny_backbone(global_pool="avg"), 4, VFPTConfig(num_prompts=6, alpha=0.5, deep=deep)).eval()
     for p in model.tuned_parameters().values():
         p.mul_(4.0)
-    np.testing.assert_allclose(model(images).numpy(), reference_forward(model, images).numpy(), atol=2e-5)
+    assert_logits_close(model(images), reference_forward(model, images), "model vs hand-written forward")
 
 
 # -- what each block sees ------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_location_orders_the_prompt_rows_but_not_the_logits(deep, images):
     assert torch.equal(x_pre[:, 3:6], x_app[:, 1:4])  # P[2:]: rows 3-5 vs rows 1-3
     assert (x_pre[:, 1:6] - x_app[:, 1:6]).abs().max() > 0.1
     # No position embedding on prompts, and blocks treat rows as a set: the order does not reach the logits.
-    torch.testing.assert_close(pre(images), app(images), rtol=0, atol=2e-5)
+    assert_logits_close(pre(images), app(images), "prepend vs append")
 
 
 def test_shallow_prompts_flow_on(images):

@@ -56,11 +56,11 @@ def train_run(out: str | Path, *, data: str, model_name: str, model_kwargs: dict
     check_outputs({"--out": out}, {"--data": data, "--weights": weights})
     settings.check()
     seed_everything(settings.seed)
+    train_images, val_images = load_splits(data)  # file lists only: a bad data folder fails before any work
     if backbone is None:
         if weights == "random":
             log.warning("the backbone is randomly initialised: fine for tests, meaningless for real use")
         backbone = build_backbone(model_name, model_kwargs, weights)
-    train_images, val_images = load_splits(data)
     preprocess = preprocess_for(backbone, crop_pct)
     train_set, val_set = TensorDataset(train_images, preprocess), TensorDataset(val_images, preprocess)
     model = vfpt_model(backbone, num_classes=len(train_images.classes), config=config)  # a ViT or a Swin

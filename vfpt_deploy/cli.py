@@ -431,12 +431,27 @@ def finish_verify(report, written: list | None = None) -> None:
     """Print the comparison; exit 1 (one line) when it failed."""
     print_verify(report)
     if not report.passed:
-        kept = ("nothing was written, the previous artifact and report are untouched" if written is not None
-                else "an earlier passing report was kept")
-        err_console.print(f"[bold red]error:[/] the artifact is outside tolerance (see the table above; {kept}); "
-                          "re-export it, or state looser tolerances with --atol/--min-cosine/--min-agreement/--max-top1-drop "
-                          "if that is intended", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(verify_failure(report, written))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1)
+
+
+def verify_failure(report, written: list | None = None) -> str:
+    """The one line a failed verification ends with: the check that really failed (a problem such as a
+    checkpoint that is not the artifact's, else the tolerances) and what happened to the files."""
+    if written is not None:
+        kept = "; nothing was written, the previous artifact and report are untouched"
+    elif any(n.startswith("the earlier report was kept") for n in report.notes):
+        kept = "; the earlier report was kept"
+    else:
+        kept = ""
+    outside = any(c.failures for c in report.comparisons)
+    if report.problems:
+        more = len(report.problems) - 1
+        return (report.problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''} above)" if more else "")
+                + ("; the logits are outside tolerance too (see the table above)" if outside else "") + kept)
+    return (f"the artifact is outside tolerance (see the table above{kept}); re-export it, or state looser tolerances "
+            "with --atol/--min-cosine/--min-agreement/--max-top1-drop if that is intended")
 
 
 @app.command()

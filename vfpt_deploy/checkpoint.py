@@ -32,12 +32,12 @@ from .config import VFPTConfig
 from .errors import InputError, UsageError, VFPTError
 from .files import atomic_write, file_sha256
 from .model import VFPTViT
+from .schema import RUN_SUFFIXES  # noqa: F401 (what train and import write; defined torch-free there)
 from .swin import check_swin_config, is_swin_name, vfpt_model
 from .swin import tuned_shapes as swin_tuned_shapes
 from vfpt_deploy.runtime.preprocess import Preprocess
 
 FORMAT = "vfpt-deploy.run"
-RUN_SUFFIXES = (".pt", ".pth")  # what train and import write
 VERSION = 1
 _REQUIRED = ("config", "backbone", "classes", "preprocess", "tuned")
 MAX_CLASSES = 100_000

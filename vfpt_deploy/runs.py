@@ -10,7 +10,7 @@ import torch
 
 from .backbone import build_backbone
 from .checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
-from .config import VFPTConfig
+from .config import VFPTConfig, check_crop_pct
 from .data import TensorDataset, load_splits
 from .errors import UsageError
 from .files import check_outputs, check_suffix
@@ -29,8 +29,7 @@ def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:
     mean = list(cfg.get("mean", (0.5, 0.5, 0.5)))
     std = list(cfg.get("std", (0.5, 0.5, 0.5)))
     h, w = (int(v) for v in backbone.patch_embed.img_size)
-    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
-        raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct!r}")
+    check_crop_pct(crop_pct)
     if crop_pct == 1.0:
         return Preprocess(resize=[h, w], crop=None, mean=mean, std=std, interpolation="bilinear")
     return Preprocess(resize=int(round(min(h, w) / crop_pct)), crop=[h, w], mean=mean, std=std, interpolation="bilinear")

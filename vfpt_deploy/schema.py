@@ -30,6 +30,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TASK_INPUT = "task"  # multi-task artifacts: int64 [batch], the task index of each sample
 ARTIFACT_FORMAT = "vfpt-deploy.artifact"
+RUN_SUFFIXES = (".pt", ".pth")  # what train and import write (a run.pt)
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 SIDECAR_FORMAT = "vfpt-deploy.trt-engine"

@@ -29,19 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from prompt_cost import MODELS, NUM_CLASSES  # noqa: E402
-from vfpt_deploy.backbone import create_backbone  # noqa: E402
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
-from vfpt_deploy.config import VFPTConfig  # noqa: E402
+from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.data import builtin_split  # noqa: E402
-from vfpt_deploy.files import atomic_write, dumps_json  # noqa: E402
-from vfpt_deploy.golden import KEY  # noqa: E402
-from vfpt_deploy.model import VFPTViT  # noqa: E402
+from vfpt_deploy.artifacts.files import atomic_write, dumps_json  # noqa: E402
+from vfpt_deploy.artifacts.golden import KEY  # noqa: E402
+from vfpt_deploy.models.vit.model import VFPTViT  # noqa: E402
 from vfpt_deploy.pipeline import ExportSettings, export_run  # noqa: E402
 from vfpt_deploy.runs import preprocess_for  # noqa: E402
 from vfpt_deploy.runtime.hardware import describe, summary  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor  # noqa: E402
 from vfpt_deploy.runtime.selfcheck import self_check, verify_golden  # noqa: E402
-from vfpt_deploy.schema import read_graph  # noqa: E402
+from vfpt_deploy.artifacts.schema import read_graph  # noqa: E402
 
 
 def make_run(model_name: str, prompts: int, work: Path):

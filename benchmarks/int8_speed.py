@@ -35,18 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from prompt_cost import MODELS, NUM_CLASSES, ints, time_calls  # noqa: E402
-from vfpt_deploy.backbone import create_backbone  # noqa: E402
+from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
 from vfpt_deploy.calibration import calibration_set  # noqa: E402
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
-from vfpt_deploy.config import VFPTConfig  # noqa: E402
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.data import builtin_split  # noqa: E402
 from vfpt_deploy.exporters.onnx import export_module, export_onnx  # noqa: E402
 from vfpt_deploy.exporters.quantize import quantize_onnx  # noqa: E402
-from vfpt_deploy.files import atomic_write, dumps_json  # noqa: E402
-from vfpt_deploy.model import VFPTViT  # noqa: E402
+from vfpt_deploy.artifacts.files import atomic_write, dumps_json  # noqa: E402
+from vfpt_deploy.models.vit.model import VFPTViT  # noqa: E402
 from vfpt_deploy.pipeline import ExportSettings  # noqa: E402
 from vfpt_deploy.runs import preprocess_for  # noqa: E402
-from vfpt_deploy.schema import read_graph  # noqa: E402
+from vfpt_deploy.artifacts.schema import read_graph  # noqa: E402
 from vfpt_deploy.runtime import hardware  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import make_session  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info  # noqa: E402

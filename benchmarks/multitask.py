@@ -69,8 +69,8 @@ class Tasks:
         import torch
 
         from prompt_cost import MODELS
-        from vfpt_deploy.backbone import create_backbone, state_sha256
-        from vfpt_deploy.checkpoint import BackboneInfo
+        from vfpt_deploy.models.backbone import create_backbone, state_sha256
+        from vfpt_deploy.artifacts.checkpoint import BackboneInfo
         from vfpt_deploy.runs import preprocess_for
 
         self.name, self.kwargs = MODELS["tiny"] if tiny else MODELS.get(model, (model, {}))
@@ -86,9 +86,9 @@ class Tasks:
         if spec["name"] not in self.runs:
             import torch
 
-            from vfpt_deploy.checkpoint import Run
-            from vfpt_deploy.config import VFPTConfig
-            from vfpt_deploy.model import VFPTViT
+            from vfpt_deploy.artifacts.checkpoint import Run
+            from vfpt_deploy.models.config import VFPTConfig
+            from vfpt_deploy.models.vit.model import VFPTViT
 
             torch.manual_seed(10_000 + 1000 * spec["index"] + spec["M"])
             model = VFPTViT(self.backbone, spec["classes"], VFPTConfig(num_prompts=spec["M"], deep=True, alpha=0.5)).eval()
@@ -100,7 +100,7 @@ class Tasks:
         return self.runs[spec["name"]]
 
     def task_set(self, specs: list[dict]):
-        from vfpt_deploy.multitask import check_task_set
+        from vfpt_deploy.folding.multitask import check_task_set
 
         return check_task_set([s["name"] for s in specs], [self.run(s) for s in specs])
 
@@ -133,7 +133,7 @@ def _export(path: Path, reuse: bool, log, fn) -> Path:
 
 def sizes(sets: dict, counts: list[int], singles: dict, multis: dict, tasks: Tasks) -> list[dict]:
     """File bytes; the prompt constants' share computed from the multi-task module's constant shapes."""
-    from vfpt_deploy.multitask import fold_tasks
+    from vfpt_deploy.folding.multitask import fold_tasks
 
     rows = []
     for set_name, specs in sets.items():
@@ -168,7 +168,7 @@ def rss_child(spec: dict) -> dict:
     import onnxruntime  # noqa: F401  (counted in the baseline)
 
     from vfpt_deploy.runtime.onnx_runner import make_session
-    from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT
+    from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT
 
     x = np.random.default_rng(0).standard_normal((spec["batch"], 3, *spec["image_size"]), dtype=np.float32)
     baseline = _vm("VmHWM")
@@ -237,7 +237,7 @@ def latency_forms(sets: dict, t: int, batch: int) -> dict:
 def latency(sets: dict, t: int, singles: dict, multis: dict, image_size, args, log) -> dict:
     from prompt_cost import time_calls
     from vfpt_deploy.runtime.onnx_runner import make_session
-    from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT
+    from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT
 
     forms = latency_forms(sets, t, args.batch)
     x = np.random.default_rng(8).standard_normal((args.batch, 3, *image_size), dtype=np.float32)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from vfpt_deploy.files import atomic_write, dumps_json
+    from vfpt_deploy.artifacts.files import atomic_write, dumps_json
     from vfpt_deploy.runtime.timing import machine_info
 
     log = lambda s: print(s, flush=True)  # noqa: E731

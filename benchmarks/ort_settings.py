@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vfpt_deploy.bench import make_input  # noqa: E402
-from vfpt_deploy.files import atomic_write  # noqa: E402
+from vfpt_deploy.artifacts.files import atomic_write  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import make_session  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info, physical_cores  # noqa: E402
 
@@ -35,11 +35,11 @@ from vfpt_deploy.runtime.timing import machine_info, physical_cores  # noqa: E40
 def export_kv(model: str, prompts: int, path: Path) -> Path:
     import torch
 
-    from vfpt_deploy.backbone import create_backbone
-    from vfpt_deploy.config import VFPTConfig
+    from vfpt_deploy.models.backbone import create_backbone
+    from vfpt_deploy.models.config import VFPTConfig
     from vfpt_deploy.exporters.onnx import export_module
-    from vfpt_deploy.fold import fold_model
-    from vfpt_deploy.model import VFPTViT
+    from vfpt_deploy.folding import fold_model
+    from vfpt_deploy.models.vit.model import VFPTViT
 
     name, kwargs = {"tiny": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3,
                                                       "num_heads": 2})}.get(model, (model, {}))

@@ -36,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vfpt_deploy.backbone import create_backbone  # noqa: E402
+from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
 from vfpt_deploy.bench import make_input  # noqa: E402
-from vfpt_deploy.files import atomic_write  # noqa: E402
-from vfpt_deploy.config import VFPTConfig  # noqa: E402
+from vfpt_deploy.artifacts.files import atomic_write  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.exporters.onnx import export_module  # noqa: E402
-from vfpt_deploy.fold import fold_model  # noqa: E402
-from vfpt_deploy.swin import VFPTSwin, vfpt_model  # noqa: E402
+from vfpt_deploy.folding import fold_model  # noqa: E402
+from vfpt_deploy.models.families import vfpt_model  # noqa: E402
+from vfpt_deploy.models.swin.model import VFPTSwin  # noqa: E402
 from vfpt_deploy.runtime.onnx_runner import make_session  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info  # noqa: E402
 

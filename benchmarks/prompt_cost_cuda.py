@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vfpt_deploy.backbone import create_backbone  # noqa: E402
-from vfpt_deploy.config import VFPTConfig  # noqa: E402
-from vfpt_deploy.fold import fold_model  # noqa: E402
-from vfpt_deploy.model import VFPTViT  # noqa: E402
+from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
+from vfpt_deploy.folding import fold_model  # noqa: E402
+from vfpt_deploy.models.vit.model import VFPTViT  # noqa: E402
 
 MODELS = {
     "vit_base_patch16_224": ("vit_base_patch16_224", {}),

@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vfpt_deploy.backbone import create_backbone  # noqa: E402
+from vfpt_deploy.models.backbone import create_backbone  # noqa: E402
 from vfpt_deploy.bench import OrtBackend, TorchBackend, Unavailable  # noqa: E402
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
-from vfpt_deploy.config import VFPTConfig  # noqa: E402
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
 from vfpt_deploy.errors import VFPTError  # noqa: E402
-from vfpt_deploy.fold import fold_model  # noqa: E402
-from vfpt_deploy.model import VFPTViT  # noqa: E402
+from vfpt_deploy.folding import fold_model  # noqa: E402
+from vfpt_deploy.models.vit.model import VFPTViT  # noqa: E402
 from vfpt_deploy.runtime.preprocess import Preprocess  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info  # noqa: E402
 

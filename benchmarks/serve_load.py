@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vfpt_deploy.files import atomic_write, dumps_json  # noqa: E402
+from vfpt_deploy.artifacts.files import atomic_write, dumps_json  # noqa: E402
 from vfpt_deploy.runtime.timing import machine_info  # noqa: E402
 
 MODELS = {  # name -> (timm name, kwargs, prompts M, classes)
@@ -57,11 +57,11 @@ def build(model: str, work: Path) -> Path:
         return path
     import torch
 
-    from vfpt_deploy.backbone import create_backbone
-    from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
-    from vfpt_deploy.config import VFPTConfig
+    from vfpt_deploy.models.backbone import create_backbone
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
+    from vfpt_deploy.models.config import VFPTConfig
     from vfpt_deploy.exporters.onnx import export_onnx
-    from vfpt_deploy.model import VFPTViT
+    from vfpt_deploy.models.vit.model import VFPTViT
     from vfpt_deploy.runs import preprocess_for
 
     name, kwargs, prompts, classes = MODELS[model]

@@ -17,11 +17,11 @@ import onnx
 import torch
 
 from vfpt_deploy import __version__
-from vfpt_deploy.checkpoint import Run
+from vfpt_deploy.artifacts.checkpoint import Run
 from vfpt_deploy.errors import UsageError, VFPTError
-from vfpt_deploy.files import atomic_write
-from vfpt_deploy.fold import fold_model
-from vfpt_deploy.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, TASK_INPUT, encode_metadata, op_histogram  # noqa: F401
+from vfpt_deploy.artifacts.files import atomic_write
+from vfpt_deploy.folding import fold_model
+from vfpt_deploy.artifacts.schema import ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, TASK_INPUT, encode_metadata, op_histogram  # noqa: F401
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization: avoids TensorRT's fp16 LayerNorm overflow
 MAX_PROTOBUF = 2 * 1024**3
@@ -206,7 +206,7 @@ def export_tasks(tasks, path: str | os.PathLike, *, fold: str = "auto", precisio
                  opset: int = DEFAULT_OPSET, fold_dtype: torch.dtype = torch.float32) -> ExportResult:
     """A multitask.TaskSet -> one ONNX holding the backbone once and every task's constants and head.
     Inputs `images` and `task` (int64 [batch]); output `logits` [batch, widest task's classes]."""
-    from vfpt_deploy.multitask import fold_tasks
+    from vfpt_deploy.folding.multitask import fold_tasks
 
     if fold == "none":
         raise UsageError("fold 'none' cannot be exported; use --fold auto, tokens or kv")

@@ -43,8 +43,8 @@ import numpy as np
 import onnx
 
 from vfpt_deploy.errors import RuntimeSetupError, UsageError, VFPTError
+from vfpt_deploy.artifacts.schema import INPUT_NAME, QUANTIZE_MODES, encode_metadata
 from vfpt_deploy.runtime.hardware import INT8_FORMS, int8_cpu_record
-from vfpt_deploy.schema import INPUT_NAME, QUANTIZE_MODES, encode_metadata
 
 # Linear layers (weights x activations) and the attention products (activations x activations).
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
@@ -360,7 +360,7 @@ def stamp(src: Path, dst: Path, info: dict) -> QuantizeResult:
     """Copy src's vfpt metadata onto the quantized file (quantizers drop or keep it unpredictably) with
     precision int8, the real opset and the quantization record; check the result."""
     from vfpt_deploy.exporters.onnx import op_histogram
-    from vfpt_deploy.schema import decode_metadata
+    from vfpt_deploy.artifacts.schema import decode_metadata
 
     meta = decode_metadata({p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props})
     model = onnx.load(str(dst))

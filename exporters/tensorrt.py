@@ -35,9 +35,9 @@ import numpy as np
 
 from vfpt_deploy import __version__
 from vfpt_deploy.errors import ArtifactError, InputError, RuntimeSetupError, UsageError, VFPTError
-from vfpt_deploy.files import Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256
+from vfpt_deploy.artifacts.files import Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256
 from vfpt_deploy.runtime.tensorrt_runner import FLAVORS, CudaDevice, cuda_device, import_tensorrt
-from vfpt_deploy.schema import (ARTIFACT_FORMAT, ENGINE_SUFFIXES, INPUT_NAME, MAX_BATCH, OUTPUT_NAME, PRECISIONS,
+from vfpt_deploy.artifacts.schema import (ARTIFACT_FORMAT, ENGINE_SUFFIXES, INPUT_NAME, MAX_BATCH, OUTPUT_NAME, PRECISIONS,
                                 SIDECAR_FORMAT, SIDECAR_VERSION, TASK_DTYPES, TASK_INPUT, TRT_FLAVORS, read_graph,
                                 sidecar_path)
 

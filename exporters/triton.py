@@ -39,9 +39,9 @@ from pathlib import Path
 
 from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError, VFPTError
 from vfpt_deploy.extras import MissingExtra, install_hint
-from vfpt_deploy.files import Staging, file_sha256, umask_mode
+from vfpt_deploy.artifacts.files import Staging, file_sha256, umask_mode
 from vfpt_deploy.inspect_artifact import inspect_artifact, printable
-from vfpt_deploy.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
                                 read_graph, report_path)
 
 KINDS = ("gpu", "cpu")
@@ -216,7 +216,7 @@ def _refuse_multitask(path: Path) -> None:
     inspect_artifact to report."""
     try:
         if is_engine(path):
-            from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+            from vfpt_deploy.artifacts.schema import read_sidecar
 
             meta = read_sidecar(path)["metadata"]
         else:

@@ -19,8 +19,8 @@ import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
-from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
-                                decode_metadata, graph_problems, is_engine, output_classes, read_graph)
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
+                                          decode_metadata, graph_problems, is_engine, output_classes, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
 from .hardware import int8_isa_note

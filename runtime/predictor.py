@@ -2,7 +2,7 @@
 
 A backend (onnxruntime, TensorRT) implements `infer` on a preprocessed float32 NCHW batch; everything
 else -- preprocessing from the artifact's own (checked) metadata, batching, softmax, top-k with class
-names, per-file errors -- lives here once. The metadata schema is vfpt_deploy.schema.
+names, per-file errors -- lives here once. The metadata schema is vfpt_deploy.artifacts.schema.
 Predictors hold sessions or GPU buffers: close() them, or use them as context managers.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from vfpt_deploy.errors import ImageError, UsageError
-from vfpt_deploy.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata,  # noqa: F401
+from vfpt_deploy.artifacts.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata,  # noqa: F401
                                 task_names)
 
 from .preprocess import Preprocess, load_image

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vfpt_deploy.compare import Comparison, Tolerances, VerifyReport, compare
+from vfpt_deploy.artifacts.compare import Comparison, Tolerances, VerifyReport, compare
 from vfpt_deploy.errors import ArtifactError
-from vfpt_deploy.files import atomic_write, file_sha256
-from vfpt_deploy.golden import GoldenSet, read
-from vfpt_deploy.schema import output_classes, report_path
+from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.artifacts.golden import GoldenSet, read
+from vfpt_deploy.artifacts.schema import output_classes, report_path
 
 from . import hardware
 from .predictor import Predictor
@@ -123,7 +123,7 @@ def verify_golden(artifact: str | os.PathLike, *, providers: list[str] | None = 
     """`verify ARTIFACT` without a checkpoint: replay its golden set here and write the report (default:
     ARTIFACT.golden.verify.json, so the fuller report of a verify against the checkpoint is never replaced)."""
     from .onnx_runner import open_predictor
-    from vfpt_deploy.schema import is_engine
+    from vfpt_deploy.artifacts.schema import is_engine
 
     artifact = Path(artifact)
     kwargs = {} if is_engine(artifact) else {"threads": threads, "allow_fallback": allow_fallback}

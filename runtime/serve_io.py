@@ -31,7 +31,7 @@ from mlserver.errors import MLServerError
 from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, Parameters, ResponseOutput
 
 from vfpt_deploy.errors import ImageError
-from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME
+from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
 
 from .preprocess import Preprocess, load_image
 from .serve_limits import check_claimed_pixels

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, UsageError
-from vfpt_deploy.files import atomic_write, check_outputs, dumps_json
-from vfpt_deploy.schema import MAX_BATCH, is_engine, sidecar_path
+from vfpt_deploy.artifacts.files import atomic_write, check_outputs, dumps_json
+from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine, sidecar_path
 
 DEFAULT_PORTS = {"http_port": 8080, "grpc_port": 8081, "metrics_port": 8082}  # MLServer's own defaults
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")

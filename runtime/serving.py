@@ -38,7 +38,7 @@ from mlserver.types import InferenceRequest, InferenceResponse, MetadataModelRes
 from mlserver.utils import get_model_uri
 
 from vfpt_deploy.errors import UsageError, VFPTError
-from vfpt_deploy.schema import MAX_BATCH, is_engine
+from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine
 from vfpt_deploy.threads import resolve_threads
 
 from . import serve_limits

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError, VFPTError
-from vfpt_deploy.files import file_sha256, read_json
-from vfpt_deploy.schema import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, TASK_INPUT,  # noqa: F401
-                                check_metadata, check_output_width, check_sidecar, sidecar_path)
+from vfpt_deploy.artifacts.files import file_sha256  # noqa: F401 (re-exported)
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, TASK_INPUT,  # noqa: F401
+                                check_metadata, check_output_width, check_sidecar, read_sidecar, sidecar_path)
 
 from .predictor import Predictor
 
@@ -112,17 +112,6 @@ def _cc(s: str) -> tuple[int, int]:
 def _version(s: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(s).split(".")[:3] if p.isdigit())
 
-
-def read_sidecar(engine_path: str | Path) -> dict:
-    """The engine's JSON sidecar, checked for shape; one-line errors for every way it can be wrong."""
-    engine_path = Path(engine_path)
-    if not engine_path.is_file():
-        raise ArtifactError(f"engine {engine_path} does not exist; build one with 'vfpt-deploy export --format trt'")
-    side = sidecar_path(engine_path)
-    if not side.is_file():
-        raise ArtifactError(f"engine {engine_path} has no sidecar {side.name} (it holds the TensorRT version, GPU, "
-                        "classes and preprocessing); rebuild the engine with 'vfpt-deploy export --format trt'")
-    return check_sidecar(read_json(side, "sidecar", "rebuild the engine", ArtifactError), str(side))
 
 
 def check_compatible(sidecar: dict, trt_version: str, device: CudaDevice | None) -> list[str]:

@@ -414,10 +414,10 @@ make_run() {  # the ViT-B/16 run.pt with M=50 deep prompts (kept in WORK for the
     "$PY" - "$WORK/run.pt" "$MODEL" "$M" > "$LOGS/run_pt.log" 2>&1 <<'EOF'
 import sys
 import torch
-from vfpt_deploy.backbone import create_backbone
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
-from vfpt_deploy.config import VFPTConfig
-from vfpt_deploy.model import VFPTViT
+from vfpt_deploy.models.backbone import create_backbone
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.vit.model import VFPTViT
 from vfpt_deploy.runtime.preprocess import Preprocess
 
 name, m = sys.argv[2], int(sys.argv[3])
@@ -453,7 +453,7 @@ make_onnx() {  # PREC: WORK/kv50.PREC.onnx from the run.pt (once; the outcome of
     cp -f "$onnx.verify.json" "$OUT/export_kv50_$prec.verify.json" 2>/dev/null
     note="export rc $rc ($(summarize_verify "$OUT/export_kv50_$prec.verify.json"))"
     if [[ ! -f $onnx ]]; then  # written anyway (no verification), so that the checks after it have a file
-        timeout 180 "$PY" -c 'import sys; from vfpt_deploy.checkpoint import load_run; from vfpt_deploy.exporters.onnx import export_onnx; export_onnx(load_run(sys.argv[1]), sys.argv[2], fold="kv", precision=sys.argv[3])' \
+        timeout 180 "$PY" -c 'import sys; from vfpt_deploy.artifacts.checkpoint import load_run; from vfpt_deploy.exporters.onnx import export_onnx; export_onnx(load_run(sys.argv[1]), sys.argv[2], fold="kv", precision=sys.argv[3])' \
             "$WORK/run.pt" "$onnx" "$prec" >> "$LOGS/export_$prec.log" 2>&1
         note="$note; written without verification for the checks after it"
     fi

@@ -81,7 +81,7 @@ def randomize(model: nn.Module, seed: int) -> None:
 
 def check(cls, arch: dict, M: int, deep: bool, alpha: float, work: Path, batch: int = 3) -> tuple[float, float | None]:
     """(gated max |diff|, whole-batch max |diff| of a shallow model or None)."""
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.reference import import_checkpoint
 
     torch.manual_seed(0)

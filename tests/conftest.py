@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vfpt_deploy.backbone import create_backbone
-from vfpt_deploy.config import VFPTConfig
-from vfpt_deploy.model import VFPTViT
+from vfpt_deploy.models.backbone import create_backbone
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.vit.model import VFPTViT
 
 TINY = "vit_tiny_patch16_224"
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
@@ -46,12 +46,16 @@ def parity_limit(expected) -> float:
     Each reordered sum is off by a few float32 ulps (2^-23 = 1.2e-7 relative) of what it adds, and the
     matmuls, softmaxes and LayerNorms of every block add those up at the logits: 8e-6 is about 67 ulps of the
     largest logit, 3e-5 about 250 ulps of the O(1) normalized features the head reads (the whole error when
-    the logits are small). Measured on these tests: at most 1.6e-5, always on the Swin models (8 blocks, 3
-    patch merges, logits 1.6-7), with PyTorch's AVX-512, AVX2-only and scalar kernels and ONNX Runtime on an
-    AVX-512 CPU and on an emulated AVX2-only one; this rule leaves 4.3x headroom or more on every check. A
-    flat 1e-5 sat on that floor (an AVX2-only Zen 3 reached 1.05e-5). A real error moves the logits by 1e-3
-    or more (a prompt key or value off by 0.1%, a padded prompt row that gets weight, two prompts' keys
-    swapped): the tests that catch those were broken on purpose under this rule and fail."""
+    the logits are small). Measured on these tests: at most 1.7e-5, always on the Swin models (8 blocks, 3
+    patch merges, logits 1.6-7), on an AVX-512 CPU with PyTorch's AVX-512, AVX2 and scalar kernels and on an
+    emulated AVX2-only CPU (qemu -cpu Haswell: PyTorch and ONNX Runtime); this rule leaves 4.3x headroom or
+    more on every check. A flat 1e-5 sat on that floor (an AVX2-only Zen 3 reached 1.05e-5).
+    The tests built to catch real errors still do, by a wide margin (checked by breaking the code on purpose):
+    prompt keys off by 0.1% under sharp attention (test_fold's peaked models, Swin kv folds) by 60x or more,
+    two prompts' keys swapped by 20x or more (18000x in the peaked models), two layers' prompts swapped by
+    3000x or more, a padded prompt row that gets weight by 800x (test_multitask's padding test is exact). Errors that small in a tiny random model with
+    near-uniform attention (keys off by 0.1%: 2e-5) are below any float32 limit; the peaked models exist
+    for them."""
     e = np.asarray(_numpy(expected), dtype=np.float64)
     e = e[np.isfinite(e)]
     return PARITY_ATOL + PARITY_RTOL * (float(np.abs(e).max()) if e.size else 0.0)
@@ -128,7 +132,7 @@ def images():
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory):
     """A tiny deep VFPT run.pt (classes a..d) and its verified kv ONNX export."""
-    from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
     from vfpt_deploy.exporters.onnx import export_onnx
     from vfpt_deploy.runtime.preprocess import Preprocess
 
@@ -149,7 +153,7 @@ TASK_SPECS = {"cars": dict(num_classes=4, num_prompts=6, alpha=0.5),
 
 def save_task_runs(folder, specs: dict = TASK_SPECS, **backbone) -> dict:
     """run.pt files (name -> path) of tiny runs sharing one backbone; each task's prompts and head differ."""
-    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
     from vfpt_deploy.runtime.preprocess import Preprocess
 
     pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
@@ -185,7 +189,7 @@ def task_runs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tasks_onnx(task_runs):
     """A verified multi-task ONNX of task_runs (tasks cars, birds, flat in that order), written by the pipeline."""
-    from vfpt_deploy.multitask import load_tasks
+    from vfpt_deploy.folding.multitask import load_tasks
     from vfpt_deploy.pipeline import ExportSettings, export_run
 
     tasks = load_tasks(list(task_runs.items()))

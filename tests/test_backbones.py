@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from vfpt_deploy.backbone import build_backbone, create_backbone, state_sha256
-from vfpt_deploy.checkpoint import load_run
+from vfpt_deploy.models.backbone import build_backbone, create_backbone, state_sha256
+from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.cli import app
-from vfpt_deploy.config import VFPTConfig
+from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import VFPTError
-from vfpt_deploy.model import VFPTViT
+from vfpt_deploy.models.vit.model import VFPTViT
 
 from conftest import TINY, TINY_KWARGS, assert_logits_close, tiny_backbone
 

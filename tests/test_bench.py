@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from vfpt_deploy.bench import BenchReport, BenchSettings, OrtBackend, Result, Unavailable, parse_batches, run_bench
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.runtime.onnx_runner import gpu_present
@@ -196,7 +196,7 @@ def test_bench_cli_end_to_end(run_pt, tmp_path):
 
 
 def test_bench_onnx_artifact_by_duration(run_pt, tmp_path):
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx", fold="tokens").path
@@ -228,7 +228,7 @@ def test_json_report_is_strict(tmp_path):
 @pytest.mark.skipif(gpu_present() or not CUDA_LISTED,
                     reason="needs onnxruntime-gpu on a machine without a usable GPU (CUDA falls back)")
 def test_ort_cuda_fallback_is_reported_not_timed(run_pt, tmp_path):
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx").path
@@ -240,8 +240,8 @@ def test_torch_dtype_runs_a_copy_and_refuses_what_cannot_run(run_pt):
     """--dtype: the PyTorch backends run a converted copy (the run's own model stays float32 on the CPU, since
     it is exported and verified afterwards); the live FFT in half precision is skipped with the reason."""
     from vfpt_deploy.bench import TorchBackend
-    from vfpt_deploy.checkpoint import load_run
-    from vfpt_deploy.fold import fold_model
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from vfpt_deploy.folding import fold_model
 
     run = load_run(run_pt)
     folded = fold_model(run.model, "kv")
@@ -259,7 +259,7 @@ def test_torch_dtype_runs_a_copy_and_refuses_what_cannot_run(run_pt):
 def test_ort_cuda_graph_backend_is_skipped_without_cuda(run_pt, tmp_path):
     """ort-cuda-graph is a backend of its own (CUDA graphs on, IO binding); where CUDA cannot run it is
     reported as skipped with the reason, never timed on another provider."""
-    from vfpt_deploy.checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from vfpt_deploy.exporters.onnx import export_onnx
 
     onnx_path = export_onnx(load_run(run_pt), tmp_path / "m.onnx").path
@@ -449,8 +449,8 @@ def test_multi_task_usage_errors(tasks_onnx, exported_run, run_pt, tmp_path):
 def _fake_tasks_engine(onnx_path, folder):
     """An engine file with the sidecar a build of onnx_path would write (bench reads the tasks from it
     before anything runs; TensorRT never sees the file)."""
-    from vfpt_deploy.files import file_sha256
-    from vfpt_deploy.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
+    from vfpt_deploy.artifacts.files import file_sha256
+    from vfpt_deploy.artifacts.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
 
     engine = folder / "tasks.engine"
     engine.write_bytes(b"not a real engine")

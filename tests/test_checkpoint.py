@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, read_run_dict, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, read_run_dict, save_run
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.runtime.preprocess import Preprocess
 

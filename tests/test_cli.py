@@ -1,7 +1,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import load_run
+from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.cli import app
 
 from conftest import TINY, TINY_KWARGS, color_image_folder

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from vfpt_deploy import backbone as backbone_module
-from vfpt_deploy.backbone import backbone_skeleton, build_backbone, check_backbone_kwargs, create_backbone
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+from vfpt_deploy.models import backbone as backbone_module
+from vfpt_deploy.models.backbone import backbone_skeleton, build_backbone, check_backbone_kwargs, create_backbone
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
 from vfpt_deploy.cli import app
-from vfpt_deploy.config import VFPTConfig
+from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import InputError, UsageError, VFPTError
 from vfpt_deploy.runtime.preprocess import Preprocess
 
@@ -312,7 +312,7 @@ def test_pretrained_offline_for_real_ends_with_the_fix():
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=os.devnull + "-nothing-cached")
-    code = ("from vfpt_deploy.backbone import build_backbone\n"
+    code = ("from vfpt_deploy.models.backbone import build_backbone\n"
             "from vfpt_deploy.errors import VFPTError\n"
             "import time\nt0 = time.perf_counter()\n"
             "try:\n    build_backbone('vit_tiny_patch16_224', {}, 'pretrained')\n"

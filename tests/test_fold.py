@@ -4,12 +4,13 @@ import copy
 import pytest
 import torch
 
-from vfpt_deploy.config import VFPTConfig
+from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.exporters.onnx import FFT_OPS, export_module
-from vfpt_deploy.fold import fold_model, prompt_blocks
-from vfpt_deploy.fourier import prompt_block
-from vfpt_deploy.model import VFPTViT
+from vfpt_deploy.folding import fold_model
+from vfpt_deploy.models.vit.fold import prompt_blocks
+from vfpt_deploy.models.fourier import prompt_block
+from vfpt_deploy.models.vit.model import VFPTViT
 
 from conftest import assert_logits_close, parity_limit, tiny_backbone, tiny_model
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from vfpt_deploy.config import VFPTConfig
+from vfpt_deploy.models.config import VFPTConfig
 from vfpt_deploy.errors import VFPTError
-from vfpt_deploy.fourier import fourier_transform, prompt_block
+from vfpt_deploy.models.fourier import fourier_transform, prompt_block
 
 
 def closed_form(p: np.ndarray) -> np.ndarray:

@@ -14,13 +14,13 @@ from onnx import numpy_helper
 from PIL import Image
 from typer.testing import CliRunner
 
-from vfpt_deploy import golden as golden_mod
+from vfpt_deploy.artifacts import golden as golden_mod
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError
 from vfpt_deploy.pipeline import ExportSettings, export_run
 from vfpt_deploy.runtime import open_predictor
 from vfpt_deploy.runtime.selfcheck import golden_report_path, self_check, verify_golden
-from vfpt_deploy.schema import read_graph
+from vfpt_deploy.artifacts.schema import read_graph
 
 from test_lean_install import cli_without, one_error_line
 

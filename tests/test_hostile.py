@@ -57,7 +57,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from vfpt_deploy.errors import OutputError  # noqa: E402
-from vfpt_deploy.files import STALE_AFTER_S, Staging, atomic_write, clean_stale  # noqa: E402
+from vfpt_deploy.artifacts.files import STALE_AFTER_S, Staging, atomic_write, clean_stale  # noqa: E402
 
 DISK_ERRORS = {
     "torch.save": RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: "

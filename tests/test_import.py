@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import load_run
+from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
-from vfpt_deploy.reference import import_state_dict, infer_backbone, parse_classes
+from vfpt_deploy.models.vit.reference import infer_backbone
+from vfpt_deploy.reference import import_state_dict, parse_classes
 
 from conftest import assert_logits_close
 

@@ -12,10 +12,10 @@ from onnx import TensorProto
 from typer.testing import CliRunner
 
 from conftest import TINY, TINY_KWARGS, tiny_model
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, InputError, UsageError
-from vfpt_deploy.files import dumps_json, file_sha256
+from vfpt_deploy.artifacts.files import dumps_json, file_sha256
 from vfpt_deploy.inspect_artifact import inspect_artifact, summary_rows
 from vfpt_deploy.runtime.preprocess import Preprocess
 from vfpt_deploy.verify import verify_artifact
@@ -419,7 +419,7 @@ def test_multi_task_inspection_imports_no_torch(tasks_onnx):
 def fake_engine(onnx_path, folder, name: str = "tasks.engine"):
     """An engine file and the sidecar a build of `onnx_path` (profile batch 1..4) would write. inspect never
     deserializes an engine, so it sees exactly what a real build gives, without TensorRT."""
-    from vfpt_deploy.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
+    from vfpt_deploy.artifacts.schema import SIDECAR_FORMAT, SIDECAR_VERSION, read_graph
 
     engine = folder / name
     engine.write_bytes(b"not a real engine")

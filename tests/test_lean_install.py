@@ -25,7 +25,7 @@ from vfpt_deploy.cli import app
 from vfpt_deploy.extras import ORT_DISTRIBUTIONS, check_one_onnxruntime, installed_ort_distributions
 from vfpt_deploy.errors import RuntimeSetupError
 from vfpt_deploy.runtime import open_predictor
-from vfpt_deploy.schema import INPUT_NAME, OUTPUT_NAME
+from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
 
 from conftest import free_ports
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from vfpt_deploy.backbone import create_backbone
-from vfpt_deploy.config import VFPTConfig
-from vfpt_deploy.model import VFPTViT
+from vfpt_deploy.models.backbone import create_backbone
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.vit.model import VFPTViT
 from vfpt_deploy.train import TrainSettings, fit
 
 from conftest import assert_logits_close, tiny_backbone, tiny_model

@@ -13,13 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import load_run
+from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx, export_tasks
-from vfpt_deploy.multitask import check_task_set, fold_tasks, load_tasks, task_sources
+from vfpt_deploy.folding.multitask import check_task_set, fold_tasks, load_tasks, task_sources
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
-from vfpt_deploy.schema import check_metadata
+from vfpt_deploy.artifacts.schema import check_metadata
 
 from conftest import (TASK_SPECS, TINY, TINY_KWARGS, assert_logits_close, save_task_runs, tiny_backbone,
                       tiny_model)
@@ -108,7 +108,10 @@ def test_padding_changes_nothing(tasks):
         module.kv_rows[padded] = 0  # now another task's prompt key/value row, not a repeat of its own
         module.prompt_tokens[0] = 30.0  # the row every unwritten or padded prompt slot starts from
         after = module(x, ids)
-    assert_logits_close(after, before, "garbage in padding vs none")  # -inf columns stay in place too
+    # Exactly equal, not within a tolerance: the same kernels run on the same live values, and exp(-inf) = 0
+    # gives the padding no weight on any CPU (seen bit-identical with AVX-512, AVX2 and scalar kernels). A
+    # leaking prompt slot moved these logits by only 6.6e-4, 6x the float32 parity limit: too close to rely on.
+    np.testing.assert_array_equal(after.numpy(), before.numpy())
 
 
 def _softmax_inputs(path) -> list[str]:
@@ -156,7 +159,7 @@ def _run_like(run, **changes):
 
 
 def test_runs_must_share_backbone_and_preprocessing(tasks, tmp_path):
-    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 
     other = tiny_model(num_classes=3, seed=5, num_prompts=2, alpha=0.5)  # other backbone weights
     save_run(tmp_path / "other.pt", other, BackboneInfo(TINY, dict(TINY_KWARGS)), list("xyz"), tasks.preprocess)
@@ -275,7 +278,7 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
     (["verify", "{single}", "--ckpt", "{cars}", "--ckpt", "{birds}"], "is a single-task artifact"),
 ])
 def test_bad_multitask_input_is_one_line(args, message, task_runs, tasks_onnx, exported_run, tmp_path):
-    from vfpt_deploy.checkpoint import BackboneInfo, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 
     other = tmp_path / "other.pt"
     save_run(other, tiny_model(num_classes=3, seed=5, num_prompts=2, alpha=0.5), BackboneInfo(TINY, dict(TINY_KWARGS)),
@@ -298,7 +301,7 @@ def test_one_task_with_other_weights_makes_a_single_backbone(tasks):
 
 
 def test_swin_runs_are_refused(tasks):
-    from vfpt_deploy.swin import VFPTSwin  # noqa: F401 (the check names the type)
+    from vfpt_deploy.models.swin.model import VFPTSwin  # noqa: F401 (the check names the type)
 
     class FakeSwin(torch.nn.Module):
         pass

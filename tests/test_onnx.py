@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
 from vfpt_deploy.errors import VFPTError
 from vfpt_deploy.exporters.onnx import TENSORRT_ONNX_OPS, check_ops, export_onnx, op_histogram
 from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
@@ -148,9 +148,9 @@ def test_runtime_imports_neither_torch_nor_timm(deep_run, tmp_path):
 
 @pytest.mark.slow
 def test_vit_b16_export_and_parity(tmp_path):
-    from vfpt_deploy.backbone import create_backbone
-    from vfpt_deploy.config import VFPTConfig
-    from vfpt_deploy.model import VFPTViT
+    from vfpt_deploy.models.backbone import create_backbone
+    from vfpt_deploy.models.config import VFPTConfig
+    from vfpt_deploy.models.vit.model import VFPTViT
 
     torch.manual_seed(0)
     model = VFPTViT(create_backbone("vit_base_patch16_224"), 10, VFPTConfig(num_prompts=50, alpha=0.5)).eval()

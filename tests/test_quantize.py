@@ -14,7 +14,7 @@ from PIL import Image
 from vfpt_deploy.calibration import calibration_set
 from vfpt_deploy.errors import RuntimeSetupError, UsageError
 from vfpt_deploy.pipeline import ExportSettings, export_run
-from vfpt_deploy.schema import read_graph
+from vfpt_deploy.artifacts.schema import read_graph
 from vfpt_deploy.verify import Tolerances, compare, verify_artifact
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import vfpt_deploy.bench as bench
+import vfpt_deploy.bench.backends as bench_backends
+import vfpt_deploy.bench.settings as bench_settings
 from vfpt_deploy.bench import BenchSettings, make_input, run_bench
-from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx
 from vfpt_deploy.runtime.onnx_runner import GPU_PROVIDERS, OnnxPredictor, gpu_present, make_session
@@ -165,10 +166,10 @@ def test_input_that_cannot_fit_memory_is_refused_before_allocating():
 
 def test_bench_batch_too_large_is_refused_before_any_row(onnx_path, monkeypatch):
     one = 3 * 32 * 32 * 4  # bytes of one 32x32 input image
-    monkeypatch.setattr(bench, "physical_memory_bytes", lambda: 4 * 16 * one)  # a quarter fits 16 images
+    monkeypatch.setattr(bench_settings, "physical_memory_bytes", lambda: 4 * 16 * one)  # a quarter fits 16 images
     made = []
-    real_make_input = bench.make_input
-    monkeypatch.setattr(bench, "make_input", lambda *a: made.append(a) or real_make_input(*a))
+    real_make_input = bench_backends.make_input
+    monkeypatch.setattr(bench_backends, "make_input", lambda *a: made.append(a) or real_make_input(*a))
     rows = []
     settings = BenchSettings(batches=(1, 17), loop=LoopSpec(warmup=0, iters=1))
     with pytest.raises(UsageError, match="batch 17 of 32x32 images") as e:

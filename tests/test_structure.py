@@ -40,12 +40,12 @@ def test_no_long_functions_at_the_seams(folder):
     assert not long, f"functions over 60 lines: {long}"
 
 
-@pytest.mark.parametrize("module", ["vfpt_deploy.exporters.tensorrt", "vfpt_deploy.runtime", "vfpt_deploy.schema",
-                                    "vfpt_deploy.files", "vfpt_deploy.runtime.tensorrt_runner",
-                                    "vfpt_deploy.inspect_artifact", "vfpt_deploy.exporters.triton",
-                                    "vfpt_deploy.extras", "vfpt_deploy.runtime.serving",
-                                    "vfpt_deploy.runtime.serve_settings", "vfpt_deploy.runtime.serve_io",
-                                    "vfpt_deploy.runtime.batcher"])
+# The runtime and the torch-free artifact modules never import torch at all, not even inside a function:
+# an import-linter contract (pyproject.toml, tests/test_layers.py). These import it lazily, on the torch
+# side of a command, and must stay free of it when imported.
+@pytest.mark.parametrize("module", ["vfpt_deploy", "vfpt_deploy.cli", "vfpt_deploy.models.families",
+                                    "vfpt_deploy.inspect_artifact", "vfpt_deploy.exporters.tensorrt",
+                                    "vfpt_deploy.exporters.triton"])
 def test_torch_free_imports(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -68,7 +68,7 @@ def test_the_repository_stands_on_its_own():
     pattern = re.compile(r"shared/ENVIRONMENT|VFPT_SPEC|\bbrief\b|/work/|/home/\w|/root/|/tmp/")
     hits = []
     for path in [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "docs").rglob("*.json"),
-                 *(ROOT / "vfpt_deploy").glob("*.py"),
+                 *(ROOT / "vfpt_deploy").rglob("*.py"),
                  *(ROOT / "exporters").glob("*.py"), *(ROOT / "runtime").glob("*.py"),
                  *(ROOT / "benchmarks").glob("*.py"), *(p for p in (ROOT / "scripts").iterdir() if p.is_file())]:
         for i, line in enumerate(path.read_text().splitlines(), 1):

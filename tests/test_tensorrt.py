@@ -23,7 +23,7 @@ from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, Us
 from vfpt_deploy.exporters import tensorrt as trt_export
 from vfpt_deploy.exporters.onnx import export_module
 from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine, check_trt_available
-from vfpt_deploy.fold import fold_model
+from vfpt_deploy.folding import fold_model
 from vfpt_deploy.runtime import tensorrt_runner as runner
 from vfpt_deploy.runtime.tensorrt_runner import (CudaDevice, TensorRTPredictor, check_compatible, file_sha256,
                                                  read_sidecar, sidecar_path)
@@ -589,9 +589,9 @@ def test_exporter_module_imports_no_torch():
 def test_rtx_builds_vit_b16(rtx, tmp_path):
     """The real size: ViT-B/16 with 10 deep prompts, kv fold, fp16 graph (fp32 + cast + optimize: ~20 s, ~3 GB
     peak on 2 cores; the engine build itself takes ~2 s). fp32 and the tokens fold are covered on the tiny ViT."""
-    from vfpt_deploy.backbone import create_backbone
-    from vfpt_deploy.config import VFPTConfig
-    from vfpt_deploy.model import VFPTViT
+    from vfpt_deploy.models.backbone import create_backbone
+    from vfpt_deploy.models.config import VFPTConfig
+    from vfpt_deploy.models.vit.model import VFPTViT
 
     torch.manual_seed(0)
     model = VFPTViT(create_backbone("vit_base_patch16_224"), 10, VFPTConfig(num_prompts=10, alpha=0.5)).eval()
@@ -626,7 +626,7 @@ def _gpu_flavor_or_skip(flavor: str):
 def test_gpu_export_and_verify(flavor, precision, tmp_path):
     """Full path on CUDA: run.pt -> folded ONNX -> engine -> TensorRTPredictor vs the PyTorch reference."""
     _gpu_flavor_or_skip(flavor)
-    from vfpt_deploy.checkpoint import BackboneInfo, load_run, save_run
+    from vfpt_deploy.artifacts.checkpoint import BackboneInfo, load_run, save_run
     from vfpt_deploy.exporters.onnx import export_onnx
     from vfpt_deploy.runtime.preprocess import Preprocess
     from vfpt_deploy.verify import verify_artifact

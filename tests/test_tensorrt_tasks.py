@@ -20,7 +20,7 @@ from test_tensorrt import RTX, FakeCudart, _edit_sidecar, _gpu_flavor_or_skip, g
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.tensorrt import BuildSettings, build_engine
-from vfpt_deploy.files import file_sha256
+from vfpt_deploy.artifacts.files import file_sha256
 from vfpt_deploy.runtime import tensorrt_runner as runner
 from vfpt_deploy.runtime.tensorrt_runner import CudaDevice, TensorRTPredictor, read_sidecar, sidecar_path
 
@@ -31,7 +31,7 @@ TASKS = {"cars": 4, "birds": 7, "flat": 2}  # conftest.TASK_SPECS: name -> class
 def tasks_fp16(task_runs, tmp_path_factory):
     """The same three tasks as a typed fp16 graph (not verified: only parsed and built here)."""
     from vfpt_deploy.exporters.onnx import export_tasks
-    from vfpt_deploy.multitask import load_tasks
+    from vfpt_deploy.folding.multitask import load_tasks
 
     out = tmp_path_factory.mktemp("fp16") / "tasks.fp16.onnx"
     return export_tasks(load_tasks(list(task_runs.items())), out, precision="fp16").path
@@ -325,7 +325,7 @@ def test_triton_refuses_multitask_artifacts(built, tasks_onnx, tmp_path, which):
 def test_gpu_multitask_engine(flavor, task_runs, tasks_onnx, tmp_path):
     """A mixed-task batch through the engine equals the ONNX's logits; verify checks every task on the engine."""
     _gpu_flavor_or_skip(flavor)
-    from vfpt_deploy.multitask import load_tasks
+    from vfpt_deploy.folding.multitask import load_tasks
     from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
     from vfpt_deploy.verify import verify_artifact
 

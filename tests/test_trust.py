@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from vfpt_deploy.checkpoint import BackboneInfo, save_run
+from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.runtime.preprocess import Preprocess, load_image
 

@@ -141,7 +141,7 @@ def test_a_wrong_checkpoint_is_named_as_the_failing_check(exported_run, tmp_path
 
     from typer.testing import CliRunner
 
-    from vfpt_deploy.checkpoint import save_run
+    from vfpt_deploy.artifacts.checkpoint import save_run
     from vfpt_deploy.cli import app
 
     run, onnx_path = exported_run

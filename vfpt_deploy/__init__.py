@@ -6,7 +6,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from .config import VFPTConfig  # noqa: E402
+from vfpt_deploy.models.config import VFPTConfig  # noqa: E402
 from .errors import VFPTError  # noqa: E402
 
 __all__ = ["VFPTConfig", "VFPTError", "__version__"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Run
+from vfpt_deploy.artifacts.checkpoint import Run
 from .errors import InputError, UsageError
 
 DEFAULT_SAMPLES = 128

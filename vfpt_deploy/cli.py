@@ -21,11 +21,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import LOCATIONS
+from vfpt_deploy.models.config import LOCATIONS
+from vfpt_deploy.models.families import ARCHS
 from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
-from .text import printable
-from .schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.text import printable
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
 
@@ -72,7 +73,7 @@ Format = choices("Format", FORMATS)
 Precision = choices("Precision", PRECISIONS)
 Quantize = choices("Quantize", QUANTIZE_MODES)
 FoldDtype = choices("FoldDtype", ("float32", "float64"))
-Arch = choices("Arch", ("vit", "mae", "moco", "swin"))
+Arch = choices("Arch", ARCHS)
 
 
 def cli_errors(fn):
@@ -118,7 +119,7 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     """Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers."""
     from rich.logging import RichHandler
 
-    from .files import sigterm_as_interrupt
+    from vfpt_deploy.artifacts.files import sigterm_as_interrupt
     from .threads import passive_waits
 
     passive_waits()  # before anything loads torch: see threads.py
@@ -166,7 +167,7 @@ def split_list(text: str | None) -> list[str] | None:
 
 
 def print_json(obj) -> None:
-    from .files import dumps_json
+    from vfpt_deploy.artifacts.files import dumps_json
 
     print(dumps_json(obj, indent=2))
 
@@ -199,9 +200,9 @@ def train(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train VFPT prompts and a linear head on a frozen timm ViT or Swin Transformer."""
-    from .config import TrainSettings, VFPTConfig, check_crop_pct, check_device_name
-    from .files import check_outputs, check_suffix
-    from .schema import RUN_SUFFIXES
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.schema import RUN_SUFFIXES
+    from vfpt_deploy.models.config import TrainSettings, VFPTConfig, check_crop_pct, check_device_name
     from .threads import resolve_threads
 
     # Every option value first: torch takes seconds to import.
@@ -244,7 +245,7 @@ def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_jso
     """Show what an artifact holds without running it: task, classes (per task for a multi-task artifact),
     preprocessing, VFPT config, fold and precision, opsets, inputs/outputs, op histogram, engine sidecar,
     hashes and verification state."""
-    from .inspect_artifact import inspect_artifact as inspect
+    from vfpt_deploy.inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(artifact, backbone_weights=backbone), as_json)
 
@@ -253,13 +254,13 @@ def inspect_artifact(artifact: ArtifactArg, backbone: BackboneOpt = None, as_jso
 @cli_errors
 def info(ckpt_arg: CkptArg = None, ckpt: CkptOpt = None, backbone: BackboneOpt = None, as_json: JsonFlag = False) -> None:
     """The same as 'inspect' (kept for scripts): a run.pt, .onnx or engine, given as the argument or --ckpt."""
-    from .inspect_artifact import inspect_artifact as inspect
+    from vfpt_deploy.inspect_artifact import inspect_artifact as inspect
 
     print_inspection(inspect(pick_ckpt(ckpt, ckpt_arg), backbone_weights=backbone), as_json)
 
 
 def print_inspection(info: dict, as_json: bool) -> None:
-    from .inspect_artifact import summary_rows
+    from vfpt_deploy.inspect_artifact import summary_rows
 
     if as_json:
         print_json(info)
@@ -282,7 +283,7 @@ def demo(
 ) -> None:
     """The built-in offline main job: pretrain a small ViT on clean digits, then compare linear probe,
     VPT and VFPT on a shifted domain, write the VFPT run.pt, export and verify it."""
-    from .config import TrainSettings
+    from vfpt_deploy.models.config import TrainSettings
     from .threads import resolve_threads
 
     TrainSettings(epochs=epochs, lr=lr, seed=seed).check()  # before torch loads (and not after pretraining)
@@ -385,14 +386,14 @@ def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path 
     settings.check()  # every option value, before torch is imported (multitask and checkpoint load it)
     if len(ckpts) > 1 or tasks:
         check_multitask_settings(settings)
-        from .multitask import load_tasks, source_labels, task_sources
+        from vfpt_deploy.folding.multitask import load_tasks, source_labels, task_sources
 
         sources = task_sources(ckpts, tasks)
         plan_export(None, settings, out, {**inputs, **source_labels(ckpts, sources)})
         return lambda backbone: load_tasks(sources, backbone)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
     plan_export(path, settings, out, inputs)
-    from .checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
 
     return lambda backbone: load_run(path, backbone_weights=backbone)
 
@@ -492,9 +493,9 @@ def verify(
     the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream.
     Without --ckpt/--task: replay the golden set the artifact carries on this machine's runtime, without
     PyTorch (report: ARTIFACT.golden.verify.json)."""
-    from .compare import Tolerances
-    from .files import check_outputs, check_suffix
-    from .schema import report_path
+    from vfpt_deploy.artifacts.compare import Tolerances
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.schema import report_path
 
     overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                      max_top1_drop=max_top1_drop)
@@ -518,7 +519,7 @@ def verify(
 def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, providers, allow_fallback, report,
                       threads) -> None:
     """verify without a checkpoint: the golden-set replay (torch-free)."""
-    from .files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from vfpt_deploy.runtime.selfcheck import golden_report_path, verify_golden
 
     given = [o for o, v in (("--data", data), ("--num-random", num_random != 16), ("--backbone", backbone)) if v]
@@ -534,9 +535,9 @@ def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, pro
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
     """What verify loads: one run, or (for a multi-task artifact) each task's run matched to it; and the
     input files by option, so the report never overwrites one."""
-    from .checkpoint import load_run
-    from .multitask import load_tasks, match_tasks, source_labels, task_sources
-    from .schema import artifact_tasks
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from vfpt_deploy.folding.multitask import load_tasks, match_tasks, source_labels, task_sources
+    from vfpt_deploy.artifacts.schema import artifact_tasks
 
     recorded = artifact_tasks(artifact) if artifact.is_file() else []
     if recorded and not ckpts and not tasks:
@@ -614,7 +615,7 @@ def predict(
     from vfpt_deploy.runtime.onnx_runner import open_predictor
     from vfpt_deploy.runtime.preprocess import find_images
 
-    from .schema import is_engine
+    from vfpt_deploy.artifacts.schema import is_engine
     from .threads import resolve_threads
 
     kwargs = {} if is_engine(model) else {"threads": resolve_threads(threads), "allow_fallback": allow_fallback}
@@ -689,7 +690,7 @@ def bench(
     which stream it measured."""
     from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
     from .extras import require
-    from .files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from .threads import resolve_threads
     from vfpt_deploy.runtime.timing import LoopSpec
 
@@ -775,13 +776,13 @@ def import_reference(
 ) -> None:
     """Convert a reference VFPT/VPT ViT or Swin checkpoint into a run.pt (shapes give M, deep, width, depth,
     patch, image size and classes; alpha, location, heads and class names come from the options)."""
-    from .config import VFPTConfig, check_crop_pct
-    from .files import check_suffix
-    from .schema import RUN_SUFFIXES
+    from vfpt_deploy.artifacts.files import check_suffix
+    from vfpt_deploy.artifacts.schema import RUN_SUFFIXES
+    from vfpt_deploy.models.config import VFPTConfig, check_crop_pct
 
     VFPTConfig(alpha=alpha, location=location.value), check_crop_pct(crop_pct)  # before torch loads
     check_suffix(out, RUN_SUFFIXES, "run checkpoint")
-    from .reference import import_checkpoint
+    from vfpt_deploy.reference import import_checkpoint
 
     src = pick_ckpt(ckpt, ckpt_arg)
     result = import_checkpoint(src, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,

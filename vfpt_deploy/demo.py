@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .backbone import create_backbone, load_backbone_weights, state_sha256
-from .config import VFPTConfig
+from vfpt_deploy.models.backbone import create_backbone, load_backbone_weights, state_sha256
+from vfpt_deploy.models.config import VFPTConfig
 from .data import TensorDataset, builtin_split
 from .errors import OutputError
-from .files import atomic_write, make_dirs, remove_new_dirs
+from vfpt_deploy.artifacts.files import atomic_write, make_dirs, remove_new_dirs
 from .runs import preprocess_for, train_run
 from .train import TrainSettings, pretrain_backbone, seed_everything
 
@@ -118,7 +118,7 @@ def demo_folder(out: str | Path) -> tuple[Path, list[Path]]:
 def export_demo(out: str | Path, threads: int | None = None):
     """Fold + export the demo's VFPT run to ONNX through the export pipeline, verified on the built-in
     val images."""
-    from .checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
     from .pipeline import ExportSettings, export_run
 
     run = load_run(Path(out) / "run.pt")

@@ -26,11 +26,12 @@ import math
 import os
 from pathlib import Path, PurePosixPath
 
-from .errors import ArtifactError, InputError, UsageError, VFPTError
-from .files import file_sha256, read_json
-from .text import printable as _printable
-from .schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, graph_problems,
-                     is_engine, load_onnx, op_histogram, output_classes, report_path, sidecar_path)
+from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
+from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.text import printable as _printable
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
+                     graph_problems, is_engine,
+                     load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
 TASK = "classification"
 MAX_REPORT_BYTES = 16 * 2**20  # a verification report is a few kB; a bigger one is not read
@@ -116,7 +117,7 @@ _SHOWN_APART = ("classes", "preprocess", "tasks")  # metadata shown by _model_fa
 
 def _shown_metadata(meta: dict) -> dict:
     """The vfpt metadata to show: a golden set as its summary (sets, size, reference machine), not its data."""
-    from .golden import KEY, summary
+    from vfpt_deploy.artifacts.golden import KEY, summary
 
     return plain({k: (summary(meta) if k == KEY else v) for k, v in meta.items() if k not in _SHOWN_APART})
 
@@ -264,7 +265,7 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
 # -- TensorRT engines -----------------------------------------------------------------------------------
 def inspect_engine(path: str | os.PathLike) -> dict:
     """The engine's sidecar, checked as the runtime checks it, and the engine file's sha256 against it."""
-    from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
+    from vfpt_deploy.artifacts.schema import read_sidecar
 
     path = Path(path)
     side = read_sidecar(path)
@@ -291,8 +292,8 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
     """A run.pt, checked as a load checks it (every field and tensor), without its backbone weights:
     parameter counts come from a meta-device skeleton. backbone_weights: also load with these weights,
     which checks them against the recorded hash."""
-    from .backbone import state_sha256
-    from .checkpoint import check_run, load_run, parse_run, read_run_dict
+    from vfpt_deploy.models.backbone import state_sha256
+    from vfpt_deploy.artifacts.checkpoint import check_run, load_run, parse_run, read_run_dict
 
     path = Path(path)
     parts = parse_run(read_run_dict(path), path)
@@ -337,7 +338,7 @@ def prompts_text(cfg: dict) -> str:
 
 def _vfpt_config(meta: dict) -> dict | None:
     """An artifact's recorded VFPT config with num_fourier, when it is a valid one."""
-    from .config import VFPTConfig
+    from vfpt_deploy.models.config import VFPTConfig
 
     try:
         cfg = VFPTConfig.from_dict(meta.get("config"))

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import ArtifactError, UsageError, VFPTError
-from .files import Staging, check_outputs, check_suffix
-from .schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
+from vfpt_deploy.artifacts.files import Staging, check_outputs, check_suffix
+from vfpt_deploy.artifacts.schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
 
 if TYPE_CHECKING:  # torch loads with these: checking settings and paths (plan_export) must not wait for it
-    from .checkpoint import Run
-    from .multitask import TaskSet
+    from vfpt_deploy.artifacts.checkpoint import Run
+    from vfpt_deploy.folding.multitask import TaskSet
 
 FOLD_DTYPES = ("float32", "float64")
 TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement", "max_top1_drop")
@@ -61,7 +61,7 @@ class ExportSettings:
         unknown = sorted(set(self.tolerances) - set(TOLERANCE_KEYS))
         if unknown:
             raise UsageError(f"unknown tolerance {unknown[0]!r}; use {', '.join(TOLERANCE_KEYS)}")
-        from .compare import Tolerances
+        from vfpt_deploy.artifacts.compare import Tolerances
 
         Tolerances.for_precision(self.precision).override(**self.tolerances)  # range-checks the overrides
         self.quant_spec()
@@ -156,7 +156,7 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
     inputs: the command's other input files by option name (e.g. {'--backbone': path}), so no output
     can overwrite them. Returns the outcome; when verification fails, `written` is empty and the report
     says why (the previous artifact and report are untouched)."""
-    from .multitask import TaskSet
+    from vfpt_deploy.folding.multitask import TaskSet
 
     step = on_step or (lambda s: None)
     multi = isinstance(run, TaskSet)
@@ -201,7 +201,7 @@ def check_multitask_settings(settings: ExportSettings) -> None:
 def verification_inputs(run: Run | TaskSet, settings: ExportSettings) -> tuple[list, list[str]]:
     """What verification compares on: random inputs and --data, or else the run's own built-in data (per
     task for a TaskSet: its own data, its own random inputs); and a note saying where that came from."""
-    from .multitask import TaskSet
+    from vfpt_deploy.folding.multitask import TaskSet
     from .verify import input_sets, task_input_sets
 
     if isinstance(run, TaskSet):
@@ -222,7 +222,7 @@ def _export_onnx(run: Run | TaskSet, settings: ExportSettings, path: Path):
 
     from vfpt_deploy.exporters.onnx import export_onnx, export_tasks
 
-    from .multitask import TaskSet
+    from vfpt_deploy.folding.multitask import TaskSet
 
     int8 = settings.precision == "int8"
     export = export_tasks if isinstance(run, TaskSet) else export_onnx
@@ -270,7 +270,7 @@ def _attach_golden(run: Run | TaskSet, settings: ExportSettings, sets, path: Pat
     precision, into the final ONNX (an engine's sidecar copies them): vfpt_deploy/golden.py."""
     from vfpt_deploy.exporters.onnx import add_metadata
 
-    from .golden import KEY, encode
+    from vfpt_deploy.artifacts.golden import KEY, encode
     from .verify import Tolerances, make_golden
 
     tol = Tolerances.for_precision(settings.precision).override(**settings.tolerances)

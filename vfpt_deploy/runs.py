@@ -8,16 +8,15 @@ from typing import Callable
 
 import torch
 
-from .backbone import build_backbone
-from .checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
-from .config import VFPTConfig, check_crop_pct
+from vfpt_deploy.models.backbone import build_backbone
+from vfpt_deploy.artifacts.checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
+from vfpt_deploy.models.config import VFPTConfig, check_crop_pct
 from .data import TensorDataset, load_splits
 from .errors import UsageError
-from .files import check_outputs, check_suffix
-from .model import VFPTViT
-from .swin import vfpt_model
+from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+from vfpt_deploy.models.families import vfpt_model
 from .train import EpochResult, History, TrainSettings, fit, seed_everything
-from vfpt_deploy.runtime.preprocess import Preprocess
+from vfpt_deploy.artifacts.preprocess import Preprocess
 
 log = logging.getLogger("vfpt_deploy")
 
@@ -39,7 +38,7 @@ def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:
 class TrainResult:
     history: History
     out: Path
-    model: VFPTViT
+    model: torch.nn.Module
 
 
 def train_run(out: str | Path, *, data: str, model_name: str, model_kwargs: dict, weights: str,

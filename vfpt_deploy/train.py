@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainSettings, check_device_name  # noqa: F401 (TrainSettings re-exported)
+from vfpt_deploy.models.config import TrainSettings, check_device_name  # noqa: F401 (TrainSettings re-exported)
 from .errors import RuntimeSetupError, UsageError, VFPTError
-from .model import VFPTViT
 
 
 @dataclass
@@ -93,7 +92,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     return 100.0 * correct / max(1, total)
 
 
-def fit(model: VFPTViT, train_set, val_set, settings: TrainSettings, *,
+def fit(model: nn.Module, train_set, val_set, settings: TrainSettings, *,
         device: torch.device | None = None,
         on_epoch: Callable[[EpochResult, bool], None] | None = None,
         on_step: Callable[[int, int], None] | None = None) -> History:
@@ -118,7 +117,7 @@ def fit(model: VFPTViT, train_set, val_set, settings: TrainSettings, *,
     best_state: dict[str, torch.Tensor] = {}
     step = 0
     for epoch in range(settings.epochs):
-        model.train()  # the backbone stays in eval (VFPTViT.train)
+        model.train()  # the backbone stays in eval (VFPTViT.train, VFPTSwin.train)
         losses = []
         lr = opt.param_groups[0]["lr"]
         for x, y in train_loader:

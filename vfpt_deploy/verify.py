@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Run
-from .compare import TOP_K, Comparison, Tolerances, VerifyReport, compare  # noqa: F401 (re-exported)
+from vfpt_deploy.artifacts.checkpoint import Run
+from vfpt_deploy.artifacts.compare import TOP_K, Comparison, Tolerances, VerifyReport, compare  # noqa: F401 (re-exported)
 from .errors import InputError, UsageError, VFPTError
-from .files import atomic_write, file_sha256
-from .fold import kv_refusal
-from .multitask import TaskSet
-from .schema import is_engine, report_path as default_report_path
+from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.models.families import family_of_model
+from vfpt_deploy.folding.multitask import TaskSet
+from vfpt_deploy.artifacts.schema import is_engine, report_path as default_report_path
 
 
 @dataclass
@@ -107,7 +107,7 @@ def make_golden(run: Run | TaskSet, sets: list[InputSet] | list[list[InputSet]],
     as float16, with the unfolded float32 model's logits computed on exactly those stored values."""
     from vfpt_deploy.runtime import hardware
 
-    from .golden import GoldenSet
+    from vfpt_deploy.artifacts.golden import GoldenSet
 
     multi = isinstance(run, TaskSet)
     runs, per_task = (run.runs, sets) if multi else ([run], [sets])
@@ -214,7 +214,7 @@ def task_metadata_problems(meta: dict, tasks: TaskSet) -> list[str]:
             problems.append(f"task {t['name']!r}: {p}")
         if t.get("config") != run.config.to_dict() or t.get("num_prompts") != run.config.num_prompts:
             problems.append(f"task {t['name']!r}: the artifact's VFPT config is not the checkpoint's: re-export it")
-        if t.get("fold") == "kv" and kv_refusal(run.model) is not None:
+        if t.get("fold") == "kv" and family_of_model(run.model).parts().kv_refusal(run.model) is not None:
             problems.append(f"task {t['name']!r}: the artifact says kv fold, which this checkpoint cannot have: re-export it")
     return problems
 

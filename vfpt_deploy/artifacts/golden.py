@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .compare import Tolerances
-from .errors import ArtifactError, VFPTError
+from vfpt_deploy.artifacts.compare import Tolerances
+from vfpt_deploy.errors import ArtifactError, VFPTError
 
 FORMAT = "vfpt-deploy.golden"
 VERSION = 1

@@ -26,99 +26,10 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
 
-from .config import VFPTConfig
-from .errors import UsageError
-from .fourier import prompt_block
-
-# Bounds for the timm options that size a Swin (Swin-L is width 192, depths 2/2/18/2; see backbone.py).
-MAX_STAGES = 8
-MAX_BLOCKS = 256
-MAX_WIDTH = 16384
-MAX_HEADS = 1024
-MAX_WINDOW = 1024
-MAX_IMG_SIDE = 8192
-MAX_PARAMS = 2_500_000_000
-
-
-# -- backbone checks -----------------------------------------------------------------------------------
-def is_swin_name(name: str) -> bool:
-    """timm's Swin Transformer (v1) model names: swin_tiny/small/base/large_*, swin_s3_*."""
-    return isinstance(name, str) and name.split(".")[0].startswith("swin_")
-
-
-def _flat_ints(v) -> list[int] | None:
-    """An int, or a (nested, two levels at most) list of ints, flattened; None for anything else."""
-    if isinstance(v, (list, tuple)):
-        items = [i for w in v for i in (w if isinstance(w, (list, tuple)) else [w])]
-    else:
-        items = [v]
-    return items if items and all(isinstance(i, int) and not isinstance(i, bool) for i in items) else None
-
-
-def _refuse(key: str, value, why: str) -> UsageError:
-    text = repr(value)
-    return UsageError(f"backbone option {key}={text if len(text) <= 60 else text[:57] + '...'}: {why}")
-
-
-def check_swin_kwargs(kwargs: dict) -> None:
-    """The timm options that size a Swin, each in range, so a typo or a crafted run.pt cannot build a huge
-    model (backbone.check_backbone_kwargs has checked the names and value types already)."""
-    depths = kwargs.get("depths")
-    if depths is not None:
-        d = _flat_ints(depths) if isinstance(depths, (list, tuple)) else None
-        if d is None or len(d) != len(depths) or not 1 <= len(d) <= MAX_STAGES or min(d) < 1 or sum(d) > MAX_BLOCKS:
-            raise _refuse("depths", depths, f"depths must be a list of 1 to {MAX_STAGES} block counts, each >= 1, "
-                                            f"at most {MAX_BLOCKS} blocks in all")
-    stages = len(depths) if depths is not None else 4
-    for key, hi in (("num_heads", MAX_HEADS), ("window_size", MAX_WINDOW), ("patch_size", MAX_IMG_SIDE),
-                    ("img_size", MAX_IMG_SIDE), ("embed_dim", MAX_WIDTH)):
-        v = kwargs.get(key)
-        flat = None if v is None else _flat_ints(v)
-        if v is not None and (flat is None or not all(1 <= x <= hi for x in flat)):
-            raise _refuse(key, v, f"{key} must be an integer (or a list of them) in [1, {hi}]")
-    width = kwargs.get("embed_dim")
-    if isinstance(width, int) and width * 2 ** (stages - 1) > MAX_WIDTH:
-        raise _refuse("embed_dim", width, f"the last stage would be {width * 2 ** (stages - 1)} wide (embed_dim * "
-                                          f"2^(stages - 1)), over the {MAX_WIDTH} limit")
-    ratio = kwargs.get("mlp_ratio", 4.0)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or not 0 < ratio <= 64:
-        raise _refuse("mlp_ratio", ratio, "mlp_ratio must be a number in (0, 64]")
-    if kwargs.get("in_chans", 3) != 3 or isinstance(kwargs.get("in_chans"), bool):
-        raise _refuse("in_chans", kwargs["in_chans"], "VFPT feeds RGB images, in_chans must be 3")
-    if depths is not None and isinstance(width, int):
-        params = sum(n * (4 + 2 * ratio) * (width * 2 ** s) ** 2 for s, n in enumerate(depths))
-        if params > MAX_PARAMS:
-            raise UsageError(f"backbone options depths={depths} embed_dim={width} make a Swin of over "
-                             f"{params / 1e9:.0f} billion parameters (limit {MAX_PARAMS / 1e9:g} billion)")
-
-
-def check_swin_backbone(model: nn.Module, name: str = "backbone") -> None:
-    """A timm SwinTransformer laid out as the reference Swin VFPT runs: average pooling, a fixed image size,
-    every stage's grid a whole number of windows (no padding) and even before a merge."""
-    if not isinstance(model, SwinTransformer):
-        raise UsageError(f"{name} is a {type(model).__name__}, not a timm SwinTransformer")
-    if model.global_pool != "avg":
-        raise UsageError(f"{name} pools with global_pool={model.global_pool!r}; Swin VFPT averages over all rows "
-                         "(global_pool='avg')")
-    if model.dynamic_img_size:
-        raise UsageError(f"{name} uses a dynamic image size; create it with a fixed image size")
-    for s, stage in enumerate(model.layers):
-        if not isinstance(stage.downsample, (PatchMerging, nn.Identity)):
-            raise UsageError(f"{name} stage {s} downsamples with a {type(stage.downsample).__name__}, not timm's "
-                             "PatchMerging")
-        if isinstance(stage.downsample, PatchMerging) and any(r % 2 for r in stage.input_resolution):
-            raise UsageError(f"{name} stage {s} merges a {stage.input_resolution[0]}x{stage.input_resolution[1]} "
-                             "grid, which is not even; choose an image size that halves evenly")
-        for i, blk in enumerate(stage.blocks):
-            where = f"{name} stage {s} block {i}"
-            if type(blk) is not SwinTransformerBlock or type(blk.attn) is not WindowAttention:
-                raise UsageError(f"{where} is a {type(blk).__name__}/{type(blk.attn).__name__}, not timm's "
-                                 "SwinTransformerBlock/WindowAttention")
-            (h, w), (wh, ww) = blk.input_resolution, blk.window_size
-            if blk.dynamic_mask or h % wh or w % ww:
-                raise UsageError(f"{where}: its {h}x{w} grid is not a whole number of {wh}x{ww} windows; choose "
-                                 "an image size whose grids divide into windows (e.g. 224 with window 7)")
-
+from vfpt_deploy.errors import UsageError
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.fourier import prompt_block
+from vfpt_deploy.models.swin.backbone import check_swin_backbone
 
 # -- the Swin blocks with prompt rows ------------------------------------------------------------------
 def window_attention(attn: WindowAttention, windows: torch.Tensor, mask: torch.Tensor | None, num_windows: int,
@@ -355,12 +266,3 @@ class VFPTSwin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def vfpt_model(backbone: nn.Module, num_classes: int, config: VFPTConfig) -> nn.Module:
-    """The VFPT model for a backbone: VFPTSwin on a timm Swin, VFPTViT on a timm ViT."""
-    if isinstance(backbone, SwinTransformer):
-        return VFPTSwin(backbone, num_classes, config)
-    from .model import VFPTViT
-
-    return VFPTViT(backbone, num_classes, config)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import UsageError, VerificationError
-from .files import dumps_json
+from vfpt_deploy.errors import UsageError, VerificationError
+from vfpt_deploy.artifacts.files import dumps_json
 
 TOP_K = 5
 

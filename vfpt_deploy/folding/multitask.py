@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Run
-from .errors import UsageError, VFPTError
-from .fold import FoldedViT, resolve_mode
-from .model import VFPTViT
-from .schema import MAX_TASKS, TASK_NAME
+from vfpt_deploy.artifacts.checkpoint import Run
+from vfpt_deploy.errors import UsageError, VFPTError
+from vfpt_deploy.models.vit.fold import FoldedViT, resolve_mode
+from vfpt_deploy.models.families import family_of_model
+from vfpt_deploy.models.vit.model import VFPTViT
+from vfpt_deploy.artifacts.schema import MAX_TASKS, TASK_NAME
 
 NEG_INF = float("-inf")
 
@@ -96,7 +97,7 @@ def match_tasks(recorded: list[dict], ckpts: list[Path], named: list[tuple[str, 
     """Each recorded task's checkpoint, in the artifact's order: by name from --task NAME=PATH (whose file
     must be the one that task was exported from), else the --ckpt file whose sha256 the artifact recorded
     for it. Every task needs one; every file must match one; one line saying which does not."""
-    from .files import file_sha256
+    from vfpt_deploy.artifacts.files import file_sha256
 
     names = [t["name"] for t in recorded]
     for n, p in named:
@@ -139,11 +140,9 @@ def check_task_set(names: list[str], runs: list[Run]) -> TaskSet:
     preprocessing. Otherwise one line saying which differs, and between which tasks."""
     if not runs:
         raise UsageError("pass at least one checkpoint with --ckpt or --task NAME=PATH")
-    from .swin import VFPTSwin
-
     a, first = names[0], runs[0]
     for name, run in zip(names, runs):
-        if isinstance(run.model, VFPTSwin) or not isinstance(run.model, VFPTViT):
+        if not family_of_model(run.model).parts().multitask or not isinstance(run.model, VFPTViT):
             raise UsageError(f"task {name!r} is a {type(run.model).__name__}: multi-task artifacts hold ViT runs "
                              "only for now; export Swin runs one by one")
         keys = sorted(k for k in {**run.backbone.kwargs, **first.backbone.kwargs}
@@ -168,7 +167,7 @@ def check_task_set(names: list[str], runs: list[Run]) -> TaskSet:
 def load_tasks(sources: list[tuple[str, Path]], backbone_weights: str | None = None) -> TaskSet:
     """Load every task's run.pt (task_sources) and check that they can share one backbone. A file that
     fails to load is named with its task."""
-    from .checkpoint import load_run
+    from vfpt_deploy.artifacts.checkpoint import load_run
 
     names, runs = [], []
     for name, path in sources:

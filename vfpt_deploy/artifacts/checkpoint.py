@@ -6,7 +6,7 @@ Layout (plain dicts, lists, strings, numbers and tensors only -- nothing pickled
   backbone                   {name, kwargs, source, sha256, included}
   classes                    class names, index order
   preprocess                 Preprocess as a dict (resize, crop, mean, std, interpolation)
-  tuned                      prompt / projection / head tensors (the VFPTViT keys outside "backbone.")
+  tuned                      prompt / projection / head tensors (the model's keys outside "backbone.")
   backbone_state             the frozen backbone's tensors (absent when saved prompts-only)
   meta                       tool version, creation time, training summary
 
@@ -20,50 +20,36 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .backbone import (backbone_skeleton, build_backbone, check_backbone_kwargs, check_state_fits, check_tensors,
-                       materialize, state_sha256)
-from .config import VFPTConfig
-from .errors import InputError, UsageError, VFPTError
-from .files import atomic_write, file_sha256
-from .model import VFPTViT
-from .schema import RUN_SUFFIXES  # noqa: F401 (what train and import write; defined torch-free there)
-from .swin import check_swin_config, is_swin_name, vfpt_model
-from .swin import tuned_shapes as swin_tuned_shapes
-from vfpt_deploy.runtime.preprocess import Preprocess
+from torch import nn
+
+from vfpt_deploy import __version__
+from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.artifacts.preprocess import Preprocess
+from vfpt_deploy.artifacts.schema import RUN_SUFFIXES  # noqa: F401 (what train and import write; defined torch-free there)
+from vfpt_deploy.errors import InputError, UsageError, VFPTError
+from vfpt_deploy.models.backbone import backbone_skeleton, build_backbone, check_backbone_kwargs, materialize, state_sha256
+from vfpt_deploy.models.common import check_state_fits, check_tensors
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.families import family_of_name, vfpt_model
+from vfpt_deploy.models.family import BackboneInfo  # noqa: F401 (re-exported: it was defined here)
 
 FORMAT = "vfpt-deploy.run"
 VERSION = 1
 _REQUIRED = ("config", "backbone", "classes", "preprocess", "tuned")
 MAX_CLASSES = 100_000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
-
-
-@dataclass
-class BackboneInfo:
-    """Where a frozen backbone comes from: timm name + keyword arguments, and its weights."""
-
-    name: str
-    kwargs: dict = field(default_factory=dict)
-    source: str = "random"  # "random", "pretrained", a file path, or how the tool made it
-    sha256: str = ""  # state_sha256 of the backbone tensors
-
-    def to_dict(self, included: bool) -> dict:
-        return {"name": self.name, "kwargs": dict(self.kwargs), "source": self.source,
-                "sha256": self.sha256, "included": included}
 
 
 @dataclass
 class Run:
     """A loaded run.pt: the model (eval mode) and everything that describes it."""
 
-    model: VFPTViT
+    model: nn.Module  # its family's prompted model (VFPTViT, VFPTSwin, ...)
     backbone: BackboneInfo
     classes: list[str]
     preprocess: Preprocess
@@ -76,7 +62,7 @@ class Run:
         return self.model.config
 
 
-def save_run(path: str | os.PathLike, model: VFPTViT, backbone: BackboneInfo, classes: list[str],
+def save_run(path: str | os.PathLike, model: nn.Module, backbone: BackboneInfo, classes: list[str],
              preprocess: Preprocess, *, include_backbone: bool = True, meta: dict | None = None) -> None:
     if len(classes) != model.num_classes:
         raise UsageError(f"{len(classes)} class names for a {model.num_classes}-class head")
@@ -227,57 +213,6 @@ def _parse_tensors(d, path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 # -- sizes: metadata against the stored tensors -----------------------------------------------------
-def _stored_facts(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int, int]:
-    """(depth, width, tokens) of a stored backbone: distinct blocks.N, cls_token's width, pos_embed's rows."""
-    blocks = {int(m.group(1)) for k in state if (m := _BLOCK.match(k))}
-    if blocks != set(range(len(blocks))) or not blocks:
-        raise _damaged(path, f"backbone_state blocks are not numbered 0..N-1 (found {len(blocks)} block indices)")
-    for key in ("cls_token", "pos_embed"):
-        if key not in state or state[key].ndim != 3 or state[key].shape[0] != 1:
-            got = tuple(state[key].shape) if key in state else "nothing"
-            raise _damaged(path, f"backbone_state {key} has shape {got}, expected (1, tokens, width)")
-    width = int(state["cls_token"].shape[2])
-    if state["pos_embed"].shape[2] != width:
-        raise _damaged(path, f"backbone_state pos_embed has shape {tuple(state['pos_embed'].shape)} but cls_token "
-                             f"is {width} wide")
-    return len(blocks), width, int(state["pos_embed"].shape[1])
-
-
-def _explicit_tokens(kwargs: dict) -> int | None:
-    """1 + patches where img_size and patch_size are both given and nothing else changes the token count."""
-    if "img_size" not in kwargs or "patch_size" not in kwargs or \
-            any(k in kwargs for k in ("class_token", "no_embed_class", "reg_tokens", "pos_embed", "dynamic_img_size")):
-        return None
-    img, patch = kwargs["img_size"], kwargs["patch_size"]
-    (h, w), (ph, pw) = (img if isinstance(img, (list, tuple)) else (img, img),
-                        patch if isinstance(patch, (list, tuple)) else (patch, patch))
-    return 1 + (h // ph) * (w // pw)
-
-
-def _check_stored_backbone(kwargs: dict, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Backbone options that disagree with the stored tensors are refused before anything is built."""
-    depth, width, tokens = _stored_facts(state, path)
-    if "depth" in kwargs and kwargs["depth"] != depth:
-        raise _damaged(path, f"backbone option depth={kwargs['depth']} but backbone_state holds {depth} blocks")
-    if "embed_dim" in kwargs and kwargs["embed_dim"] != width:
-        raise _damaged(path, f"backbone option embed_dim={kwargs['embed_dim']} but backbone_state cls_token is "
-                             f"{width} wide")
-    want = _explicit_tokens(kwargs)
-    if want is not None and want != tokens:
-        raise _damaged(path, f"backbone_state pos_embed has shape {tuple(state['pos_embed'].shape)}: {tokens} tokens, "
-                             f"but img_size={kwargs['img_size']} patch_size={kwargs['patch_size']} imply {want} "
-                             f"(1 + {want - 1} patches)")
-
-
-def _check_prompts_only(kwargs: dict, config: VFPTConfig, tuned: dict[str, torch.Tensor], path: Path) -> None:
-    """Without a stored backbone, the tuned tensors still fix the width (head) and, when deep, the depth."""
-    head, deep = tuned.get("head.weight"), tuned.get("deep_prompt_embeddings")
-    if "embed_dim" in kwargs and head is not None and head.ndim == 2 and head.shape[1] != kwargs["embed_dim"]:
-        raise _damaged(path, f"backbone option embed_dim={kwargs['embed_dim']} but head.weight has shape "
-                             f"{tuple(head.shape)}")
-    if config.deep and "depth" in kwargs and deep is not None and deep.ndim == 3 and deep.shape[0] != kwargs["depth"] - 1:
-        raise _damaged(path, f"backbone option depth={kwargs['depth']} but deep_prompt_embeddings has "
-                             f"{deep.shape[0]} layers (depth - 1 = {kwargs['depth'] - 1})")
 
 
 def _skeleton(info: BackboneInfo, path: Path):
@@ -287,32 +222,18 @@ def _skeleton(info: BackboneInfo, path: Path):
         raise _damaged(path, str(e)) from None
 
 
-def tuned_shapes(config: VFPTConfig, width: int, depth: int, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """The tuned tensors a VFPTViT has, and their shapes (docs/model.md, section 1)."""
-    p = config.project or width
-    shapes = {"prompt_embeddings": (1, config.num_prompts, p)}
-    if config.deep:
-        shapes["deep_prompt_embeddings"] = (depth - 1, config.num_prompts, p)
-    if config.project:
-        shapes.update({"prompt_proj.weight": (width, config.project), "prompt_proj.bias": (width,)})
-    shapes.update({"head.weight": (num_classes, width), "head.bias": (num_classes,)})
-    return shapes
-
-
 def _check_tuned(parts: _Parts, skeleton, path: Path) -> None:
     """The tuned tensors are exactly those the config, backbone and class list imply."""
     tuned, head = parts.tuned, parts.tuned.get("head.weight")
     if head is not None and head.ndim == 2 and head.shape[0] != len(parts.classes):
         raise _damaged(path, f"{len(parts.classes)} class names for a {head.shape[0]}-class head (head.weight "
                              f"{tuple(head.shape)})")
-    if is_swin_name(parts.info.name):
-        try:
-            check_swin_config(parts.config)
-        except VFPTError as e:
-            raise _damaged(path, f"config: {e}") from None
-        expected = swin_tuned_shapes(parts.config, skeleton, len(parts.classes))
-    else:
-        expected = tuned_shapes(parts.config, skeleton.embed_dim, len(skeleton.blocks), len(parts.classes))
+    family = family_of_name(parts.info.name).parts()
+    try:
+        family.check_config(parts.config)
+    except VFPTError as e:
+        raise _damaged(path, f"config: {e}") from None
+    expected = family.tuned_shapes(parts.config, skeleton, len(parts.classes))
     for k, shape in expected.items():
         if k not in tuned:
             raise InputError(f"{path}: tensor {k} is missing; the checkpoint is incomplete")
@@ -331,11 +252,10 @@ def _check_tuned(parts: _Parts, skeleton, path: Path) -> None:
 def check_run(parts: _Parts, path: Path):
     """All sizes the metadata implies against the stored tensors; returns the backbone's meta-device
     skeleton. Nothing real is built or allocated here."""
-    vit = not is_swin_name(parts.info.name)  # a Swin's sizes: bounded by swin.check_swin_kwargs, then the skeleton
-    if vit and parts.state is not None:
-        _check_stored_backbone(parts.info.kwargs, parts.state, path)
-    elif vit:
-        _check_prompts_only(parts.info.kwargs, parts.config, parts.tuned, path)
+    try:  # what the family can check before a skeleton exists (a ViT: depth, width, tokens against the tensors)
+        family_of_name(parts.info.name).parts().check_stored(parts.info.kwargs, parts.config, parts.tuned, parts.state)
+    except VFPTError as e:
+        raise _damaged(path, str(e)) from None
     skeleton = _skeleton(parts.info, path)
     if parts.state is not None:
         check_state_fits(skeleton.state_dict(), parts.state, f"{path} backbone_state")

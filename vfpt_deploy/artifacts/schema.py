@@ -24,7 +24,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ArtifactError, VFPTError
+from vfpt_deploy.artifacts.files import read_json
+from vfpt_deploy.errors import ArtifactError, VFPTError
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -226,7 +227,7 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
     """What a runtime needs from an artifact's metadata, checked: class names, preprocessing (sizes
     bounded), precision, fold and, where the input shape is known, that preprocessing makes that shape.
     Returns the metadata with `preprocess` as a Preprocess."""
-    from vfpt_deploy.runtime.preprocess import Preprocess
+    from vfpt_deploy.artifacts.preprocess import Preprocess
 
     if not isinstance(meta, dict) or "preprocess" not in meta:
         raise ArtifactError(f"{source} has no vfpt-deploy metadata (vfpt.preprocess); export it with 'vfpt-deploy export'")
@@ -299,8 +300,6 @@ def artifact_tasks(artifact: str | Path) -> list[dict]:
     """The tasks an exported artifact records (an ONNX file's metadata, or an engine's sidecar), checked;
     [] for a single-task artifact. Reads the graph or sidecar only: no session, no engine."""
     if is_engine(artifact):
-        from vfpt_deploy.runtime.tensorrt_runner import read_sidecar
-
         meta = read_sidecar(artifact)["metadata"]
     else:
         meta = read_graph(artifact).metadata
@@ -326,6 +325,18 @@ def check_output_width(num_outputs, meta: dict, source: str) -> None:
         what = "its widest task has" if meta.get("tasks") else "the metadata names"
         raise ArtifactError(f"{source}: the model outputs {num_outputs} logits but {what} {want} classes; "
                             "re-export the artifact")
+
+
+def read_sidecar(engine_path: str | Path) -> dict:
+    """The engine's JSON sidecar, checked for shape; one-line errors for every way it can be wrong."""
+    engine_path = Path(engine_path)
+    if not engine_path.is_file():
+        raise ArtifactError(f"engine {engine_path} does not exist; build one with 'vfpt-deploy export --format trt'")
+    side = sidecar_path(engine_path)
+    if not side.is_file():
+        raise ArtifactError(f"engine {engine_path} has no sidecar {side.name} (it holds the TensorRT version, GPU, "
+                        "classes and preprocessing); rebuild the engine with 'vfpt-deploy export --format trt'")
+    return check_sidecar(read_json(side, "sidecar", "rebuild the engine", ArtifactError), str(side))
 
 
 def _profile_dims(v, source: str) -> list[int]:

@@ -1,4 +1,5 @@
-"""`import --arch swin`: the reference's Swin VFPT checkpoints as a VFPTSwin (docs/model.md, section 5).
+"""The Swin family's reference importer, `import --arch swin`: the reference's Swin VFPT checkpoints as a
+VFPTSwin (docs/model.md, section 5; reference/ reads the file and writes the run.pt).
 
 The reference saves {"model": state_dict} with the Swin under `enc.` in Microsoft's Swin layout (patch
 merging at the END of a stage, as `enc.layers.{s}.downsample`; relative position indices and shift
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import torch
 
-from .backbone import check_tensors, create_backbone
-from .checkpoint import BackboneInfo
-from .config import VFPTConfig
-from .errors import InputError, VFPTError
-from .swin import VFPTSwin, prompt_shapes
+from vfpt_deploy.errors import InputError, UsageError, VFPTError
+from vfpt_deploy.models.common import check_tensors
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.family import BackboneInfo, Imported
+from vfpt_deploy.models.swin.model import VFPTSwin, prompt_shapes
 
 E = "enc."
 _BLOCK = re.compile(r"enc\.layers\.(\d+)\.blocks\.(\d+)\.")
@@ -154,14 +156,24 @@ def _check_derived(sd: dict[str, torch.Tensor], backbone) -> list[str]:
     return keys
 
 
+def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "swin", alpha: float, location: str = "prepend",
+                      heads: int | None = None, source: str = "reference checkpoint",
+                      create_backbone: Callable[..., torch.nn.Module]) -> Imported:
+    """The family's importer (models/family.py): import_swin_state_dict, refusing --heads."""
+    if heads is not None:
+        raise UsageError("--heads does not apply to --arch swin: a Swin's heads are read off its relative "
+                         "position tables; drop --heads")
+    return import_swin_state_dict(sd, alpha=alpha, location=location, source=source, create_backbone=create_backbone)
+
+
 def import_swin_state_dict(sd: dict[str, torch.Tensor], *, alpha: float, location: str = "prepend",
-                           source: str = "reference checkpoint"):
-    """Map a reference Swin VFPT state dict (`module.` already stripped) onto a VFPTSwin.
+                           source: str = "reference checkpoint",
+                           create_backbone: Callable[..., torch.nn.Module]) -> Imported:
+    """Map a reference Swin VFPT state dict (`module.` already stripped) onto a VFPTSwin. create_backbone:
+    the bounded backbone builder (models.backbone.create_backbone, passed in by reference/).
 
-    Returns reference.Imported; fails on the first missing, mis-shaped or inconsistent tensor."""
+    Fails on the first missing, mis-shaped or inconsistent tensor."""
     from timm.models.swin_transformer import checkpoint_filter_fn
-
-    from .reference import Imported
 
     _refuse_unsupported(sd)
     prompts, head_w = _need(sd, E + "prompt_embeddings"), _need(sd, "head.last_layer.weight")

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 
-from .errors import UsageError
+from vfpt_deploy.errors import UsageError
 
 LOCATIONS = ("prepend", "append")
 MAX_PROMPTS = 10_000  # prompt tokens per layer; the reference uses up to a few hundred

@@ -1,4 +1,5 @@
-"""Import checkpoints of the reference VFPT/VPT code (github.com/runtsang/VFPT, KMnP/vpt) as run.pt.
+"""The ViT family's reference importer: checkpoints of the reference VFPT/VPT code (github.com/runtsang/VFPT,
+KMnP/vpt) as a VFPTViT (reference/ reads the file and writes the run.pt).
 
 The reference saves torch.save({"model": state_dict}) of its whole model (frozen backbone included) and
 no config. Its ViT uses its own layout (separate query/key/value, `enc.transformer.*`); its MAE and
@@ -8,23 +9,19 @@ because the file does not hold them. See docs/model.md, section 4 (reference che
 """
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .backbone import check_tensors, create_backbone
-from .files import check_outputs, check_suffix, file_sha256
-from .checkpoint import FORMAT, RUN_SUFFIXES, BackboneInfo, save_run
-from .config import VFPTConfig
-from .errors import InputError, UsageError, VFPTError
-from .model import VFPTViT
-from vfpt_deploy.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from vfpt_deploy.errors import InputError, VFPTError
+from vfpt_deploy.models.common import check_tensors
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.family import BackboneInfo, Imported
+from vfpt_deploy.models.vit.model import VFPTViT
 
 
-ARCHS = ("vit", "mae", "moco", "swin")  # swin: swin_reference.py
+ARCHS = ("vit", "mae", "moco")  # the reference layouts of this family (models/vit/__init__.py registers them)
 # Standard ViT heads by width (tiny, small, base, large, huge), and timm size names by (width, depth).
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 _SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1280, 32): "huge"}
@@ -72,29 +69,6 @@ def tuned_reference_name(arch: str, name: str) -> str:
     if name.startswith("head."):
         return "head.last_layer." + name.removeprefix("head.")
     return _prefix(arch) + name
-
-
-def read_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """{"model": state_dict} or a bare state dict, read without unpickling objects; `module.` stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise VFPTError(f"checkpoint {path} does not exist; pass the reference's saved .pth")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e):
-            why = "it holds pickled Python objects, which are never loaded (weights_only=True)"
-        else:
-            why = f"it is truncated or not a torch checkpoint ({first[:120]})"
-        raise VFPTError(f"cannot read {path}: {why}; pass the .pth the reference saved") from None
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        raise VFPTError(f"{path} is already a vfpt-deploy run checkpoint; use it directly (no import needed)")
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
-        raise VFPTError(f"{path} does not hold a state dict of tensors ({{'model': state_dict}} or a bare state dict)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _refuse_unsupported(sd: dict[str, torch.Tensor], arch: str) -> None:
@@ -191,30 +165,14 @@ def infer_backbone(sd: dict[str, torch.Tensor], arch: str, heads: int | None = N
     return BackboneInfo(name=name, kwargs=kwargs)
 
 
-@dataclass
-class Imported:
-    """A reference checkpoint as a VFPTViT (eval mode), where its backbone comes from, and the
-    reference tensors that were not used."""
-
-    model: VFPTViT
-    backbone: BackboneInfo
-    arch: str
-    unused: list[str] = field(default_factory=list)
-
-
 def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: float, location: str = "prepend",
-                      heads: int | None = None, source: str = "reference checkpoint") -> Imported:
-    """Map a reference state dict (`module.` already stripped) onto a VFPTViT.
+                      heads: int | None = None, source: str = "reference checkpoint",
+                      create_backbone: Callable[..., torch.nn.Module]) -> Imported:
+    """Map a reference state dict (`module.` already stripped) onto a VFPTViT. create_backbone: the bounded
+    backbone builder (models.backbone.create_backbone, passed in by reference/).
 
     Fails on the first missing or mis-shaped reference tensor; returns the unused ones.
     """
-    if arch == "swin":
-        from .swin_reference import import_swin_state_dict
-
-        if heads is not None:
-            raise UsageError("--heads does not apply to --arch swin: a Swin's heads are read off its relative "
-                             "position tables; drop --heads")
-        return import_swin_state_dict(sd, alpha=alpha, location=location, source=source)
     _refuse_unsupported(sd, arch)
     P = _prefix(arch)
     prompts = _need(sd, P + "prompt_embeddings")
@@ -256,55 +214,3 @@ def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: 
     used = {r for refs in targets.values() for r in refs}
     info.source = f"imported from {source}"
     return Imported(model.eval(), info, arch, sorted(k for k in sd if k not in used))
-
-
-def parse_classes(spec: str | None, num_classes: int) -> list[str]:
-    """Class names from a comma list or a file (one per line); default "0" .. "C-1"."""
-    if spec is None:
-        return [str(i) for i in range(num_classes)]
-    path = Path(spec)
-    if path.is_file():
-        try:
-            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"--classes file {path} is not readable UTF-8 text ({type(e).__name__}); give a text "
-                             "file with one class name a line, or a comma list") from None
-    else:
-        names = [c.strip() for c in spec.split(",")]
-    if any(not c for c in names):
-        raise VFPTError(f"empty class name in {spec!r}; give a comma list like 'cat,dog' or a file with one name a line")
-    if len(names) != num_classes:
-        raise VFPTError(f"{len(names)} class names for the checkpoint's {num_classes}-class head; give exactly {num_classes}")
-    if len(set(names)) != len(names):
-        raise VFPTError(f"duplicate class names in {spec!r}")
-    return names
-
-
-def reference_preprocess(img_size: tuple[int, int], crop_pct: float = 1.0) -> Preprocess:
-    """The reference's preprocessing: VTAB resizes to the model size (crop_pct 1), FGVC resizes the
-    shorter side to size / crop_pct and center-crops (0.875: 256 -> 224); ImageNet mean/std."""
-    h, w = img_size
-    if not 0 < crop_pct <= 1:
-        raise VFPTError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    common = dict(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), interpolation="bilinear")
-    if crop_pct == 1.0:
-        return Preprocess(resize=[h, w], crop=None, **common)
-    return Preprocess(resize=int(round(min(h, w) / crop_pct)), crop=[h, w], **common)
-
-
-def import_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, arch: str = "vit", alpha: float,
-                      location: str = "prepend", classes: str | None = None, heads: int | None = None,
-                      crop_pct: float = 1.0) -> Imported:
-    """Read a reference checkpoint and write it as a run.pt (backbone included). The output must be a
-    .pt/.pth file other than the input (and the class-names file), checked before any work."""
-    path = Path(path)
-    out = check_suffix(out, RUN_SUFFIXES, "run checkpoint")
-    check_outputs({"--out": out}, {"--ckpt": path, "--classes": classes if classes and Path(classes).is_file() else None})
-    result = import_state_dict(read_reference_checkpoint(path), arch=arch, alpha=alpha, location=location,
-                               heads=heads, source=str(path))
-    names = parse_classes(classes, result.model.num_classes)
-    meta = {"import": {"source": str(path), "file_sha256": file_sha256(path), "arch": arch,
-                       "unused_keys": result.unused}}
-    save_run(out, result.model, result.backbone, names, reference_preprocess(result.model.img_size, crop_pct),
-             include_backbone=True, meta=meta)
-    return result

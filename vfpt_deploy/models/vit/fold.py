@@ -8,7 +8,7 @@ Two forms, both plain modules torch can export:
   [CLS, patches] with K_i / V_i prepended to the keys and values: exact, and the prompt rows cost no
   query, projection or MLP compute. With mean pooling over the prompt rows (MAE) the last block still
   needs the prompt outputs, so it alone keeps its prompts as tokens.
-`none` keeps the live FFT (the VFPTViT itself) for comparison.
+`none` keeps the live FFT (the VFPTViT itself) for comparison. folding.fold_model picks the family's fold.
 """
 from __future__ import annotations
 
@@ -20,11 +20,10 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .errors import VFPTError
-from .fourier import prompt_block
-from .model import VFPTViT
-
-FOLD_MODES = ("auto", "tokens", "kv", "none")
+from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.models.folds import FOLD_MODES, LiveVFPT
+from vfpt_deploy.models.fourier import prompt_block
+from vfpt_deploy.models.vit.model import VFPTViT
 
 
 def kv_refusal(model: VFPTViT) -> str | None:
@@ -145,30 +144,8 @@ def kv_block(blk: Block, x: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) ->
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
-class LiveVFPT(nn.Module):
-    """`none`: the unfolded model, FFT and all, behind the same interface."""
-
-    fold_mode = "none"
-
-    def __init__(self, model: VFPTViT) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
-def fold_model(model: VFPTViT, mode: str = "auto", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Deployable form of `model` (eval mode). mode: auto (kv where exact, else tokens), tokens, kv, none.
-    dtype: the precision the constants are computed in (float32 or float64); they are stored as float32."""
-    if dtype not in (torch.float32, torch.float64):
-        raise VFPTError(f"fold in float32 or float64, not {dtype}")
-    from .swin import VFPTSwin
-
-    if isinstance(model, VFPTSwin):  # its own blocks and folds: swin_fold.py
-        from .swin_fold import fold_swin
-
-        return fold_swin(model, mode, dtype)
+def fold_vit(model: VFPTViT, mode: str, dtype: torch.dtype) -> nn.Module:
+    """folding.fold_model for a ViT: auto (kv where exact, else tokens), tokens, kv, none."""
     mode = resolve_mode(model, mode)
     model.eval()
     folded = LiveVFPT(model) if mode == "none" else FoldedViT(model, mode, dtype)

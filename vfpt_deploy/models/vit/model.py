@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .backbone import check_backbone
-from .config import VFPTConfig
-from .fourier import prompt_block
+from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.fourier import prompt_block
+from vfpt_deploy.models.vit.backbone import check_backbone
 
 
 class VFPTViT(nn.Module):

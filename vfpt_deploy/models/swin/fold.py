@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-from .errors import VFPTError
-from .fourier import prompt_block
-from .swin import VFPTSwin, merge, prompted_block
+from vfpt_deploy.errors import VFPTError
+from vfpt_deploy.models.folds import FOLD_MODES, LiveVFPT
+from vfpt_deploy.models.fourier import prompt_block
+from vfpt_deploy.models.swin.model import VFPTSwin, merge, prompted_block
 
 
 def kv_refusal(model: VFPTSwin) -> str | None:
@@ -98,9 +99,7 @@ class FoldedSwin(nn.Module):
 
 
 def fold_swin(model: VFPTSwin, mode: str, dtype: torch.dtype) -> nn.Module:
-    """fold.fold_model for a Swin: auto (kv where exact, else tokens), tokens, kv, none."""
-    from .fold import FOLD_MODES, LiveVFPT
-
+    """folding.fold_model for a Swin: auto (kv where exact, else tokens), tokens, kv, none."""
     if mode not in FOLD_MODES:
         raise VFPTError(f"fold mode must be one of {', '.join(FOLD_MODES)}, got {mode!r}")
     why = kv_refusal(model)

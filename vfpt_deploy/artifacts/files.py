@@ -16,12 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import OutputError, VFPTError
+from vfpt_deploy.errors import OutputError, VFPTError
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str, error=None):
     """A JSON file's value, or one error line (missing, unreadable, not UTF-8, not JSON, nested too deep)."""
-    from .errors import InputError
+    from vfpt_deploy.errors import InputError
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

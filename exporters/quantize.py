@@ -172,16 +172,30 @@ def _first(e: BaseException) -> str:
 
 def graph_roles(model: onnx.ModelProto) -> dict[str, list[str]]:
     """Names of the linear nodes by role: 'head' (the last MatMul/Gemm: the classifier), 'attention'
-    (MatMuls of two activations: q.k and attn.v), 'patch' (the first Conv: the patch embedding), 'weights'
-    (the rest)."""
+    (MatMuls of two activations: q.k and attn.v; and of an activation and a per-head constant of rank > 2:
+    a Swin kv fold's q.K_prompt and attn.V_prompt, its prompt keys/values [heads, ...]), 'patch' (the first
+    Conv: the patch embedding), 'weights' (the rest)."""
     inits = {t.name for t in model.graph.initializer}
     consts = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     linear = [n for n in model.graph.node if n.op_type in LINEAR_OPS]
     head = [n.name for n in linear if n.op_type in ("MatMul", "Gemm")][-1:]
-    attention = [n.name for n in linear if n.op_type == "MatMul" and not set(n.input) & consts]
+    batched = set(batched_constant_matmuls(model))
+    attention = [n.name for n in linear if n.op_type == "MatMul" and (not set(n.input) & consts or n.name in batched)]
     patch = [n.name for n in linear if n.op_type == "Conv"][:1]
     weights = [n.name for n in linear if n.name not in head + attention + patch]
     return {"head": head, "attention": attention, "patch": patch, "weights": weights}
+
+
+def batched_constant_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls whose second input is a constant of rank > 2 (one matrix per head). onnxruntime's dynamic
+    quantizer gives such a weight a per-channel zero point its MatMulInteger kernel refuses at run time
+    ("MatmulInteger : b zero point is not valid"): dynamic quantization keeps them float."""
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            ranks.update({n.output[0]: len(a.t.dims) for a in n.attribute if a.name == "value"})
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2
+            and ranks.get(n.input[1], 0) > 2]
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -193,13 +207,15 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 
 def plan_exclusions(model: onnx.ModelProto, spec: QuantizeSpec) -> tuple[list[str], list[str]]:
     """(linear nodes to quantize, linear nodes kept in float) by the spec's keep_head / keep_attention /
-    keep_patch / keep_nodes. onnxruntime's dynamic quantizer has no Gemm: those stay float there."""
+    keep_patch / keep_nodes. onnxruntime's dynamic quantizer has no Gemm, and its per-channel weights of a
+    batched constant do not run (batched_constant_matmuls): those stay float there."""
     roles = graph_roles(model)
     keep = (roles["head"] if spec.keep_head else []) + (roles["attention"] if spec.keep_attention else [])
     keep += roles["patch"] if spec.keep_patch else []
     linear = [n for n in model.graph.node if n.op_type in spec.op_types]
+    batched = set(batched_constant_matmuls(model)) if spec.mode == "dynamic" and spec.per_channel else set()
     keep += [n.name for n in linear if any(re.search(k, n.name) for k in spec.keep_nodes)
-             or (spec.mode == "dynamic" and n.op_type == "Gemm")]
+             or (spec.mode == "dynamic" and n.op_type == "Gemm") or n.name in batched]
     return [n.name for n in linear if n.name not in keep], [n.name for n in linear if n.name in keep]
 
 

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
-                                decode_metadata, is_engine, output_classes, read_graph)
+                                          decode_metadata, graph_problems, is_engine, output_classes, read_graph)
 from vfpt_deploy.threads import resolve_threads
 
 from .hardware import int8_isa_note
@@ -198,6 +199,25 @@ def refuse_control_flow(path: Path, ops) -> None:
                             "(a crafted graph can run for ever); re-export the model with 'vfpt-deploy export'")
 
 
+RUN_FAILURE_FIX = "re-export the model with 'vfpt-deploy export'"  # (the export pipeline says what it did instead)
+
+
+def ort_cause(e: BaseException, limit: int = 240) -> str:
+    """onnxruntime's failure in one short line that keeps its cause: the op and node, then the reason, without
+    the source location, C++ signature and failed check that come before it ('... dynamic_quantize_matmul.cc:97
+    onnxruntime::common::Status ...(...) const IsBQuantParamSupported(...) was false. MatmulInteger : b zero
+    point is not valid'). Cut from the front when still long: the cause is at the end."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    m = re.match(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if m:
+        op, node, status = m.groups()
+        status = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ .*? was false\. ", "", status)
+        status = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ ", "", status)
+        text = f"{op} node {node[:80]!r}: {status}"
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
 class OnnxPredictor(Predictor):
     """Serve an exported VFPT ONNX model with onnxruntime. `session` is the InferenceSession (None once
     closed); `providers` what it really runs on."""
@@ -213,6 +233,7 @@ class OnnxPredictor(Predictor):
         if facts is not None:
             refuse_control_flow(self.path, facts.ops)
         self.graph_precision = facts.precision if facts is not None else None
+        self._facts = facts
         self.session = make_session(path, providers, threads=threads, optimization=optimization,
                                     provider_options=provider_options, allow_fallback=allow_fallback,
                                     fixed_dims=fixed_dims)
@@ -237,6 +258,10 @@ class OnnxPredictor(Predictor):
             raise ArtifactError(f"{path}: input '{TASK_INPUT}' is {inputs[1].type}, not tensor(int64); re-export it")
         checked = check_metadata(self.metadata, str(path), inputs[0].shape)
         check_output_width(outputs[0].shape[-1], checked, str(path))
+        problems = graph_problems(self._facts, checked, [i.name for i in inputs], outputs[0].shape[-1]) \
+            if self._facts is not None else []
+        if problems:  # the same contradictions inspect shows
+            raise ArtifactError(f"{path}: {problems[0]}; re-export the artifact")
         self.preprocess = checked["preprocess"]
         note = int8_isa_note(self.metadata.get("quantization"), self.providers)
         self.notes = (note,) if note else ()
@@ -258,9 +283,8 @@ class OnnxPredictor(Predictor):
         try:
             return self.session.run(None, feed, self._quiet_run)[0]
         except Exception as e:  # onnxruntime's own Fail / RuntimeException types
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {first}; "
-                                "re-export the model with 'vfpt-deploy export'") from None
+            raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {ort_cause(e)}; "
+                                f"{RUN_FAILURE_FIX}") from None
 
     def close(self) -> None:
         """Release the session (its memory goes when nothing else holds it). Safe to call twice."""

@@ -22,6 +22,7 @@ import base64
 import binascii
 import io
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +159,71 @@ def _blob(e, i: int, b64: bool) -> bytes:
     if isinstance(e, (bytes, bytearray)):
         return bytes(e)
     raise BadRequest(f"{BYTES_INPUT}[{i}] is a {type(e).__name__}, not an encoded image")
+
+
+# gRPC: MLServer turns a ModelInferRequest's raw_input_contents into lists (mlserver.raw) before any model
+# sees the request, trusting each tensor's datatype and shape; a mismatch there ended as INTERNAL with a
+# traceback per request. check_grpc_request reads the same proto first and names the mismatch (BadRequest:
+# INVALID_ARGUMENT); install_grpc_checks puts it in front of MLServer's converter.
+ITEM_BYTES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
+              "INT64": 8, "FP16": 2, "FP32": 4, "FP64": 8}  # V2 fixed-size datatypes; BYTES is length-prefixed
+
+
+def check_grpc_request(req) -> None:
+    """The raw tensors of a gRPC ModelInferRequest match their datatype and shape, one raw entry per input
+    without contents (what mlserver.raw.inject_raw assumes); BadRequest naming the first mismatch."""
+    raws = list(req.raw_input_contents)
+    if not raws:
+        return
+    takers = [inp for inp in req.inputs if not inp.contents.ListFields()]  # inject_raw: inputs without data
+    if len(raws) != len(takers):
+        raise BadRequest(f"the request has {len(raws)} raw_input_contents for {len(takers)} inputs without contents; "
+                         "send one raw_input_contents entry per input, in input order")
+    for inp, raw in zip(takers, raws):
+        shape = [int(d) for d in inp.shape]
+        dtype = str(inp.datatype)[:20]
+        if any(d < 0 for d in shape):
+            raise BadRequest(f"input {inp.name[:80]!r} has shape {shape[:8]} with a negative dimension; "
+                             "send the tensor's real shape")
+        if dtype == "BYTES":
+            _check_length_prefixed(inp.name, raw)
+        elif dtype not in ITEM_BYTES:
+            raise BadRequest(f"input {inp.name[:80]!r} has datatype {dtype!r}, not a V2 datatype "
+                             f"({', '.join(ITEM_BYTES)}, BYTES)")
+        elif len(raw) != math.prod(shape) * ITEM_BYTES[dtype]:
+            raise BadRequest(f"input {inp.name[:80]!r} has {len(raw)} raw bytes but {dtype} {shape[:8]} needs "
+                             f"{math.prod(shape) * ITEM_BYTES[dtype]}; send raw contents that match the shape")
+
+
+def _check_length_prefixed(name: str, raw: bytes) -> None:
+    """BYTES raw contents: each element a 4-byte little-endian length, then that many bytes."""
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw) or offset + 4 + struct.unpack_from("<I", raw, offset)[0] > len(raw):
+            raise BadRequest(f"input {name[:80]!r} raw contents end inside an element: each BYTES element needs a "
+                             "4-byte little-endian length prefix followed by that many bytes")
+        offset += 4 + struct.unpack_from("<I", raw, offset)[0]
+
+
+def install_grpc_checks() -> None:
+    """Check every gRPC inference request with check_grpc_request before MLServer converts it (once per
+    process); whatever the conversion still cannot read is a BadRequest too, never INTERNAL."""
+    from mlserver.grpc.converters import ModelInferRequestConverter as cls
+
+    if getattr(cls, "vfpt_checked", False):
+        return
+    convert = cls.to_types.__func__
+
+    def to_types(klass, pb_object):
+        check_grpc_request(pb_object)
+        try:
+            return convert(klass, pb_object)
+        except (struct.error, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+            raise BadRequest(f"the request's tensors cannot be read: {str(e)[:200]}; check each input's datatype, "
+                             "shape and contents") from None
+
+    cls.to_types = classmethod(to_types)
+    cls.vfpt_checked = True
 
 
 class _Named(io.BytesIO):

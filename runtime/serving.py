@@ -44,7 +44,7 @@ from vfpt_deploy.threads import resolve_threads
 from . import serve_limits
 from .batcher import Batcher
 from .predictor import Predictor
-from .serve_io import decode_images, encode_response, metadata_tensors, parse_request
+from .serve_io import decode_images, encode_response, install_grpc_checks, metadata_tensors, parse_request
 
 IMPLEMENTATION = "vfpt_deploy.runtime.serving.VFPTModel"
 WELLKNOWN = ["model.onnx", "model.plan", "model.engine"]  # found in a folder uri (KServe's /mnt/models)
@@ -56,6 +56,7 @@ SELF_CHECK_SECONDS = "vfpt_self_check_seconds"
 
 log = logging.getLogger(__name__)
 serve_limits.install()  # bounded REST bodies, gzip included, in every process that loads this runtime
+install_grpc_checks()  # malformed gRPC tensors: INVALID_ARGUMENT with one line, not INTERNAL
 
 # MLServer re-executes this module (importlib.reload) for every model it loads from a model-settings.json,
 # so the process-wide state below is taken over from the previous execution, never made anew.
@@ -236,6 +237,9 @@ def quiet_client_errors() -> None:
     grpc_log = logging.getLogger("mlserver.grpc")
     if not any(getattr(f, "vfpt_one_line", False) for f in grpc_log.filters):
         grpc_log.addFilter(_OneLineClientErrors())
+
+
+quiet_client_errors()  # here too: the gRPC server may run in a process where no model loads (parallel workers)
 
 
 def _batching(settings: ModelSettings) -> tuple[int, float]:

@@ -76,3 +76,24 @@ def test_train_on_an_image_folder(tmp_path):
     run = load_run(out)
     assert run.classes == ["blue", "red"]
     assert run.preprocess.resize == [32, 32]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: [f.unlink() for f in (d / "train" / "blue").iterdir()], "train: class folder blue holds no images"),
+    (lambda d: (d / "train" / "green").mkdir(), "train: class folder green holds no images"),
+    (lambda d: [f.unlink() for f in (d / "val" / "blue").iterdir()], "val has no images of class blue, which train/ has"),
+    (lambda d: [f.unlink() for f in (d / "val" / "blue").iterdir()] and (d / "val" / "blue").rmdir(),
+     "val has no images of class blue"),
+    (lambda d: [[f.unlink() for f in (d / s / "blue").iterdir()] and (d / s / "blue").rmdir() for s in ("train", "val")],
+     "has one class (red); a classifier needs two"),
+])
+def test_training_refuses_classes_without_images_before_any_work(edit, message, tmp_path):
+    """An empty class folder (or a val/ without some classes) once trained to 'best val top-1 100.00%'. Refused
+    in one line, before the backbone is even read (its weights file here does not exist)."""
+    color_image_folder(tmp_path / "data")
+    edit(tmp_path / "data")
+    res = invoke("train", "--data", tmp_path / "data", "--out", tmp_path / "r.pt", "--model", TINY,
+                 "--weights", tmp_path / "missing.pth", "--epochs", 1)
+    out = " ".join(res.output.split())
+    assert res.exit_code == 1 and message in out and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) <= 3 and not (tmp_path / "r.pt").exists()  # one line, wrapped

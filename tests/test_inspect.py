@@ -453,3 +453,63 @@ def test_multi_task_engine(tasks_onnx, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True)
     res = invoke("inspect", engine, "--json")
     assert res.exit_code == 0 and [t["name"] for t in strict_json(res.output)["tasks"]] == ["cars", "birds", "flat"]
+
+
+# -- metadata that contradicts the graph (issue 24) ------------------------------------------------------------
+def _edited(src, dst, edit):
+    """A copy of an ONNX file whose metadata_props went through edit(list of [key, value]) -> list."""
+    model = onnx.load(src)
+    props = edit([[p.key, p.value] for p in model.metadata_props])
+    del model.metadata_props[:]
+    for k, v in props:
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, dst)
+    return dst
+
+
+def _set(key, value):
+    return lambda props: [[k, json.dumps(value) if k == key else v] for k, v in props]
+
+
+def _tasks(edit):
+    return lambda props: [[k, json.dumps(edit(json.loads(v))) if k == "vfpt.tasks" else v] for k, v in props]
+
+
+CONTRADICTIONS = {  # name: (the file it edits, edit, words of the problem)
+    "a million classes on 4 logits": ("run", _set("vfpt.classes", [f"c{i}" for i in range(1_000_000)]),
+                                      "the model outputs 4 logits but the metadata names 1000000 classes"),
+    "a task more than the graph": ("tasks", _tasks(lambda t: t + [{"name": "extra", "classes": ["x", "y"]}]),
+                                   "the metadata lists 4 tasks but the graph's task tables hold 3"),
+    "a task fewer than the graph": ("tasks", _tasks(lambda t: t[:2]),
+                                    "the metadata lists 2 tasks but the graph's task tables hold 3"),
+    "a duplicate key": ("run", lambda props: props + [["vfpt.classes", json.dumps(["w", "x", "y", "z"])]],
+                        "metadata key 'vfpt.classes' is given 2 times"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTRADICTIONS))
+def test_metadata_that_contradicts_the_graph_is_a_problem_and_refused_at_load(case, exported_run, tasks_onnx, tmp_path):
+    """inspect shows each contradiction as a problem (JSON and table) and still shows the rest; predict (and
+    serve and verify, which open the artifact the same way) refuses the file in one line."""
+    from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+    which, edit, words = CONTRADICTIONS[case]
+    path = _edited(exported_run[1] if which == "run" else tasks_onnx, tmp_path / "crafted.onnx", edit)
+    info = inspect_artifact(path)
+    assert len(info["problems"]) == 1 and words in info["problems"][0], info["problems"]
+    rows = dict(summary_rows(info))
+    assert words in rows["PROBLEM 1"] and "refuse" in rows["PROBLEM 1"]
+    with pytest.raises(ArtifactError, match=words.replace("(", r"\(")) as e:
+        OnnxPredictor(path, ["cpu"])
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    res = invoke("inspect", path)
+    assert res.exit_code == 0 and "PROBLEM 1" in res.output
+    (tmp_path / "img").mkdir()
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "img" / "a.png")
+    res = invoke("predict", path, tmp_path / "img", "--providers", "cpu")
+    assert res.exit_code == 1 and words in " ".join(res.output.split()) and "Traceback" not in res.output, res.output
+
+
+def test_a_consistent_artifact_has_no_problems(exported_run, tasks_onnx):
+    assert inspect_artifact(exported_run[1])["problems"] == [] and inspect_artifact(tasks_onnx)["problems"] == []

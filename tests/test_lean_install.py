@@ -95,6 +95,30 @@ def test_torch_commands_name_the_export_extra(args, tmp_path):
     assert not list(tmp_path.iterdir()), "nothing may be written"
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["train", "--alpha", "1.5"], "alpha (Fourier fraction) must be a number in [0, 1]"),
+    (["train", "--lr", "-1"], "--lr must be a finite number in (0, 10000]"),
+    (["train", "--model-arg", "img_size"], "--model-arg takes KEY=VALUE"),
+    (["train", "--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["train", "--crop-pct", "7"], "--crop-pct must be in (0, 1]"),
+    (["train", "--out", "run.txt"], "run checkpoint files end in .pt or .pth"),
+    (["demo", "--lr", "-1", "--out", "d"], "--lr must be a finite number"),  # was refused after pretraining
+    (["export", "--ckpt", "run.pt", "--atol", "-1"], "--atol must be a finite number"),
+    (["export", "--ckpt", "run.pt", "--out", "m.txt"], "ONNX files end in .onnx"),
+    (["export", "--ckpt", "run.pt", "--quantize", "static"], "apply to --precision int8 only"),
+    (["export", "--ckpt", "a.pt", "--ckpt", "b.pt", "--precision", "int8", "--out", "m.onnx"], "int8 multi-task"),
+    (["import", "ref.pth", "--alpha", "2"], "alpha (Fourier fraction) must be a number in [0, 1]"),
+    (["import", "ref.pth", "--alpha", "0.5", "--crop-pct", "0"], "--crop-pct must be in (0, 1]"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_usage_errors_come_before_torch_is_imported(args, words, tmp_path):
+    """A bad option value is reported before torch loads (its import took 7-10 s of a usage error's 10 s
+    here): with torch unimportable, the answer is still the usage error, not the missing extra."""
+    res = cli_without("torch", *args, cwd=tmp_path)
+    line = " ".join(res.stderr.split())
+    assert res.returncode in (1, 2) and words in line and "PyTorch" not in line, res.stderr
+    assert "Traceback" not in res.stderr and not list(tmp_path.iterdir())
+
+
 def test_timm_alone_missing_names_the_export_extra(tmp_path):
     line = one_error_line(cli_without("timm", "train", "--epochs", "1", cwd=tmp_path))
     assert line == f"error: vfpt-deploy train needs timm, which is not installed: {EXPORT}"

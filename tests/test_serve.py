@@ -416,6 +416,40 @@ def test_bad_grpc_request_is_invalid_argument(server, case):
     assert len(server.stub.ModelInfer(grpc_request(ok)).outputs) == 4
 
 
+def raw_tensor(name="images", datatype="FP32", shape=(1, 3, 32, 32)):
+    return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(shape))
+
+
+RAW = ONE.tobytes()
+MALFORMED_GRPC = {  # raw_input_contents that MLServer's own proto conversion cannot read
+    "raw size": (grpc_request(raw_tensor(), raw=[RAW[:100]]), "has 100 raw bytes but FP32 [1, 3, 32, 32] needs 12288"),
+    "shape vs data": (grpc_request(raw_tensor(shape=[1, 3, 32, 33]), raw=[RAW]), "FP32 [1, 3, 32, 33] needs 12672"),
+    "huge shape": (grpc_request(raw_tensor(shape=[100000, 3, 224, 224]), raw=[RAW]), "needs 60211200000"),
+    "negative dim": (grpc_request(raw_tensor(shape=[-1, 3, 32, 32]), raw=[RAW]), "negative dimension"),
+    "unknown datatype": (grpc_request(raw_tensor(datatype="FLOAT"), raw=[RAW]), "datatype 'FLOAT'"),
+    "bytes prefix": (grpc_request(raw_tensor("image_bytes", "BYTES", [1]), raw=[struct.pack("<I", 999) + b"x"]),
+                     "length prefix"),
+    "raw count": (pb.ModelInferRequest(model_name=NAME, inputs=[raw_tensor(), raw_tensor("image_bytes", "BYTES", [1])],
+                                       raw_input_contents=[RAW]), "1 raw_input_contents for 2 inputs"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_GRPC))
+def test_malformed_grpc_tensors_are_invalid_argument_and_one_log_line(server, case):
+    """Tensors whose raw bytes do not match their datatype and shape fail in MLServer's conversion, before the
+    model sees them: INVALID_ARGUMENT with one line, and one line in the server's log, no traceback."""
+    req, words = MALFORMED_GRPC[case]
+    before = server.log.read_text(errors="replace")
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.ModelInfer(req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert words in e.value.details() and "\n" not in e.value.details(), e.value.details()
+    ok = pb.ModelInferRequest.InferInputTensor(name="images", datatype="FP32", shape=[1, 3, 32, 32])
+    assert len(server.stub.ModelInfer(grpc_request(ok, raw=[RAW])).outputs) == 4
+    logged = server.log.read_text(errors="replace")[len(before):]
+    assert "Traceback" not in logged and words in logged, logged[-3000:]
+
+
 # -- adaptive batching ---------------------------------------------------------------------------------
 def concurrent_requests() -> list[dict]:
     """Image and tensor requests of 1-3 rows with different top_k, and two bad ones in between."""

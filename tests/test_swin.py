@@ -81,7 +81,8 @@ def window_and_shift(s: int, i: int) -> tuple[int, int]:
     return WINDOW, (WINDOW // 2 if i % 2 else 0)
 
 
-def make_reference(M: int = 4, deep: bool = True, seed: int = 0, classes: int = C, prompt_scale: float = 2.0):
+def make_reference(M: int = 4, deep: bool = True, seed: int = 0, classes: int = C, prompt_scale: float = 2.0,
+                   qk_gain: float = QK_GAIN):
     """A random reference Swin VFPT state dict (enc.*, head.last_layer.*), every tensor far from its init."""
     g = torch.Generator().manual_seed(seed)
 
@@ -99,7 +100,7 @@ def make_reference(M: int = 4, deep: bool = True, seed: int = 0, classes: int = 
             for n in ("norm1", "norm2"):
                 sd[b + n + ".weight"], sd[b + n + ".bias"] = rand(dim, scale=0.2, shift=1.0), rand(dim, scale=0.2)
             qkv = rand(3 * dim, dim, scale=dim ** -0.5)
-            qkv[: 2 * dim] *= QK_GAIN
+            qkv[: 2 * dim] *= qk_gain
             sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"] = qkv, rand(3 * dim, scale=0.2)
             sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"] = rand(dim, dim, scale=dim ** -0.5), rand(dim, scale=0.2)
             sd[b + "attn.relative_position_bias_table"] = rand((2 * w - 1) ** 2, heads)
@@ -405,6 +406,68 @@ def test_export_pipeline_verifies_a_swin_run(tmp_path):
     assert outcome.passed and outcome.onnx.fold_mode == "kv", outcome.report.to_json()
     assert outcome.report.comparisons[0].max_abs <= ONNX_TOL
     assert outcome.onnx_path == tmp_path / "run.onnx" and outcome.onnx_path.is_file()
+
+
+def test_int8_dynamic_swin_runs_and_passes_the_int8_gate(tmp_path):
+    """A Swin kv fold multiplies the queries by constant per-head prompt keys [heads, d, M] (and the prompt
+    weights by values [heads, M, d]). onnxruntime's dynamic quantizer gave those a per-channel zero point its
+    MatMulInteger kernel refuses at run time ("b zero point is not valid"): every int8 Swin export failed.
+    They are attention products and stay float, as the others do. The model: the parity toy with natural
+    q.k scale (with the x2 sharpened attention of QK_GAIN its min cosine is 0.977 in the default 7-bit form,
+    0.997 with full-range weights: the gate refuses it, as it should)."""
+    from test_quantize import _images
+
+    from vfpt_deploy.exporters.quantize import batched_constant_matmuls
+    from vfpt_deploy.pipeline import ExportSettings, export_run
+    from vfpt_deploy.artifacts.schema import read_graph
+
+    model = import_state_dict(make_reference(6, seed=5, qk_gain=1.0), arch="swin", alpha=0.5).model
+    pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+    save_run(tmp_path / "run.pt", model, BackboneInfo(SWIN, dict(SWIN_KWARGS)), list("abcde"), pre)
+    settings = ExportSettings(precision="int8", quantize="dynamic", data=str(_images(tmp_path / "val", 50, seed=1)),
+                              num_random=4)
+    outcome = export_run(load_run(tmp_path / "run.pt"), settings, tmp_path / "int8.onnx")
+    assert outcome.passed, outcome.report.to_json()
+    gated = [c for c in outcome.report.comparisons if c.gated]
+    assert gated and gated[0].samples == 50 and gated[0].min_cosine >= 0.99
+    facts = read_graph(tmp_path / "int8.onnx")
+    assert facts.precision == "int8" and "MatMulInteger" in facts.ops
+    import onnx
+
+    kept = facts.metadata["quantization"]["kept_float"]["nodes"]["attention"]
+    batched = batched_constant_matmuls(onnx.load(str(tmp_path / "int8.onnx")))
+    assert len(batched) == 14 and set(batched) <= set(kept)  # q.K_prompt and attn.V_prompt of the 7 kv blocks
+
+
+def test_an_export_onnxruntime_cannot_run_is_one_line_with_its_cause(tmp_path, monkeypatch):
+    """What the int8 Swin export said before its fix (the fix undone here): the cause, not onnxruntime's C++
+    signature; the file by its final name, not the staging one; no advice to re-export; nothing written."""
+    from vfpt_deploy.errors import ArtifactError
+    from vfpt_deploy.exporters import quantize
+    from vfpt_deploy.pipeline import ExportSettings, export_run
+
+    monkeypatch.setattr(quantize, "batched_constant_matmuls", lambda model: [])
+    save_run(tmp_path / "run.pt", imported(M=2, seed=3), BackboneInfo(SWIN, dict(SWIN_KWARGS)), list("abcde"),
+             Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3))
+    settings = ExportSettings(precision="int8", quantize="dynamic", num_random=2)
+    with pytest.raises(ArtifactError) as e:
+        export_run(load_run(tmp_path / "run.pt"), settings, tmp_path / "int8.onnx")
+    msg = str(e.value)
+    assert "b zero point is not valid" in msg and "node '/MatMul_1_quant'" in msg and "onnxruntime::" not in msg, msg
+    assert str(tmp_path / "int8.onnx") in msg and ".vfpt-stage" not in msg and "re-export" not in msg, msg
+    assert "nothing was written" in msg and "\n" not in msg and len(msg) < 500, msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+
+
+def test_int8_dynamic_keeps_batched_constants_float_even_when_attention_is_quantized(swin_onnx, x, tmp_path):
+    """keep_attention=False quantizes the activation x activation products; a constant per-head one still
+    stays float in dynamic mode (onnxruntime cannot run it), and the graph runs."""
+    from vfpt_deploy.exporters.quantize import QuantizeSpec, quantize_onnx
+
+    _, path = swin_onnx["kv", "fp32"]
+    res = quantize_onnx(path, tmp_path / "q.onnx", QuantizeSpec(keep_attention=False))
+    assert res.ops["MatMulInteger"] > 39  # the 39 weight layers and the activation x activation products
+    assert np.isfinite(ort_run(res.path, x)).all()
 
 
 # -- import --arch swin ----------------------------------------------------------------------------------

@@ -132,3 +132,25 @@ def test_metadata_that_does_not_describe_the_checkpoint_fails(exported_run, tmp_
     rep = verify_artifact(_tamper(onnx_path, tmp_path / "renamed.onnx", rename_classes), run, num_random=2)
     assert not rep.passed and "class names differ" in rep.problems[0]
     assert not rep.comparisons[0].failures  # the numbers match: only the metadata is wrong
+
+
+def test_a_wrong_checkpoint_is_named_as_the_failing_check(exported_run, tmp_path):
+    """verify against a checkpoint the artifact was not exported from (same weights, another file): the error
+    line names that check, not the tolerances, and speaks of an earlier report only when one was kept."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from vfpt_deploy.artifacts.checkpoint import save_run
+    from vfpt_deploy.cli import app
+
+    run, onnx_path = exported_run
+    shutil.copy(onnx_path, tmp_path / "m.onnx")
+    save_run(tmp_path / "other.pt", run.model, run.backbone, run.classes, run.preprocess, meta={"note": "another file"})
+    args = ["verify", str(tmp_path / "m.onnx"), "--ckpt", str(tmp_path / "other.pt"), "--num-random", "2"]
+    for earlier in (False, True):
+        res = CliRunner().invoke(app, args)
+        line = " ".join(res.output.split("error:")[-1].split())
+        assert res.exit_code == 1 and "exported from checkpoint sha256" in line, res.output
+        assert "verify it against the checkpoint it came from" in line and "tolerance" not in line, line
+        assert ("the earlier report was kept" in line) == earlier, line  # the first run wrote the first report

@@ -200,19 +200,27 @@ def train(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train VFPT prompts and a linear head on a frozen timm ViT or Swin Transformer."""
-    from vfpt_deploy.models.config import VFPTConfig
-    from .runs import train_run
-    from .threads import set_torch_threads
-    from .train import TrainSettings, resolve_device
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.schema import RUN_SUFFIXES
+    from vfpt_deploy.models.config import TrainSettings, VFPTConfig, check_crop_pct, check_device_name
+    from .threads import resolve_threads
 
+    # Every option value first: torch takes seconds to import.
     config = VFPTConfig(num_prompts=prompts, deep=deep, alpha=alpha, location=location.value, project=project, dropout=dropout)
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                              warmup_epochs=warmup_epochs, seed=seed).check()
+    model_kwargs = parse_model_args(model_arg or [])
+    check_device_name(device), check_crop_pct(crop_pct), resolve_threads(threads)
+    check_outputs({"--out": check_suffix(out, RUN_SUFFIXES, "run checkpoint")}, {"--data": data, "--weights": weights})
+    from .runs import train_run
+    from .threads import set_torch_threads
+    from .train import resolve_device
+
     dev = resolve_device(device, allow_fallback)
     set_torch_threads(threads)
     with progress() as bar:
         task = bar.add_task("training", total=None)
-        result = train_run(out, data=data, model_name=model, model_kwargs=parse_model_args(model_arg or []),
+        result = train_run(out, data=data, model_name=model, model_kwargs=model_kwargs,
                            weights=weights, config=config, settings=settings, crop_pct=crop_pct,
                            include_backbone=not prompts_only, device=dev, on_epoch=_epoch_printer(bar),
                            on_step=lambda s, t: bar.update(task, completed=s, total=t))
@@ -275,6 +283,11 @@ def demo(
 ) -> None:
     """The built-in offline main job: pretrain a small ViT on clean digits, then compare linear probe,
     VPT and VFPT on a shifted domain, write the VFPT run.pt, export and verify it."""
+    from vfpt_deploy.models.config import TrainSettings
+    from .threads import resolve_threads
+
+    TrainSettings(epochs=epochs, lr=lr, seed=seed).check()  # before torch loads (and not after pretraining)
+    resolve_threads(threads)
     from .demo import export_demo, run_demo
     from .threads import set_torch_threads
 
@@ -338,7 +351,7 @@ def export(
     only then put it in place (a failed export or verify leaves the previous artifact untouched). Several
     runs on one backbone (--ckpt a.pt --ckpt b.pt, or --task NAME=PATH) become one multi-task artifact."""
     from .pipeline import ExportSettings, export_run
-    from .threads import set_torch_threads
+    from .threads import resolve_threads, set_torch_threads
 
     build = None
     if format != Format.onnx:
@@ -353,9 +366,10 @@ def export(
                               fold_dtype=fold_dtype.value, quantize=quantize.value if quantize else None,
                               calib=calib, calib_samples=calib_samples,
                               build=build, tolerances=tolerances, data=data, num_random=num_random,
-                              threads=set_torch_threads(threads))
+                              threads=resolve_threads(threads))
     inputs = {"--backbone": backbone, "--timing-cache": None}
     load = plan_export_source(ckpt or [], task or [], settings, out, inputs)  # refuses bad input before loading
+    set_torch_threads(settings.threads)
     with progress() as bar:
         step = bar.add_task("loading the checkpoint", total=None)
         run = load(backbone)
@@ -367,17 +381,20 @@ def export(
 
 def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path | None, inputs: dict):
     """Check an export's settings, sources and outputs; return what loads its run (or its TaskSet)."""
-    from vfpt_deploy.artifacts.checkpoint import load_run
-    from vfpt_deploy.folding.multitask import load_tasks, source_labels, task_sources
     from .pipeline import check_multitask_settings, plan_export
 
+    settings.check()  # every option value, before torch is imported (multitask and checkpoint load it)
     if len(ckpts) > 1 or tasks:
-        sources = task_sources(ckpts, tasks)
         check_multitask_settings(settings)
+        from vfpt_deploy.folding.multitask import load_tasks, source_labels, task_sources
+
+        sources = task_sources(ckpts, tasks)
         plan_export(None, settings, out, {**inputs, **source_labels(ckpts, sources)})
         return lambda backbone: load_tasks(sources, backbone)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
     plan_export(path, settings, out, inputs)
+    from vfpt_deploy.artifacts.checkpoint import load_run
+
     return lambda backbone: load_run(path, backbone_weights=backbone)
 
 
@@ -432,12 +449,27 @@ def finish_verify(report, written: list | None = None) -> None:
     """Print the comparison; exit 1 (one line) when it failed."""
     print_verify(report)
     if not report.passed:
-        kept = ("nothing was written, the previous artifact and report are untouched" if written is not None
-                else "an earlier passing report was kept")
-        err_console.print(f"[bold red]error:[/] the artifact is outside tolerance (see the table above; {kept}); "
-                          "re-export it, or state looser tolerances with --atol/--min-cosine/--min-agreement/--max-top1-drop "
-                          "if that is intended", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(verify_failure(report, written))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1)
+
+
+def verify_failure(report, written: list | None = None) -> str:
+    """The one line a failed verification ends with: the check that really failed (a problem such as a
+    checkpoint that is not the artifact's, else the tolerances) and what happened to the files."""
+    if written is not None:
+        kept = "; nothing was written, the previous artifact and report are untouched"
+    elif any(n.startswith("the earlier report was kept") for n in report.notes):
+        kept = "; the earlier report was kept"
+    else:
+        kept = ""
+    outside = any(c.failures for c in report.comparisons)
+    if report.problems:
+        more = len(report.problems) - 1
+        return (report.problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''} above)" if more else "")
+                + ("; the logits are outside tolerance too (see the table above)" if outside else "") + kept)
+    return (f"the artifact is outside tolerance (see the table above{kept}); re-export it, or state looser tolerances "
+            "with --atol/--min-cosine/--min-agreement/--max-top1-drop if that is intended")
 
 
 @app.command()
@@ -744,6 +776,12 @@ def import_reference(
 ) -> None:
     """Convert a reference VFPT/VPT ViT or Swin checkpoint into a run.pt (shapes give M, deep, width, depth,
     patch, image size and classes; alpha, location, heads and class names come from the options)."""
+    from vfpt_deploy.artifacts.files import check_suffix
+    from vfpt_deploy.artifacts.schema import RUN_SUFFIXES
+    from vfpt_deploy.models.config import VFPTConfig, check_crop_pct
+
+    VFPTConfig(alpha=alpha, location=location.value), check_crop_pct(crop_pct)  # before torch loads
+    check_suffix(out, RUN_SUFFIXES, "run checkpoint")
     from vfpt_deploy.reference import import_checkpoint
 
     src = pick_ckpt(ckpt, ckpt_arg)

@@ -48,6 +48,7 @@ def run_demo(out: str | Path, *, pretrain_epochs: int = 60, epochs: int = 40, lr
     import torch
     from safetensors.torch import save_file
 
+    settings = TrainSettings(epochs=epochs, lr=lr, warmup_epochs=max(1, epochs // 10), seed=seed).check()
     out, created = demo_folder(out)
     try:
         # The cached backbone is named by what made it, so another seed or epoch count pretrains anew.
@@ -69,7 +70,6 @@ def run_demo(out: str | Path, *, pretrain_epochs: int = 60, epochs: int = 40, lr
             atomic_write(weights, lambda tmp: save_file(state, tmp))
         clean_top1 = _clean_top1(backbone, preprocess)
         rows = []
-        settings = TrainSettings(epochs=epochs, lr=lr, warmup_epochs=max(1, epochs // 10), seed=seed)
         for name, cfg in DEMO_VARIANTS.items():
             status(f"tuning {name} on the shifted domain")
             fname = "run.pt" if cfg.alpha > 0 else f"run_{'linear' if cfg.num_prompts == 0 else 'vpt'}.pt"

@@ -29,7 +29,8 @@ from pathlib import Path, PurePosixPath
 from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
 from vfpt_deploy.artifacts.files import file_sha256, read_json
 from vfpt_deploy.text import printable as _printable
-from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts, is_engine,
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
+                     graph_problems, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
 TASK = "classification"
@@ -236,6 +237,10 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
     init_names = {t.name for t in g.initializer}
     inputs = [_value_info(i) for i in g.input if i.name not in init_names]
     checked = onnx_metadata(facts.metadata, inputs, path)
+    width = [o.type.tensor_type.shape.dim[-1].dim_value or None for o in g.output
+             if o.name == OUTPUT_NAME and o.type.tensor_type.shape.dim]
+    problems = graph_problems(facts, checked, [i["name"] for i in inputs], width[0] if width else None) \
+        if checked else [f"metadata key {k!r} is given {n} times" for k, n in facts.duplicate_keys]
     ops = op_histogram(model)
     sha = file_sha256(path)
     out = {"kind": "onnx", "path": str(path), "bytes": path.stat().st_size, "sha256": sha,
@@ -250,7 +255,8 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
            "initializers": {"count": len(g.initializer),
                             "bytes": sum(_tensor_bytes(t) for t in g.initializer if not _is_external(t))},
            "external_data": list(external_locations(model, path.parent).values()),
-           "verification": verification(path, sha)}
+           "verification": verification(path, sha),
+           "problems": problems}  # metadata that contradicts the graph: the runtime refuses the file
     if "tasks" in out:  # the runtime refuses a multi-task file whose graph lacks the `task` input
         out["task_input"]["in_graph"] = any(i["name"] == TASK_INPUT for i in inputs)
     return out
@@ -278,7 +284,7 @@ def inspect_engine(path: str | os.PathLike) -> dict:
             "precision": meta["precision"], "tensorrt": plain(side["tensorrt"]), "gpu": plain(side.get("gpu")),
             "profile": plain(side["profile"]), "build": plain(side["build"]), "source_onnx": source,
             "tool_version": plain(side.get("tool_version")), "created": plain(side.get("created")),
-            "verification": verification(path, sha)}
+            "verification": verification(path, sha), "problems": []}  # the sidecar's are refused (check_sidecar)
 
 
 # -- run.pt ------------------------------------------------------------------------------------------------
@@ -310,7 +316,7 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
             "backbone": {"name": bb.name, "kwargs": plain(bb.kwargs), "source": bb.source, "sha256": bb.sha256,
                          "included": parts.state is not None, "hash_check": checked},
             "parameters": {"tuned": tuned, "frozen": frozen, "total": tuned + frozen},
-            "provenance": plain(parts.meta)}
+            "provenance": plain(parts.meta), "problems": []}  # a run.pt's are refused (check_run)
 
 
 # -- rows for a table ----------------------------------------------------------------------------------------
@@ -419,6 +425,8 @@ def _int8_rows(q) -> list[tuple[str, str]]:
 
 def _onnx_rows(info: dict) -> list[tuple[str, str]]:
     rows = [("kind", "ONNX model" + ("" if info["task"] else " without vfpt-deploy metadata (made elsewhere)"))]
+    rows += [(f"PROBLEM {i + 1}", f"{p}; predict, serve and verify refuse this file: re-export it")
+             for i, p in enumerate(info["problems"])]
     if info["task"]:
         prec = info["precision"]
         rows += _common_rows(info) + _artifact_rows(info)

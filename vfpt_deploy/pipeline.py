@@ -13,13 +13,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from vfpt_deploy.artifacts.checkpoint import Run
 from .errors import ArtifactError, UsageError, VFPTError
 from vfpt_deploy.artifacts.files import Staging, check_outputs, check_suffix
-from vfpt_deploy.folding.multitask import TaskSet
 from vfpt_deploy.artifacts.schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
+
+if TYPE_CHECKING:  # torch loads with these: checking settings and paths (plan_export) must not wait for it
+    from vfpt_deploy.artifacts.checkpoint import Run
+    from vfpt_deploy.folding.multitask import TaskSet
 
 FOLD_DTYPES = ("float32", "float64")
 TOLERANCE_KEYS = ("atol", "rtol", "min_cosine", "min_agreement", "max_top1_drop")
@@ -59,7 +61,7 @@ class ExportSettings:
         unknown = sorted(set(self.tolerances) - set(TOLERANCE_KEYS))
         if unknown:
             raise UsageError(f"unknown tolerance {unknown[0]!r}; use {', '.join(TOLERANCE_KEYS)}")
-        from .verify import Tolerances
+        from vfpt_deploy.artifacts.compare import Tolerances
 
         Tolerances.for_precision(self.precision).override(**self.tolerances)  # range-checks the overrides
         self.quant_spec()
@@ -154,6 +156,8 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
     inputs: the command's other input files by option name (e.g. {'--backbone': path}), so no output
     can overwrite them. Returns the outcome; when verification fails, `written` is empty and the report
     says why (the previous artifact and report are untouched)."""
+    from vfpt_deploy.folding.multitask import TaskSet
+
     step = on_step or (lambda s: None)
     multi = isinstance(run, TaskSet)
     if multi:
@@ -197,6 +201,7 @@ def check_multitask_settings(settings: ExportSettings) -> None:
 def verification_inputs(run: Run | TaskSet, settings: ExportSettings) -> tuple[list, list[str]]:
     """What verification compares on: random inputs and --data, or else the run's own built-in data (per
     task for a TaskSet: its own data, its own random inputs); and a note saying where that came from."""
+    from vfpt_deploy.folding.multitask import TaskSet
     from .verify import input_sets, task_input_sets
 
     if isinstance(run, TaskSet):
@@ -216,6 +221,8 @@ def _export_onnx(run: Run | TaskSet, settings: ExportSettings, path: Path):
     import torch
 
     from vfpt_deploy.exporters.onnx import export_onnx, export_tasks
+
+    from vfpt_deploy.folding.multitask import TaskSet
 
     int8 = settings.precision == "int8"
     export = export_tasks if isinstance(run, TaskSet) else export_onnx
@@ -297,7 +304,14 @@ def _verify(stage: Staging, paths: ExportPaths, run: Run | TaskSet, settings: Ex
             # the ONNX the engine was built from.
             notes.append(f"engine built but NOT run here ({e}); verified the ONNX it was built from")
             common["report_path"] = stage.path(report_path(paths.onnx))
-    return verify_artifact(stage.dir / paths.onnx.name, name=str(paths.onnx), **common)
+    try:
+        return verify_artifact(stage.dir / paths.onnx.name, name=str(paths.onnx), **common)
+    except ArtifactError as e:  # the file just written does not run: name it as the user knows it, no re-export
+        from vfpt_deploy.runtime.onnx_runner import RUN_FAILURE_FIX
+
+        msg = str(e).replace(str(stage.dir / paths.onnx.name), str(paths.onnx))
+        raise ArtifactError(msg.replace(RUN_FAILURE_FIX, "nothing was written (this export cannot run in onnxruntime: "
+                                                         "try another --precision, --quantize or --fold)")) from None
 
 
 def recorded_builtin_data(run: Run) -> str | None:

@@ -10,7 +10,7 @@ import torch
 
 from vfpt_deploy.models.backbone import build_backbone
 from vfpt_deploy.artifacts.checkpoint import RUN_SUFFIXES, BackboneInfo, save_run
-from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.config import VFPTConfig, check_crop_pct
 from .data import TensorDataset, load_splits
 from .errors import UsageError
 from vfpt_deploy.artifacts.files import check_outputs, check_suffix
@@ -28,8 +28,7 @@ def preprocess_for(backbone, crop_pct: float = 1.0) -> Preprocess:
     mean = list(cfg.get("mean", (0.5, 0.5, 0.5)))
     std = list(cfg.get("std", (0.5, 0.5, 0.5)))
     h, w = (int(v) for v in backbone.patch_embed.img_size)
-    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
-        raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct!r}")
+    check_crop_pct(crop_pct)
     if crop_pct == 1.0:
         return Preprocess(resize=[h, w], crop=None, mean=mean, std=std, interpolation="bilinear")
     return Preprocess(resize=int(round(min(h, w) / crop_pct)), crop=[h, w], mean=mean, std=std, interpolation="bilinear")
@@ -55,11 +54,11 @@ def train_run(out: str | Path, *, data: str, model_name: str, model_kwargs: dict
     check_outputs({"--out": out}, {"--data": data, "--weights": weights})
     settings.check()
     seed_everything(settings.seed)
+    train_images, val_images = load_splits(data)  # file lists only: a bad data folder fails before any work
     if backbone is None:
         if weights == "random":
             log.warning("the backbone is randomly initialised: fine for tests, meaningless for real use")
         backbone = build_backbone(model_name, model_kwargs, weights)
-    train_images, val_images = load_splits(data)
     preprocess = preprocess_for(backbone, crop_pct)
     train_set, val_set = TensorDataset(train_images, preprocess), TensorDataset(val_images, preprocess)
     model = vfpt_model(backbone, num_classes=len(train_images.classes), config=config)  # a ViT or a Swin

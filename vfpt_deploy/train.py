@@ -11,37 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vfpt_deploy.models.config import TrainSettings, check_device_name  # noqa: F401 (TrainSettings re-exported)
 from .errors import RuntimeSetupError, UsageError, VFPTError
-
-
-def _check_number(name: str, v, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> None:
-    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type or not math.isfinite(v) or not lo <= v <= hi or (open_lo and v == lo):
-        kind = "an integer" if integer else "a finite number"
-        bounds = f"({lo:g}, {hi:g}]" if open_lo else f"[{lo:g}, {hi:g}]"
-        raise UsageError(f"--{name.replace('_', '-')} must be {kind} in {bounds}, got {v!r}")
-
-
-@dataclass
-class TrainSettings:
-    epochs: int = 100
-    lr: float = 0.1
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    warmup_epochs: int = 10
-    momentum: float = 0.9
-    seed: int = 0
-
-    def check(self) -> "TrainSettings":
-        """Every number finite and in a sane range (one-line UsageError naming the option)."""
-        _check_number("epochs", self.epochs, 1, 100_000, integer=True)
-        _check_number("lr", self.lr, 0.0, 1e4, open_lo=True)
-        _check_number("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_number("batch_size", self.batch_size, 1, 65536, integer=True)
-        _check_number("warmup_epochs", self.warmup_epochs, 0, 100_000, integer=True)
-        _check_number("momentum", self.momentum, 0.0, 0.999)
-        _check_number("seed", self.seed, 0, 2**32 - 1, integer=True)
-        return self
 
 
 @dataclass
@@ -74,6 +45,7 @@ def resolve_device(device: str | None, allow_fallback: bool = False) -> torch.de
     error, unless allow_fallback (then the CPU, said by the caller)."""
     if device is None:
         return default_device()
+    check_device_name(device)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

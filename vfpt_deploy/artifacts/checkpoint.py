@@ -30,6 +30,7 @@ from torch import nn
 from vfpt_deploy import __version__
 from vfpt_deploy.artifacts.files import atomic_write, file_sha256
 from vfpt_deploy.artifacts.preprocess import Preprocess
+from vfpt_deploy.artifacts.schema import RUN_SUFFIXES  # noqa: F401 (what train and import write; defined torch-free there)
 from vfpt_deploy.errors import InputError, UsageError, VFPTError
 from vfpt_deploy.models.backbone import backbone_skeleton, build_backbone, check_backbone_kwargs, materialize, state_sha256
 from vfpt_deploy.models.common import check_state_fits, check_tensors
@@ -38,7 +39,6 @@ from vfpt_deploy.models.families import family_of_name, vfpt_model
 from vfpt_deploy.models.family import BackboneInfo  # noqa: F401 (re-exported: it was defined here)
 
 FORMAT = "vfpt-deploy.run"
-RUN_SUFFIXES = (".pt", ".pth")  # what train and import write
 VERSION = 1
 _REQUIRED = ("config", "backbone", "classes", "preprocess", "tuned")
 MAX_CLASSES = 100_000

@@ -31,6 +31,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 TASK_INPUT = "task"  # multi-task artifacts: int64 [batch], the task index of each sample
 ARTIFACT_FORMAT = "vfpt-deploy.artifact"
+RUN_SUFFIXES = (".pt", ".pth")  # what train and import write (a run.pt)
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 SIDECAR_FORMAT = "vfpt-deploy.trt-engine"
@@ -96,9 +97,11 @@ def decode_metadata(props: dict[str, str]) -> dict:
 class GraphFacts:
     """What an ONNX file's graph itself says, read without its external weights."""
 
-    metadata: dict  # decoded vfpt.* props
+    metadata: dict  # decoded vfpt.* props (of a key given twice, the last: what onnxruntime reads)
     precision: str  # "int8" if it has quantization ops, else "fp16" if it computes in half anywhere, else "fp32"
     ops: frozenset  # top-level op types
+    duplicate_keys: tuple = ()  # (key, count) of each metadata_props key given more than once
+    task_rows: frozenset = frozenset()  # rows of the constant tables the `task` input indexes: the graph's task count
 
 
 def load_onnx(path: str | Path, *, strict: bool = True):
@@ -149,9 +152,48 @@ def graph_facts(model) -> GraphFacts:
                   or any(t.data_type == half for t in g.initializer)
                   or any(a.name == "to" and a.i == half for n in g.node if n.op_type == "Cast" for a in n.attribute)
                   or any(a.t.data_type == half for n in g.node if n.op_type == "Constant" for a in n.attribute if a.t))
+    keys = Counter(p.key for p in model.metadata_props)
     return GraphFacts(decode_metadata({p.key: p.value for p in model.metadata_props}),
                       "int8" if any(n.op_type in QUANT_OPS for n in g.node) else "fp16" if typed_half else "fp32",
-                      frozenset(n.op_type for n in g.node))
+                      frozenset(n.op_type for n in g.node),
+                      tuple((k, n) for k, n in keys.items() if n > 1), _task_rows(g))
+
+
+def _task_rows(g) -> frozenset:
+    """The first dimension of every constant table a Gather (axis 0) indexes with the `task` input: one row
+    per task in a multi-task export (multitask.py: head columns, class mask, prompt rows)."""
+    dims = {t.name: t.dims for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            dims.update({n.output[0]: a.t.dims for a in n.attribute if a.name == "value"})
+    rows = set()
+    for n in g.node:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if n.op_type == "Gather" and list(n.input)[1:2] == [TASK_INPUT] and axis == 0 and len(dims.get(n.input[0], ())):
+            rows.add(int(dims[n.input[0]][0]))
+    return frozenset(rows)
+
+
+def graph_problems(facts: GraphFacts, meta: dict, inputs: list[str], output_width) -> list[str]:
+    """Where an ONNX file's (checked) metadata contradicts its own graph, one sentence each: a metadata key
+    given twice (the ONNX checker refuses it; readers disagree on which counts), logits narrower or wider than
+    the classes named, tasks listed that the graph's task tables do not hold (or the reverse). inspect shows
+    them; the runtime refuses the file on the first."""
+    out = [f"metadata key {_shown(k)} is given {n} times (the ONNX checker refuses duplicates; readers disagree "
+           "on which one counts)" for k, n in facts.duplicate_keys]
+    tasks = meta.get("tasks") or []
+    want = output_classes(meta)
+    if isinstance(output_width, int) and output_width != want:
+        what = "its widest task has" if tasks else "the metadata names"
+        out.append(f"the model outputs {output_width} logits but {what} {want} classes")
+    if tasks and TASK_INPUT not in inputs:
+        out.append(f"the metadata lists {len(tasks)} tasks but the graph has no '{TASK_INPUT}' input")
+    elif TASK_INPUT in inputs and not tasks:
+        out.append(f"the graph takes a '{TASK_INPUT}' input but the metadata lists no tasks")
+    if tasks and facts.task_rows and facts.task_rows != {len(tasks)}:
+        rows = " or ".join(map(str, sorted(facts.task_rows)))
+        out.append(f"the metadata lists {len(tasks)} tasks but the graph's task tables hold {rows}")
+    return out
 
 
 def read_graph(path: str | Path, *, strict: bool = True) -> GraphFacts | None:

@@ -1,7 +1,9 @@
-"""VFPT prompt configuration: plain keyword arguments, JSON-able, validated once."""
+"""VFPT prompt and training configuration: plain keyword arguments, JSON-able, validated once. Torch-free, so a
+command refuses a bad option value before torch is imported (which takes seconds)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 from vfpt_deploy.errors import UsageError
@@ -79,3 +81,45 @@ class VFPTConfig:
         if unknown:
             raise UsageError(f"unknown VFPT config keys {unknown[:5]}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def _check_number(name: str, v, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> None:
+    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok_type or not math.isfinite(v) or not lo <= v <= hi or (open_lo and v == lo):
+        kind = "an integer" if integer else "a finite number"
+        bounds = f"({lo:g}, {hi:g}]" if open_lo else f"[{lo:g}, {hi:g}]"
+        raise UsageError(f"--{name.replace('_', '-')} must be {kind} in {bounds}, got {v!r}")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 100
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    warmup_epochs: int = 10
+    momentum: float = 0.9
+    seed: int = 0
+
+    def check(self) -> "TrainSettings":
+        """Every number finite and in a sane range (one-line UsageError naming the option)."""
+        _check_number("epochs", self.epochs, 1, 100_000, integer=True)
+        _check_number("lr", self.lr, 0.0, 1e4, open_lo=True)
+        _check_number("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_number("batch_size", self.batch_size, 1, 65536, integer=True)
+        _check_number("warmup_epochs", self.warmup_epochs, 0, 100_000, integer=True)
+        _check_number("momentum", self.momentum, 0.0, 0.999)
+        _check_number("seed", self.seed, 0, 2**32 - 1, integer=True)
+        return self
+
+
+def check_device_name(device: str | None) -> None:
+    """--device's form (cpu, cuda, cuda:N), checked without torch; whether that GPU exists is train's check."""
+    if device is not None and (not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d{1,4})?", device)):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_crop_pct(crop_pct) -> float:
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise UsageError(f"--crop-pct must be in (0, 1], got {crop_pct!r}")
+    return crop_pct

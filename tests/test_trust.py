@@ -235,8 +235,9 @@ def test_decompression_bomb_is_one_bad_file_among_good_ones(work):
 def test_decompression_bomb_in_data_is_a_clean_error(command, work):
     data = work / "data"
     for split in ("train", "val"):
-        (data / split / "cat").mkdir(parents=True)
-        Image.new("RGB", (8, 8)).save(data / split / "cat" / "ok.png")
+        for cls in ("cat", "dog"):  # two classes: train refuses a single-class folder before reading images
+            (data / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(data / split / cls / "ok.png")
         png_header_only(data / split / "cat" / "bomb.png", 30000, 30000)
     args = (["verify", work / "r.onnx", "--ckpt", work / "r.pt", "--data", data / "val"] if command == "verify"
             else ["train", *TINY_ARGS, "--data", data, "--out", work / "t.pt", "--epochs", 1])

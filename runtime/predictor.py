@@ -17,7 +17,7 @@ from vfpt_deploy.errors import ImageError, UsageError
 from vfpt_deploy.artifacts.schema import (ARTIFACT_FORMAT, INPUT_NAME, OUTPUT_NAME, decode_metadata, encode_metadata,  # noqa: F401
                                 task_names)
 
-from .preprocess import Preprocess, load_image
+from .preprocess import Preprocess
 
 
 @dataclass

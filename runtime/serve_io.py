@@ -33,7 +33,7 @@ from mlserver.types import InferenceRequest, InferenceResponse, MetadataTensor, 
 from vfpt_deploy.errors import ImageError
 from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
 
-from .preprocess import Preprocess, load_image
+from .preprocess import Preprocess
 from .serve_limits import check_claimed_pixels
 
 BYTES_INPUT = "image_bytes"

@@ -21,7 +21,6 @@ Torch-free for ONNX and engines: torch is imported only to read a run.pt.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path, PurePosixPath

@@ -23,7 +23,6 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import zipfile
 from dataclasses import asdict, dataclass, field
 
@@ -208,8 +207,3 @@ def summary(meta: dict) -> dict | None:
             "bytes": len(record.get("payload") or "") * 3 // 4,
             "reference_cpu": str(cpu.get("model", "?"))[:120], "reference_isa": [str(f)[:20] for f in
                                                                                  (cpu.get("isa") or [])[:12]]}
-
-
-def dumps(record: dict) -> str:
-    """The record as the metadata value (compact JSON)."""
-    return json.dumps(record, separators=(",", ":"), allow_nan=False)

@@ -99,7 +99,7 @@ def parse_models(items: list[str]) -> list[Item]:
     out: list[Item] = []
     for item in items:
         name, eq, rest = item.partition("=")
-        named = bool(eq) and not Path(item).exists()
+        named = bool(eq) and not os.path.exists(item)  # (False, not OSError, for a name over NAME_MAX)
         if named:
             path = Path(rest)
         else:

@@ -383,16 +383,20 @@ def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path 
     """Check an export's settings, sources and outputs; return what loads its run (or its TaskSet)."""
     from .pipeline import check_multitask_settings, plan_export
 
-    settings.check()  # every option value, before torch is imported (multitask and checkpoint load it)
+    from vfpt_deploy.artifacts.task_sources import check_sources_exist, source_labels, task_sources
+
+    settings.check()  # every option value and source, before torch is imported (multitask and checkpoint load it)
     if len(ckpts) > 1 or tasks:
         check_multitask_settings(settings)
-        from vfpt_deploy.folding.multitask import load_tasks, source_labels, task_sources
-
         sources = task_sources(ckpts, tasks)
         plan_export(None, settings, out, {**inputs, **source_labels(ckpts, sources)})
+        check_sources_exist(sources)
+        from vfpt_deploy.folding.multitask import load_tasks
+
         return lambda backbone: load_tasks(sources, backbone)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
     plan_export(path, settings, out, inputs)
+    check_sources_exist([("", path)])
     from vfpt_deploy.artifacts.checkpoint import load_run
 
     return lambda backbone: load_run(path, backbone_weights=backbone)
@@ -503,12 +507,12 @@ def verify(
     if not ckpt and not task:
         return verify_golden_cli(artifact, data, num_random, backbone, overrides, providers, allow_fallback, report,
                                  threads)
-    from .threads import set_torch_threads
-    from .verify import verify_artifact
-
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
     load, sources = plan_verify_source(artifact, ckpt or [], task or [])
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
+    from .threads import set_torch_threads
+    from .verify import verify_artifact  # (torch: after every usage error)
+
     n = set_torch_threads(threads)
     run = load(backbone)
     rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
@@ -535,9 +539,8 @@ def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, pro
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
     """What verify loads: one run, or (for a multi-task artifact) each task's run matched to it; and the
     input files by option, so the report never overwrites one."""
-    from vfpt_deploy.artifacts.checkpoint import load_run
-    from vfpt_deploy.folding.multitask import load_tasks, match_tasks, source_labels, task_sources
     from vfpt_deploy.artifacts.schema import artifact_tasks
+    from vfpt_deploy.artifacts.task_sources import check_sources_exist, match_tasks, source_labels, task_sources
 
     recorded = artifact_tasks(artifact) if artifact.is_file() else []
     if recorded and not ckpts and not tasks:
@@ -549,8 +552,13 @@ def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
             raise UsageError(f"{artifact} is a single-task artifact; pass its one run.pt with --ckpt")
         named = task_sources([], tasks)
         sources = match_tasks(recorded, ckpts, named)
+        from vfpt_deploy.folding.multitask import load_tasks  # (torch: after every usage error)
+
         return (lambda backbone: load_tasks(sources, backbone)), source_labels(ckpts, sources)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
+    check_sources_exist([("", path)])
+    from vfpt_deploy.artifacts.checkpoint import load_run
+
     return (lambda backbone: load_run(path, backbone_weights=backbone)), {"--ckpt": path}
 
 

@@ -26,7 +26,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
-from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.artifacts.files import file_sha256, not_a_file, read_json, regular_file
 from vfpt_deploy.text import printable as _printable
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
                      graph_problems, is_engine,
@@ -50,7 +50,7 @@ def inspect_artifact(path: str | os.PathLike, *, backbone_weights: str | None = 
         return inspect_engine(path)
     if path.suffix.lower() in ONNX_SUFFIXES:
         return inspect_onnx(path)
-    if path.suffix.lower() in (".pt", ".pth") or not path.is_file() or _is_zip(path):
+    if path.suffix.lower() in (".pt", ".pth") or not regular_file(path) or _is_zip(path):
         return inspect_run(path, backbone_weights=backbone_weights)
     raise ArtifactError(f"{path}: not a file vfpt-deploy knows by its suffix; inspect reads a run.pt (.pt/.pth), "
                         "an ONNX model (.onnx) or a TensorRT engine (.engine/.plan)")
@@ -62,9 +62,8 @@ def _is_zip(path: Path) -> bool:
 
 
 def _existing(path: Path, what: str, fix: str) -> None:
-    if not path.is_file():
-        state = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ArtifactError(f"{what} {path} {state}; {fix}")
+    if not regular_file(path):
+        raise ArtifactError(f"{what} {path} {not_a_file(path, fix)}")
 
 
 # -- values taken from files -------------------------------------------------------------------------
@@ -128,7 +127,7 @@ def verification(artifact: Path, sha256: str) -> dict:
     recorded the file's sha256), unreadable."""
     rep = report_path(artifact)
     out = {"report": rep.name, "state": "missing", "passed": False, "sha256_matches": None}
-    if not rep.is_file():
+    if not regular_file(rep):  # also when ARTIFACT.verify.json is a name too long to exist
         return out
     try:
         if rep.stat().st_size > MAX_REPORT_BYTES:

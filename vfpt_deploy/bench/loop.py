@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.artifacts.schema import artifact_tasks
 from vfpt_deploy.bench.backends import Backend, OrtBackend, TensorRTBackend, TorchBackend
 from vfpt_deploy.bench.report import BenchReport, Result, Skipped
@@ -116,8 +117,8 @@ def check_request(checkpoint, onnx: list, engines: list, backends: list[str] | N
     if checkpoint is None and not onnx and not engines:
         raise UsageError("nothing to benchmark: pass a run.pt and/or --onnx FILE / --engine FILE")
     for p in [*onnx, *engines]:
-        if not Path(p).is_file():
-            raise InputError(f"artifact {p} does not exist")
+        if not regular_file(p):
+            raise InputError(f"artifact {p} {not_a_file(p, 'export one with ' + repr('vfpt-deploy export'))}")
     needs_ckpt = [b for b in wanted if b in ("torch", "torch-folded")]
     if backends and needs_ckpt and checkpoint is None:
         raise UsageError(f"backend {needs_ckpt[0]} runs the PyTorch model: pass the run.pt it comes from")

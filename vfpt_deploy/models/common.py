@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.errors import InputError
 
 log = logging.getLogger("vfpt_deploy")
@@ -32,8 +33,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Unwraps the usual containers ('model', 'state_dict', 'model_ema') and strips 'module.' prefixes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist; pass an existing .pth/.safetensors/.npz file")
+    if not regular_file(path):
+        raise InputError(f"weights file {path} {not_a_file(path, 'pass an existing .pth/.safetensors/.npz file')}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -133,6 +133,7 @@ run()
     (["export", "--ckpt", "missing.pt"], "checkpoint missing.pt does not exist"),
     (["export", "--ckpt", "missing.pt", "--task", "b=other.pt", "--out", "t.onnx"], "does not exist"),
     (["verify", "ART.onnx", "--ckpt", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["import", "missing.pth", "--alpha", "0.5"], "checkpoint missing.pth does not exist"),
 ])
 def test_usage_errors_come_before_torch_is_imported(exported_run, tmp_path, args, message):
     shutil.copyfile(exported_run[1], tmp_path / "ART.onnx")

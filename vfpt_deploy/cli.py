@@ -788,11 +788,14 @@ def import_reference(
     from vfpt_deploy.artifacts.schema import RUN_SUFFIXES
     from vfpt_deploy.models.config import VFPTConfig, check_crop_pct
 
+    from vfpt_deploy.artifacts.task_sources import check_sources_exist
+
     VFPTConfig(alpha=alpha, location=location.value), check_crop_pct(crop_pct)  # before torch loads
     check_suffix(out, RUN_SUFFIXES, "run checkpoint")
+    src = pick_ckpt(ckpt, ckpt_arg)
+    check_sources_exist([("", src)], "pass the reference's saved .pth")
     from vfpt_deploy.reference import import_checkpoint
 
-    src = pick_ckpt(ckpt, ckpt_arg)
     result = import_checkpoint(src, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,
                                heads=heads, crop_pct=crop_pct)
     for k in result.unused:

@@ -271,9 +271,9 @@ def _check_hash(info: BackboneInfo, state: dict[str, torch.Tensor], path: Path) 
 
 
 def _backbone(parts: _Parts, skeleton, path: Path, weights: str | None):
-    if weights is not None and weights != "pretrained" and not Path(weights).is_file():
+    if weights is not None and weights != "pretrained" and not regular_file(weights):
         # checked even where the run carries its backbone (and the option is not needed): never ignored unseen
-        raise InputError(f"--backbone {weights} does not exist (or is a folder); pass a weights file or 'pretrained'")
+        raise InputError(f"--backbone {weights} {not_a_file(weights, 'pass a weights file or ' + repr('pretrained'))}")
     if parts.state is not None:
         _check_hash(parts.info, parts.state, path)
         return materialize(skeleton, parts.state, parts.info.name, parts.info.kwargs)

@@ -86,7 +86,8 @@ def match_tasks(recorded: list[dict], ckpts: list[Path], named: list[tuple[str, 
     return [(t["name"], Path(p)) for t, p in zip(recorded, found)]
 
 
-def check_sources_exist(sources: list[tuple[str, Path]]) -> None:
+def check_sources_exist(sources: list[tuple[str, Path]],
+                        fix: str = "pass the run.pt written by 'vfpt-deploy train'") -> None:
     """Every checkpoint named is a regular file (one line if not), checked before PyTorch is imported."""
     from vfpt_deploy.artifacts.files import not_a_file, regular_file
     from vfpt_deploy.errors import InputError
@@ -94,4 +95,4 @@ def check_sources_exist(sources: list[tuple[str, Path]]) -> None:
     for name, path in sources:
         if not regular_file(path):
             what = f"checkpoint {path} (task {name!r})" if name else f"checkpoint {path}"
-            raise InputError(f"{what} {not_a_file(path, 'pass the run.pt written by ' + repr('vfpt-deploy train'))}")
+            raise InputError(f"{what} {not_a_file(path, fix)}")

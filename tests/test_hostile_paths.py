@@ -98,13 +98,16 @@ def test_a_file_named_near_the_limit_can_be_inspected_and_used(long_named):
     assert res.exit_code == 0, res.output
 
 
-def test_a_report_name_over_the_limit_is_one_line_naming_the_fix(long_named, tmp_path):
+def test_a_report_name_over_the_limit_is_one_line_naming_the_fix(exported_run, long_named, tmp_path):
     path, _ = long_named
     res = CliRunner().invoke(app, ["verify", str(path)], env={"COLUMNS": "2000"})
     assert res.exit_code == 1, res.output
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "over the 255 this file system allows" in lines[0] and "--report" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, long_named[1].name])  # nothing written
+    ckpt = exported_run[1].with_name("run.pt")
+    res = CliRunner().invoke(app, ["verify", str(path), "--ckpt", str(ckpt), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0 and (tmp_path / "r.json").is_file(), res.output  # the fix the line names works
 
 
 def test_a_long_file_name_named_on_the_serve_command_line(long_named, monkeypatch):

@@ -250,8 +250,9 @@ def check_verified(path: Path, info: dict) -> str:
     """A passing verification report about this very file (an engine: the engine itself, run on its GPU),
     or VerificationError."""
     v = info["verification"]
-    if v["state"] == "passed":
-        return f"verified: {v['report']} passed for this file (same sha256)"
+    if v["state"] == "passed":  # loosened (or unrecorded) tolerances are never a plain "verified"
+        head = "verified" if v.get("loosened") == [] else "verified with LOOSENED tolerances"
+        return f"{head}: {v['report']} passed for this file (same sha256) {v.get('covers', '')}".rstrip()
     why = {"missing": f"there is no {v['report']}", "failed": f"{v['report']} says it failed",
            "stale": f"{v['report']} is about another file (sha256 differs)",
            "unhashed": f"{v['report']} does not record the file's sha256 (written by an older vfpt-deploy)",

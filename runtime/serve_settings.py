@@ -170,6 +170,8 @@ def server_settings(opts: ServeOptions, predictors: dict, all_ports: bool) -> di
 
 def open_models(models: list[Item], opts: ServeOptions, on_status: Callable[[str], None]) -> dict:
     """Open every artifact once (name -> predictor); close them all if one fails."""
+    from vfpt_deploy.artifacts.strength import serving_line
+
     from .serving import open_artifact
 
     opened: dict = {}
@@ -177,6 +179,7 @@ def open_models(models: list[Item], opts: ServeOptions, on_status: Callable[[str
         for name, path, _ in models:
             on_status(f"opening {name}: {path}")
             predictor = opened[name] = open_artifact(path, opts.providers, opts.threads, opts.allow_fallback)
+            on_status(f"{name}: {serving_line(path)}")  # which data and tolerances it was verified with
             if opts.self_check:  # before the server starts: a model that does not reproduce here is one line
                 from .selfcheck import check_on_load, describe_check
 

@@ -52,7 +52,7 @@ SeedOpt = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed: t
 DeviceOpt = Annotated[Optional[str], typer.Option(help="PyTorch device: cpu, cuda, cuda:N (default: CUDA when present).")]
 ProvidersOpt = Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated: cpu, cuda, tensorrt (default: the best that really runs here).")]
 FallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept the CPU when the asked-for GPU device or provider cannot run here (else an error).")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images (default: the run's own built-in data, where it was trained on one). With several tasks it is used for every task, except a bare 'builtin': each task's own built-in set.")]
 NumRandomOpt = Annotated[int, typer.Option(min=1, max=4096, help="Random N(0,1) inputs in the verification.")]
 AtolOpt = Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4; fp16 not gated).")]
 RtolOpt = Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")]
@@ -484,11 +484,12 @@ def verify(
     max_top1_drop: Top1DropOpt = None,
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
-    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json, replaced only by a report at least as strong: same or more data, same or tighter tolerances, same checkpoint; else ARTIFACT.verify.weaker.json).")] = None,
     backbone: BackboneOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Compare an artifact with the unfolded PyTorch model on random inputs (and real images). A multi-task
+    """Compare an artifact with the unfolded PyTorch model on random inputs and real images (--data; by default
+    the run's own built-in data, as the export used). A multi-task
     artifact is checked task by task against each task's own run.pt (--ckpt files are matched to tasks by
     the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream.
     Without --ckpt/--task: replay the golden set the artifact carries on this machine's runtime, without
@@ -503,6 +504,7 @@ def verify(
     if not ckpt and not task:
         return verify_golden_cli(artifact, data, num_random, backbone, overrides, providers, allow_fallback, report,
                                  threads)
+    from .pipeline import ExportSettings, verification_inputs
     from .threads import set_torch_threads
     from .verify import verify_artifact
 
@@ -511,8 +513,9 @@ def verify(
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
     n = set_torch_threads(threads)
     run = load(backbone)
-    rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
-                          providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
+    sets, notes = verification_inputs(run, ExportSettings(data=data, num_random=num_random))  # as the export did
+    rep = verify_artifact(artifact, run, inputs=sets, notes=notes, overrides=overrides, providers=split_list(providers),
+                          report_path=out, threads=n, allow_fallback=allow_fallback)
     finish_verify(rep)
 
 

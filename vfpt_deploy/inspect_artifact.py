@@ -25,15 +25,15 @@ import math
 import os
 from pathlib import Path, PurePosixPath
 
-from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
-from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
+from vfpt_deploy.artifacts import strength
+from vfpt_deploy.artifacts.files import file_sha256
 from vfpt_deploy.text import printable as _printable
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
                      graph_problems, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
 TASK = "classification"
-MAX_REPORT_BYTES = 16 * 2**20  # a verification report is a few kB; a bigger one is not read
 MAX_DEPTH = 32  # nesting kept from values a file supplies; deeper parts are shown as text
 _ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 PADDING = "-inf past a task's own classes; the runtime trims them"
@@ -125,25 +125,17 @@ def _shown_metadata(meta: dict) -> dict:
 def verification(artifact: Path, sha256: str) -> dict:
     """What NAME.verify.json says, and whether it speaks about this very file (its artifact_sha256).
     state: passed, failed, missing, stale (about another file), unhashed (written before reports
-    recorded the file's sha256), unreadable."""
-    rep = report_path(artifact)
-    out = {"report": rep.name, "state": "missing", "passed": False, "sha256_matches": None}
-    if not rep.is_file():
+    recorded the file's sha256), unreadable. data / loosened / covers: what it was verified on and with
+    (artifacts/strength.py)."""
+    state, data, matches = strength.read_beside(artifact, sha256)
+    out = {"report": report_path(artifact).name, "state": state, "passed": False, "sha256_matches": matches}
+    if data is None:
         return out
-    try:
-        if rep.stat().st_size > MAX_REPORT_BYTES:
-            raise InputError("too large")
-        data = read_json(rep, "report", "run verify again")
-    except (InputError, OSError):
-        return {**out, "state": "unreadable"}
-    if not isinstance(data, dict):
-        return {**out, "state": "unreadable"}
-    recorded = data.get("artifact_sha256")
-    matches = recorded == sha256 if isinstance(recorded, str) and recorded else None
-    passed = data.get("passed") is True
-    state = "failed" if not passed else "unhashed" if matches is None else "passed" if matches else "stale"
-    return {**out, "state": state, "passed": passed, "sha256_matches": matches,
-            "tolerances": plain(data.get("tolerances")), "backend": plain(data.get("backend"))}
+    covers = plain(strength.summary(data))
+    return {**out, "passed": data.get("passed") is True,
+            "tolerances": plain(data.get("tolerances")), "backend": plain(data.get("backend")),
+            "data": covers["data"], "loosened": covers["loosened"], "assumed": covers["assumed"],
+            "random_only": covers["random_only"], "covers": covers["line"]}
 
 
 # -- ONNX ------------------------------------------------------------------------------------------------
@@ -382,7 +374,7 @@ def _verification_row(v: dict) -> tuple[str, str]:
              "stale": "the report is about another file (sha256 differs): verify again",
              "unhashed": "passed, but the report does not record the file's sha256: verify again",
              "unreadable": "the report is unreadable: verify again"}
-    return "verification", f"{words[v['state']]} ({v['report']})"
+    return "verification", f"{words[v['state']]} ({v['report']})" + (f"; {v['covers']}" if v.get("covers") else "")
 
 
 def _artifact_rows(info: dict) -> list[tuple[str, str]]:

@@ -159,8 +159,12 @@ def describe_data(s: Strength) -> str:
     """'397 images of builtin digits-shifted val + 16 random N(0,1) inputs' (random inputs only: said so)."""
     if not s.data:
         return "no inputs recorded"
-    real = [f"{n} images of {k}" for k, n in s.data.items() if not k.endswith(RANDOM_SET)]
-    rand = [f"{n} {k} inputs" for k, n in s.data.items() if k.endswith(RANDOM_SET)]
+    def say(name: str, n: int) -> str:  # 'task a: 397 images of builtin digits val'
+        task, _, rest = name.partition(": ") if name.startswith("task ") else ("", "", name)
+        return (f"{task}: " if task else "") + (f"{n} {rest} inputs" if rest == RANDOM_SET else f"{n} images of {rest}")
+
+    real = [say(k, n) for k, n in s.data.items() if not k.endswith(RANDOM_SET)]
+    rand = [say(k, n) for k, n in s.data.items() if k.endswith(RANDOM_SET)]
     return " + ".join(real + rand) + ("" if real else " only (no real images)")
 
 
@@ -176,7 +180,8 @@ def summary(report: dict) -> dict:
     loosened = looser_limits(s.limits, default) if s.limits is not None else None
     tol_text = str(report.get("tolerances") or "not recorded")
     if loosened is None:
-        tol = f"tolerances LOOSENED or unknown ({'; '.join(s.assumed[:1])}): {tol_text}"
+        why = limits_of(s.precision, report.get("limits"))[1]
+        tol = f"tolerances LOOSENED or unknown ({why}, and its text is not the {s.precision} default): {tol_text}"
     elif loosened:
         tol = f"tolerances LOOSENED from the {s.precision} default: {'; '.join(loosened)}"
     else:

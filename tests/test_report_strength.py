@@ -106,7 +106,8 @@ def test_loosened_from_the_default():
 def test_only_a_passing_report_about_the_same_file_is_kept(tmp_path):
     path = tmp_path / "m.onnx.verify.json"
     strong, weak = report([rand(), IMAGES]), report([rand()])
-    for old, kept in ((strong, True), ({**strong, "passed": False}, False), ({**strong, "artifact_sha256": "0"}, False)):
+    for old, kept in ((strong, True), ({**strong, "passed": False}, False),
+                      ({**strong, "artifact_sha256": "0"}, False)):
         path.write_text(json.dumps(old))
         assert (keep_existing(path, weak) is not None) == kept
     path.write_text("{not json")
@@ -137,8 +138,9 @@ def test_verify_keeps_the_stronger_report(exported_run, tmp_path):
 
     rep = verify_artifact(art, run, num_random=4)  # random only: weaker
     assert beside.read_bytes() == first and json.loads(weaker.read_text())["passed"]
-    assert rep.notes[-1] == (f"kept m.onnx.verify.json (verified 3 images of {imgs} + 4 random N(0,1) inputs): this "
-                             f"report is not as strong (it lacks {imgs} (3 inputs)); this one is m.onnx.verify.weaker.json")
+    assert rep.notes[-1] == (f"kept m.onnx.verify.json (verified 3 images of {imgs} + 4 random N(0,1) inputs): "
+                             f"this report is not as strong (it lacks {imgs} (3 inputs)); "
+                             "this one is m.onnx.verify.weaker.json")
     weaker.unlink()
     rep = verify_artifact(art, run, data=imgs, num_random=4, overrides={"min_agreement": 96.0})  # looser
     assert beside.read_bytes() == first and weaker.is_file() and "looser top-1 agreement >= 96%" in rep.notes[-1]

@@ -212,7 +212,8 @@ def verification_inputs(run: Run | TaskSet, settings: ExportSettings) -> tuple[l
             return task_input_sets(run, settings.data, settings.num_random), []
         own = [recorded_builtin_data(r) or settings.data for r in run.runs]
         used = ", ".join(f"{n}: {d}" for n, d in zip(run.names, own) if d)
-        return task_input_sets(run, own, settings.num_random), [f"verified each task on its own data ({used}) too"] if used else []
+        notes = [f"verified each task on its own data ({used}) too"] if used else []
+        return task_input_sets(run, own, settings.num_random), notes
     data = settings.data if settings.data is not None else recorded_builtin_data(run)
     notes = [] if settings.data is not None or data is None else [f"verified on the run's own data ({data}) too"]
     return input_sets(run, data, settings.num_random), notes

@@ -194,9 +194,9 @@ def task_input_sets(tasks: TaskSet, data: str | list[str | None] | None, num_ran
         except UsageError:
             raise
         except VFPTError as e:
+            one = isinstance(data, str) or (isinstance(data, list) and len(set(data)) == 1)  # one source for all
             hint = ("; with several tasks --data must suit each: a folder of images without class subfolders "
-                    "does (or verify each task's own single-task export on its data)"
-                    if len(tasks) > 1 and (isinstance(data, str) or (isinstance(data, list) and len(set(data)) == 1)) else "")
+                    "does (or verify each task's own single-task export on its data)" if one and len(tasks) > 1 else "")
             raise type(e)(f"task {name!r}: {str(e).rstrip('.')}{hint}") from None
     return out
 

@@ -12,12 +12,15 @@ precision's default gate, and their checkpoint as unknown.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vfpt_deploy.artifacts.compare import Tolerances
-from vfpt_deploy.errors import UsageError
+from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.artifacts.schema import report_path
+from vfpt_deploy.errors import InputError, UsageError
 
 RANDOM_SET = "random N(0,1)"
 MAX_REPORT_BYTES = 16 * 2**20  # a report is a few kB; a larger file is not read
@@ -87,12 +90,8 @@ def strength_of(report: dict) -> Strength:
             data[str(d.get("set"))] = data.get(str(d.get("set")), 0) + n
     limits, why = limits_of(precision, report.get("limits"))
     if limits is None:
-        try:
-            default = Tolerances.for_precision(precision)
-        except UsageError:
-            default = None
-        if default is not None and report.get("tolerances") == default.describe():
-            limits = default  # an older report whose gate text is exactly the default's
+        if report.get("tolerances") == Tolerances.for_precision(precision).describe():
+            limits = Tolerances.for_precision(precision)  # an older report whose gate text is exactly the default's
         else:
             assumed.append(f"{why}: its tolerances are taken as loosened")
     ckpts = report.get("checkpoint_sha256")
@@ -159,6 +158,7 @@ def describe_data(s: Strength) -> str:
     """'397 images of builtin digits-shifted val + 16 random N(0,1) inputs' (random inputs only: said so)."""
     if not s.data:
         return "no inputs recorded"
+
     def say(name: str, n: int) -> str:  # 'task a: 397 images of builtin digits val'
         task, _, rest = name.partition(": ") if name.startswith("task ") else ("", "", name)
         return (f"{task}: " if task else "") + (f"{n} {rest} inputs" if rest == RANDOM_SET else f"{n} images of {rest}")
@@ -173,10 +173,7 @@ def summary(report: dict) -> dict:
     data (text), tolerances (text), loosened (the limits looser than the precision's default; None when
     unknown, which counts as loosened), assumed, and `line`: one line saying all that."""
     s = strength_of(report)
-    try:
-        default = Tolerances.for_precision(s.precision)
-    except UsageError:
-        default = Tolerances()
+    default = Tolerances.for_precision(s.precision)
     loosened = looser_limits(s.limits, default) if s.limits is not None else None
     tol_text = str(report.get("tolerances") or "not recorded")
     if loosened is None:
@@ -195,8 +192,6 @@ def destination(path, report) -> Path:
     """Where `report` (a VerifyReport) goes when `path` is the report beside its artifact: `path`, or, when a
     passing report there about the same file is stronger (keep_existing), NAME.weaker.json beside it, with a
     note in the report saying so in one line. A failed report is left to VerifyReport.write (.failed.json)."""
-    import json
-
     path = Path(path)
     if not report.passed or not path.exists():
         return path
@@ -212,8 +207,6 @@ def keep_existing(path, new: dict) -> str | None:
     """One line when the passing report at `path`, about the same file as `new`, must stay because `new` is
     not at least as strong (weaker_in); None when `new` may replace it (nothing readable there, a failed report,
     or one about another file: those vouch for nothing about this one)."""
-    import json
-
     try:
         path = Path(path)
         if path.stat().st_size > MAX_REPORT_BYTES:
@@ -221,23 +214,22 @@ def keep_existing(path, new: dict) -> str | None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(old, dict) or old.get("passed") is not True or old.get("artifact_sha256") != new.get("artifact_sha256"):
+    if not isinstance(old, dict) or old.get("passed") is not True:
+        return None
+    if old.get("artifact_sha256") != new.get("artifact_sha256"):  # about another file
         return None
     why = weaker_in(strength_of(new), strength_of(old))
     if not why:
         return None
     more = f" and {len(why) - 3} more" if len(why) > 3 else ""
-    return (f"kept {path.name} (verified {summary(old)['data']}): this report is not as strong ({'; '.join(why[:3])}{more})")
+    return (f"kept {path.name} (verified {summary(old)['data']}): this report is not as strong "
+            f"({'; '.join(why[:3])}{more})")
 
 
 def read_beside(artifact, sha256: str) -> tuple[str, dict | None, bool | None]:
     """The report beside `artifact` (NAME.verify.json): (state, its JSON or None, whether it records this
     sha256 (None: records none)). state: passed, failed, missing, stale (about another file), unhashed
     (written before reports recorded the file's sha256), unreadable."""
-    from vfpt_deploy.artifacts.files import read_json
-    from vfpt_deploy.artifacts.schema import report_path
-    from vfpt_deploy.errors import InputError
-
     rep = report_path(artifact)
     if not rep.is_file():
         return "missing", None, None
@@ -252,15 +244,13 @@ def read_beside(artifact, sha256: str) -> tuple[str, dict | None, bool | None]:
     recorded = data.get("artifact_sha256")
     matches = recorded == sha256 if isinstance(recorded, str) and recorded else None
     passed = data.get("passed") is True
-    return ("failed" if not passed else "unhashed" if matches is None else "passed" if matches else "stale"), data, matches
+    state = "failed" if not passed else "unhashed" if matches is None else "passed" if matches else "stale"
+    return state, data, matches
 
 
 def serving_line(artifact) -> str:
     """One line for `serve` as it opens an artifact: which data and tolerances its report beside it vouches
     with, LOOSENED where they are looser than the precision's default, or why there is no such report."""
-    from vfpt_deploy.artifacts.files import file_sha256
-    from vfpt_deploy.artifacts.schema import report_path
-
     name = report_path(artifact).name
     state, data, _ = read_beside(artifact, file_sha256(artifact))
     if state in ("passed", "unhashed"):

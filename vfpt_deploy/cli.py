@@ -684,7 +684,7 @@ def bench(
     backend and batch size, with the machine they were measured on. A multi-task artifact replays a
     mixed-task stream (each image's task drawn at random, a batch of b holding min(b, T) tasks); each row says
     which stream it measured."""
-    from .bench import BenchSettings, parse_batches, results_table, run_bench
+    from .bench import BenchSettings, parse_batches, results_table, run_bench, skip_lines
     from .extras import require
     from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from .threads import resolve_threads
@@ -709,8 +709,8 @@ def bench(
         print_json(result.to_dict())
     else:  # at the table's own width: narrow terminals wrap lines instead of eliding numbers
         print_wide(results_table(result))
-    for s in result.skipped:
-        err_console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {escape(s.reason)}", highlight=False)
+    for line in skip_lines(result.skipped):  # each skip once, whatever the batch sweep
+        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
     for path, write in ((report, result.write_json), (csv_out, result.write_csv), (plot, result.plot)):
         if path is not None:
             err_console.print(f"wrote {write(path)}", highlight=False)

@@ -120,12 +120,17 @@ class LogProgress:
         while not self._stop.wait(1.0):
             self.tick()
 
-    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, *, quiet: bool = False,
+                 **fields) -> int:
+        """A new task, its line printed now (quiet: first by the heartbeat or an update)."""
         with self._lock:
             task_id = len(self._tasks)
             self._tasks[task_id] = _Task(description, total, completed, fields, self.clock())
             self._current = task_id
-            self._print(task_id)
+            if quiet:
+                self._last = self.clock()
+            else:
+                self._print(task_id)
             return task_id
 
     def update(self, task_id: int, *, total: float | None = None, completed: float | None = None,
@@ -189,7 +194,7 @@ def progress(console: Console | None = None):
 @contextmanager
 def activity(message: str, console: Console | None = None):
     """One long step without a step count (fold + export + verify, a verification, a bench run): a spinner on
-    a terminal; in a log, the message, then '<message>: elapsed ...' lines at least every HEARTBEAT_S. Yields
+    a terminal; in a log, '<message>: elapsed ...' lines at least every HEARTBEAT_S once it runs that long. Yields
     say(text): a status line (printed on a terminal; in a log, the new phase whose line the heartbeat repeats)."""
     from rich.markup import escape
 
@@ -205,5 +210,5 @@ def activity(message: str, console: Console | None = None):
             yield say
         return
     with LogProgress(console) as bar:
-        task = bar.add_task(printable(message))
+        task = bar.add_task(printable(message), quiet=True)  # a quick command (or a usage error) stays quiet
         yield lambda text: bar.update(task, description=printable(text))

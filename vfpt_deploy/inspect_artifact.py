@@ -290,7 +290,14 @@ def inspect_engine(path: str | os.PathLike) -> dict:
 def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None) -> dict:
     """A run.pt, checked as a load checks it (every field and tensor), without its backbone weights:
     parameter counts come from a meta-device skeleton. backbone_weights: also load with these weights,
-    which checks them against the recorded hash."""
+    which checks them against the recorded hash. A run.pt that carries its backbone is read torch-free
+    (artifacts/run_reader.py: no torch, no timm, no model); anything else, or anything odd, takes this path."""
+    if backbone_weights is None:
+        from vfpt_deploy.artifacts.run_reader import inspect_run_fast
+
+        fast = inspect_run_fast(path)
+        if fast is not None:
+            return fast
     from vfpt_deploy.models.backbone import state_sha256
     from vfpt_deploy.artifacts.checkpoint import check_run, load_run, parse_run, read_run_dict
 

@@ -105,22 +105,23 @@ def test_run_pt_fast_path_agrees_with_the_torch_path_and_leaves_odd_files_to_it(
     import torch
 
     _, d = work
-    fast = run_reader.inspect_run_fast(d / "run.pt")
-    assert fast is not None
-    monkeypatch.setattr(run_reader, "inspect_run_fast", lambda p: None)
-    assert inspect_artifact(d / "run.pt") == fast  # the same answer, field for field
+    assert run_reader.read_run_facts(d / "run.pt") is not None
+    fast = inspect_artifact(d / "run.pt")
+    monkeypatch.setattr(run_reader, "read_run_facts", lambda p: None)
+    assert inspect_artifact(d / "run.pt") == fast  # the torch path gives the same answer, field for field
     assert (run_reader.RUN_FORMAT, run_reader.RUN_VERSION) == (checkpoint.FORMAT, checkpoint.VERSION)
     monkeypatch.undo()
     obj = torch.load(d / "run.pt", weights_only=True)
     obj["tuned"]["head.weight"][0, 0] = float("nan")
     torch.save(obj, d / "nan.pt")
-    assert run_reader.inspect_run_fast(d / "nan.pt") is None  # the torch path says what is wrong
+    assert run_reader.read_run_facts(d / "nan.pt") is None  # the torch path says what is wrong
     with pytest.raises(InputError, match="non-finite"):
         inspect_artifact(d / "nan.pt")
     obj["tuned"]["head.weight"][0, 0] = 0.0
     obj["backbone_state"]["cls_token"] = obj["backbone_state"]["cls_token"] + 1  # the file altered
     torch.save(obj, d / "altered.pt")
-    assert "DOES NOT match" in run_reader.inspect_run_fast(d / "altered.pt")["backbone"]["hash_check"]
+    assert run_reader.read_run_facts(d / "altered.pt") is not None
+    assert "DOES NOT match" in inspect_artifact(d / "altered.pt")["backbone"]["hash_check"]
     torch.save({**obj, "meta": {"x": Counter()}}, d / "pickled.pt")  # an object torch would refuse too
     assert run_reader.read_run_arrays(d / "pickled.pt") is None
 

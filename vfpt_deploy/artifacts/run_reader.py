@@ -180,21 +180,19 @@ def _json_like(v, depth: int = 0) -> bool:
     return False
 
 
-def inspect_run_fast(path: str | os.PathLike) -> dict | None:
-    """inspect_artifact.inspect_run's answer for a run.pt that carries its backbone, without torch or timm:
-    every field type- and range-checked, every tensor floating point and finite, the backbone's hash
-    recomputed (the same bytes models.backbone.state_sha256 hashes), parameter counts from the stored
-    tensors. None for anything else (a prompts-only run, any field or tensor a load would refuse, a file this
-    reader does not vouch for): inspect then reads it with torch and says what is wrong in one line. Sizes
-    against the architecture (depth, width, prompt and head shapes against a meta-device skeleton) are
-    checked where the run is loaded (export, verify, bench, predict's parent commands)."""
-    from vfpt_deploy.artifacts.files import file_sha256
+def read_run_facts(path: str | os.PathLike) -> dict | None:
+    """What inspect shows of a run.pt that carries its backbone, read without torch or timm: every field
+    type- and range-checked, every tensor floating point and finite, the backbone's hash recomputed (the
+    bytes models.backbone.state_sha256 hashes), parameter counts from the stored tensors. Returns classes,
+    preprocess (a Preprocess), config (a VFPTConfig), backbone (name, kwargs, source, sha256, stored_sha256),
+    tuned and frozen (parameter counts) and meta; None for anything else (a prompts-only run, any field or
+    tensor a load would refuse, a file this reader does not vouch for): inspect then reads the file with
+    torch, which says in one line what is wrong. Sizes against the architecture (depth, width, prompt and
+    head shapes against a meta-device skeleton) are checked where the run is loaded (export, verify, bench)."""
     from vfpt_deploy.artifacts.preprocess import Preprocess
     from vfpt_deploy.errors import VFPTError
-    from vfpt_deploy.inspect_artifact import _model_facts, plain
     from vfpt_deploy.models.config import VFPTConfig
 
-    path = Path(path)
     obj = read_run_arrays(path)
     if obj is None or obj.get("format") != RUN_FORMAT or type(obj.get("version")) is not int \
             or obj["version"] != RUN_VERSION or any(k not in obj for k in _REQUIRED):
@@ -225,15 +223,7 @@ def inspect_run_fast(path: str | os.PathLike) -> dict | None:
         preprocess = Preprocess.from_dict(obj["preprocess"])
     except (VFPTError, TypeError, ValueError, KeyError, AttributeError):
         return None
-    stored = arrays_sha256(state)
-    checked = ("matches the stored weights" if not sha or stored == sha else
-               f"DOES NOT match the stored weights ({stored[:12]}): the file was altered")
-    n_tuned, n_frozen = sum(int(a.size) for a in tuned.values()), sum(int(a.size) for a in state.values())
-    return {"kind": "run", "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
-            **_model_facts({"classes": classes, "preprocess": preprocess}),
-            "image_size": list(preprocess.size),
-            "vfpt": {**config.to_dict(), "num_fourier": config.num_fourier},
-            "backbone": {"name": name, "kwargs": plain(kwargs), "source": source, "sha256": sha,
-                         "included": True, "hash_check": checked},
-            "parameters": {"tuned": n_tuned, "frozen": n_frozen, "total": n_tuned + n_frozen},
-            "provenance": plain(meta), "problems": []}
+    return {"classes": classes, "preprocess": preprocess, "config": config, "meta": meta,
+            "backbone": {"name": name, "kwargs": kwargs, "source": source, "sha256": sha,
+                         "stored_sha256": arrays_sha256(state)},
+            "tuned": sum(int(a.size) for a in tuned.values()), "frozen": sum(int(a.size) for a in state.values())}

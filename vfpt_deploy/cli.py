@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape as rich_escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
@@ -27,6 +25,7 @@ from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
 from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
 from vfpt_deploy.text import printable
+from vfpt_deploy.terminal import activity, console, err_console, print_wide, progress  # a terminal or a log: decided there
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
 
@@ -38,8 +37,6 @@ def escape(text) -> str:
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
 
 # -- options shared by several commands (one name, one meaning) -------------------------------------
 CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
@@ -132,12 +129,6 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     sigterm_as_interrupt()
 
 
-def progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
-                    disable=not err_console.is_terminal)  # no bar lines in logs and pipes
-
-
 def pick_ckpt(option: Path | None, argument: Path | None) -> Path:
     if option is not None and argument is not None and option != argument:
         raise UsageError(f"two checkpoints given ({argument} and --ckpt {option}); pass one")
@@ -219,7 +210,7 @@ def train(
     dev = resolve_device(device, allow_fallback)
     set_torch_threads(threads)
     with progress() as bar:
-        task = bar.add_task("training", total=None)
+        task = bar.add_task("training", total=None, epochs=settings.epochs)
         result = train_run(out, data=data, model_name=model, model_kwargs=model_kwargs,
                            weights=weights, config=config, settings=settings, crop_pct=crop_pct,
                            include_backbone=not prompts_only, device=dev, on_epoch=_epoch_printer(bar),
@@ -228,7 +219,7 @@ def train(
     console.print(f"best val top-1 {h.best_val_top1:.2f}% at epoch {h.best_epoch} on {dev}; wrote {result.out}")
 
 
-def _epoch_printer(bar: Progress):
+def _epoch_printer(bar):
     def on_epoch(r, best: bool) -> None:
         bar.console.print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val top-1 {r.val_top1:6.2f}%"
                           + ("  [green]best, saved[/]" if best else ""))
@@ -296,7 +287,8 @@ def demo(
         tasks: dict[str, int] = {}
 
         def on_step(name, s, t):
-            tasks.setdefault(name, bar.add_task(name, total=t))
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=t, epochs=pretrain_epochs if name == "pretrain" else epochs)
             bar.update(tasks[name], completed=s)
 
         rows, clean = run_demo(out, pretrain_epochs=pretrain_epochs, epochs=epochs, lr=lr, seed=seed,
@@ -309,7 +301,7 @@ def demo(
         t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
                   str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
     console.print(t)
-    with err_console.status("folding, exporting to ONNX and verifying the VFPT run"):
+    with activity("folding, exporting to ONNX and verifying the VFPT run"):
         outcome = export_demo(out, threads=n)
     print_export(outcome)
     finish_verify(outcome.report, outcome.written)
@@ -512,10 +504,12 @@ def verify(
     load, sources = plan_verify_source(artifact, ckpt or [], task or [])
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
     n = set_torch_threads(threads)
-    run = load(backbone)
-    sets, notes = verification_inputs(run, ExportSettings(data=data, num_random=num_random))  # as the export did
-    rep = verify_artifact(artifact, run, inputs=sets, notes=notes, overrides=overrides, providers=split_list(providers),
-                          report_path=out, threads=n, allow_fallback=allow_fallback)
+    with activity(f"verifying {artifact}"):
+        run = load(backbone)
+        sets, notes = verification_inputs(run, ExportSettings(data=data, num_random=num_random))  # as the export did
+        rep = verify_artifact(artifact, run, inputs=sets, notes=notes, overrides=overrides,
+                              providers=split_list(providers), report_path=out, threads=n,
+                              allow_fallback=allow_fallback)
     finish_verify(rep)
 
 
@@ -531,8 +525,10 @@ def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, pro
                          "set the artifact carries)")
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else golden_report_path(artifact)
     check_outputs({"--report": out}, {"ARTIFACT": artifact})
-    finish_verify(verify_golden(artifact, providers=split_list(providers), threads=threads,
-                                allow_fallback=allow_fallback, overrides=overrides, report_path_=out))
+    with activity(f"replaying the golden set of {artifact}"):
+        rep = verify_golden(artifact, providers=split_list(providers), threads=threads,
+                            allow_fallback=allow_fallback, overrides=overrides, report_path_=out)
+    finish_verify(rep)
 
 
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
@@ -691,7 +687,7 @@ def bench(
     backend and batch size, with the machine they were measured on. A multi-task artifact replays a
     mixed-task stream (each image's task drawn at random, a batch of b holding min(b, T) tasks); each row says
     which stream it measured."""
-    from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
+    from .bench import BenchSettings, parse_batches, results_table, run_bench, skip_lines
     from .extras import require
     from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from .threads import resolve_threads
@@ -709,15 +705,15 @@ def bench(
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
                              threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task,
                              dtype=dtype)
-    result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
-                       backbone_weights=backbone, export_dir=export_dir,
-                       on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))
+    with activity("benchmarking") as say:
+        result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend,
+                           settings=settings, backbone_weights=backbone, export_dir=export_dir, on_status=say)
     if as_json:
         print_json(result.to_dict())
-    else:  # a console at least as wide as the table: narrow terminals wrap lines instead of eliding numbers
-        Console(width=max(console.width, table_width(result))).print(results_table(result))
-    for s in result.skipped:
-        err_console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {escape(s.reason)}", highlight=False)
+    else:  # at the table's own width: narrow terminals wrap lines instead of eliding numbers
+        print_wide(results_table(result))
+    for line in skip_lines(result.skipped):  # each skip once, whatever the batch sweep
+        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
     for path, write in ((report, result.write_json), (csv_out, result.write_csv), (plot, result.plot)):
         if path is not None:
             err_console.print(f"wrote {write(path)}", highlight=False)

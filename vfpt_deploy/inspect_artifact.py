@@ -282,7 +282,14 @@ def inspect_engine(path: str | os.PathLike) -> dict:
 def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None) -> dict:
     """A run.pt, checked as a load checks it (every field and tensor), without its backbone weights:
     parameter counts come from a meta-device skeleton. backbone_weights: also load with these weights,
-    which checks them against the recorded hash."""
+    which checks them against the recorded hash. A run.pt that carries its backbone is read torch-free
+    (artifacts/run_reader.py: no torch, no timm, no model); anything else, or anything odd, takes this path."""
+    if backbone_weights is None:
+        from vfpt_deploy.artifacts.run_reader import read_run_facts
+
+        fast = read_run_facts(path)
+        if fast is not None:
+            return _run_info(Path(path), fast)
     from vfpt_deploy.models.backbone import state_sha256
     from vfpt_deploy.artifacts.checkpoint import check_run, load_run, parse_run, read_run_dict
 
@@ -308,6 +315,21 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
                          "included": parts.state is not None, "hash_check": checked},
             "parameters": {"tuned": tuned, "frozen": frozen, "total": tuned + frozen},
             "provenance": plain(parts.meta), "problems": []}  # a run.pt's are refused (check_run)
+
+
+def _run_info(path: Path, facts: dict) -> dict:
+    """inspect_run's answer from run_reader.read_run_facts (the torch-free read)."""
+    bb, config, pre = facts["backbone"], facts["config"], facts["preprocess"]
+    checked = ("matches the stored weights" if not bb["sha256"] or bb["stored_sha256"] == bb["sha256"] else
+               f"DOES NOT match the stored weights ({bb['stored_sha256'][:12]}): the file was altered")
+    return {"kind": "run", "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+            **_model_facts({"classes": facts["classes"], "preprocess": pre}),
+            "image_size": list(pre.size),
+            "vfpt": {**config.to_dict(), "num_fourier": config.num_fourier},
+            "backbone": {"name": bb["name"], "kwargs": plain(bb["kwargs"]), "source": bb["source"],
+                         "sha256": bb["sha256"], "included": True, "hash_check": checked},
+            "parameters": {"tuned": facts["tuned"], "frozen": facts["frozen"], "total": facts["tuned"] + facts["frozen"]},
+            "provenance": plain(facts["meta"]), "problems": []}
 
 
 # -- rows for a table ----------------------------------------------------------------------------------------

@@ -171,6 +171,8 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
         check_trt_available(builder.flavor)  # one line, before any work
     sets, notes = verification_inputs(run, settings)  # a bad --data fails before any work
     spec = settings.quant_spec()
+    if spec is not None and spec.mode != "dynamic":
+        step("reading the calibration images")
     calib = _calibration(run, settings, spec)  # a bad --calib (or no ModelOpt) fails before any work too
     with Staging(paths.onnx.parent) as stage:
         step(f"folding ({settings.fold}) + exporting ONNX")

@@ -164,7 +164,13 @@ def server_settings(opts: ServeOptions, predictors: dict, all_ports: bool) -> di
     FP32 request. Ports: all of them for `serve`; only those given for a folder meant for KServe."""
     need = max(p.preprocess.size[0] * p.preprocess.size[1] * 3 * 4 * opts.max_batch_size for p in predictors.values())
     ports = opts.ports() if all_ports else {k: getattr(opts, k) for k in DEFAULT_PORTS if getattr(opts, k)}
+    from .serve_triton import EXTENSIONS
+
+    # model_repository_implementation: MLServer's own folder repository, named through runtime/serve_triton.py
+    # so that `mlserver start` imports it (and its Triton layer) before building its servers
     return {"parallel_workers": 0, "debug": False, "grpc_max_message_length": max(MIN_GRPC_MESSAGE, need + 2**20),
+            "model_repository_implementation": "vfpt_deploy.runtime.serve_triton.ModelRepository",
+            "extensions": EXTENSIONS,
             **({"host": opts.host} if all_ports or opts.host != ServeOptions.host else {}), **ports}
 
 

@@ -36,7 +36,7 @@ CLASSES = ["a", "b", "c", "d"]  # conftest's exported_run
 
 # Every call a Triton user makes, with each client's defaults; results as JSON (+ arrays in an .npz).
 CLIENTS = r"""
-import json, sys
+import json, sys, traceback
 import numpy as np
 import tritonclient.http as th
 import tritonclient.grpc as tg
@@ -46,60 +46,94 @@ http_url, grpc_url, name, blob_path, x_path, out_path = sys.argv[1:7]
 blob, x = open(blob_path, "rb").read(), np.load(x_path)
 out, arrays = {}, {}
 
+def step(fn):  # each call on its own: one that fails is recorded (its test fails), the others still run
+    try:
+        fn()
+    except Exception as e:
+        out.setdefault("errors", {})[fn.__name__] = f"{type(e).__name__}: {e}"[:500]
+
 def binary_sizes(result):
     return {o["name"]: (o.get("parameters") or {}).get("binary_data_size") for o in result.get_response()["outputs"]}
 
 h = th.InferenceServerClient(http_url)
-inp = th.InferInput("images", list(x.shape), "FP32")
-inp.set_data_from_numpy(x)  # binary_data=True: tritonclient's default
-r = h.infer(name, [inp])  # no outputs named: all of them, as binary data (binary_data_output)
-arrays["http_logits"] = r.as_numpy("logits")
-out["http_labels"] = [[b.decode() for b in row] for row in r.as_numpy("top_k_labels")]
-out["http_binary_sizes"] = binary_sizes(r)
-inp = th.InferInput("image_bytes", [1], "BYTES")
-inp.set_data_from_numpy(np.array([blob], dtype=object))
-r = h.infer(name, [inp], outputs=[th.InferRequestedOutput("top_k_labels"), th.InferRequestedOutput("logits")])
-arrays["http_bytes_logits"] = r.as_numpy("logits")
-out["http_bytes_binary_sizes"] = binary_sizes(r)
-inp = th.InferInput("images", list(x.shape), "FP32")
-inp.set_data_from_numpy(x, binary_data=False)
-r = h.infer(name, [inp], outputs=[th.InferRequestedOutput("logits", binary_data=False)])
-arrays["http_json_logits"] = r.as_numpy("logits")
-out["http_json_binary_sizes"] = binary_sizes(r)
-inp = th.InferInput("images", list(x.shape), "FP32")
-inp.set_data_from_numpy(x)
-r = h.infer(name, [inp], outputs=[th.InferRequestedOutput("logits", class_count=3)])
-out["http_classes"] = [[b.decode() for b in row] for row in r.as_numpy("logits")]
-out["http_config"] = h.get_model_config(name)
-out["http_index"] = h.get_model_repository_index()
-out["http_metadata"] = h.get_model_metadata(name)
-bad = th.InferInput("images", [1, 3, 31, 32], "FP32")
-bad.set_data_from_numpy(np.zeros((1, 3, 31, 32), np.float32))
-try:
-    h.infer(name, [bad], request_id="bad-http-1")
-    out["http_bad"] = None
-except InferenceServerException as e:
-    out["http_bad"] = [e.status(), e.message()]
-out["http_stats"] = h.get_inference_statistics(name)
-out["http_stats_all"] = h.get_inference_statistics()
-
 g = tg.InferenceServerClient(grpc_url)
-inp = tg.InferInput("images", list(x.shape), "FP32")
-inp.set_data_from_numpy(x)
-r = g.infer(name, [inp])
-arrays["grpc_logits"] = r.as_numpy("logits")
-r = g.infer(name, [inp], outputs=[tg.InferRequestedOutput("logits", class_count=3)])
-out["grpc_classes"] = [[b.decode() for b in row] for row in r.as_numpy("logits")]
-out["grpc_config"] = g.get_model_config(name, as_json=True)
-out["grpc_index"] = g.get_model_repository_index(as_json=True)
-bad = tg.InferInput("images", [1, 3, 31, 32], "FP32")
-bad.set_data_from_numpy(np.zeros((1, 3, 31, 32), np.float32))
-try:
-    g.infer(name, [bad], request_id="bad-grpc-1")
-    out["grpc_bad"] = None
-except InferenceServerException as e:
-    out["grpc_bad"] = [e.status(), e.message()]
-out["grpc_stats"] = g.get_inference_statistics(name, as_json=True)
+
+def http_binary():
+    inp = th.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # binary_data=True: tritonclient's default
+    r = h.infer(name, [inp])  # no outputs named: all of them, as binary data (binary_data_output)
+    arrays["http_logits"] = r.as_numpy("logits")
+    out["http_labels"] = [[b.decode() for b in row] for row in r.as_numpy("top_k_labels")]
+    out["http_binary_sizes"] = binary_sizes(r)
+
+def http_bytes():
+    inp = th.InferInput("image_bytes", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([blob], dtype=object))
+    r = h.infer(name, [inp], outputs=[th.InferRequestedOutput("top_k_labels"), th.InferRequestedOutput("logits")])
+    arrays["http_bytes_logits"] = r.as_numpy("logits")
+    out["http_bytes_binary_sizes"] = binary_sizes(r)
+
+def http_json():
+    inp = th.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    r = h.infer(name, [inp], outputs=[th.InferRequestedOutput("logits", binary_data=False)])
+    arrays["http_json_logits"] = r.as_numpy("logits")
+    out["http_json_binary_sizes"] = binary_sizes(r)
+
+def http_classes():
+    inp = th.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    r = h.infer(name, [inp], outputs=[th.InferRequestedOutput("logits", class_count=3)])
+    out["http_classes"] = [[b.decode() for b in row] for row in r.as_numpy("logits")]
+
+def http_config():
+    out["http_config"] = h.get_model_config(name)
+
+def http_index():
+    out["http_index"] = h.get_model_repository_index()
+
+def http_metadata():
+    out["http_metadata"] = h.get_model_metadata(name)
+
+def http_bad():
+    bad = th.InferInput("images", [1, 3, 31, 32], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 3, 31, 32), np.float32))
+    try:
+        h.infer(name, [bad], request_id="bad-http-1")
+    except InferenceServerException as e:
+        out["http_bad"] = [e.status(), e.message()]
+
+def http_stats():
+    out["http_stats"] = h.get_inference_statistics(name)
+    out["http_stats_all"] = h.get_inference_statistics()
+
+def grpc_infer():
+    inp = tg.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    arrays["grpc_logits"] = g.infer(name, [inp]).as_numpy("logits")
+    r = g.infer(name, [inp], outputs=[tg.InferRequestedOutput("logits", class_count=3)])
+    out["grpc_classes"] = [[b.decode() for b in row] for row in r.as_numpy("logits")]
+
+def grpc_config():
+    out["grpc_config"] = g.get_model_config(name, as_json=True)
+
+def grpc_index():
+    out["grpc_index"] = g.get_model_repository_index(as_json=True)
+
+def grpc_bad():
+    bad = tg.InferInput("images", [1, 3, 31, 32], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 3, 31, 32), np.float32))
+    try:
+        g.infer(name, [bad], request_id="bad-grpc-1")
+    except InferenceServerException as e:
+        out["grpc_bad"] = [e.status(), e.message()]
+
+def grpc_stats():
+    out["grpc_stats"] = g.get_inference_statistics(name, as_json=True)
+
+for fn in (http_binary, http_bytes, http_json, http_classes, http_config, http_index, http_metadata, http_bad,
+           http_stats, grpc_infer, grpc_config, grpc_index, grpc_bad, grpc_stats):
+    step(fn)
 np.savez(out_path, **arrays)
 print(json.dumps(out))
 """
@@ -133,8 +167,14 @@ def predictor(exported_run):
         yield p
 
 
+def no_errors(out: dict, *steps: str) -> None:
+    errors = {s: out.get("errors", {}).get(s) for s in steps if s in out.get("errors", {})}
+    assert not errors, errors
+
+
 def test_http_binary_data_is_exact_and_comes_back_binary(served, predictor):
     out, arrays, _, _, x, blob = served
+    no_errors(out, "http_binary", "http_bytes", "http_json", "grpc_infer")
     want = predictor.infer(x)
     np.testing.assert_array_equal(arrays["http_logits"], want)  # exact: the same float32 bits
     np.testing.assert_array_equal(arrays["http_json_logits"], want)
@@ -157,6 +197,7 @@ def triton_strings(logits: np.ndarray, k: int) -> list[list[str]]:
 
 def test_class_count_gives_tritons_classification_strings(served, predictor):
     out, _, _, _, x, _ = served
+    no_errors(out, "http_classes", "grpc_infer")
     want = triton_strings(predictor.infer(x), 3)
     assert out["http_classes"] == want
     assert out["grpc_classes"] == want
@@ -167,6 +208,7 @@ def test_model_config_is_what_vfpt_deploy_triton_writes(served, tmp_path):
     from google.protobuf import json_format, text_format
 
     out, _, _, onnx, _, _ = served
+    no_errors(out, "http_config", "grpc_config")
     res = CliRunner().invoke(app, ["triton", str(onnx), "--out", str(tmp_path / "repo"), "--name", NAME, "--kind", "cpu",
                                    "--max-batch", str(MAX_BATCH), "--max-queue-delay-us", str(DELAY_MS * 1000),
                                    "--no-verify-check"])
@@ -184,6 +226,7 @@ def test_model_config_is_what_vfpt_deploy_triton_writes(served, tmp_path):
 
 def test_statistics_count_the_requests_and_the_inference_calls(served):
     out = served[0]
+    no_errors(out, "http_stats", "grpc_stats")
     stats = out["http_stats"]["model_stats"]
     assert [s["name"] for s in stats] == [NAME]
     s = stats[0]
@@ -205,6 +248,7 @@ def test_statistics_count_the_requests_and_the_inference_calls(served):
 
 def test_repository_index_and_metadata_a_generic_client_can_follow(served):
     out = served[0]
+    no_errors(out, "http_index", "grpc_index", "http_metadata")
     assert [(m["name"], m["state"]) for m in out["http_index"]] == [(NAME, "READY")]
     assert [(m["name"], m["state"]) for m in out["grpc_index"]["models"]] == [(NAME, "READY")]
     inputs = {i["name"]: i.get("parameters", {}) for i in out["http_metadata"]["inputs"]}
@@ -214,6 +258,7 @@ def test_repository_index_and_metadata_a_generic_client_can_follow(served):
 
 def test_a_4xx_is_logged_with_the_request_id_and_reason(served):
     out, _, log, _, _, _ = served
+    no_errors(out, "http_bad", "grpc_bad")
     assert out["http_bad"][0] == "400" and "got shape [1, 3, 31, 32]" in out["http_bad"][1]
     assert out["grpc_bad"][0] == "StatusCode.INVALID_ARGUMENT"
     lines = log.splitlines()

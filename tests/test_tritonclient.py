@@ -288,3 +288,19 @@ def test_binary_bodies_that_do_not_add_up_are_one_line_400s():
                                                      {"name": "f", "datatype": "FP32", "shape": [1], "data": [0.1]}]}
                                         ).encode(), {"*": True, "f": False})
     assert body[size:] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc" and json.loads(body[:size])["outputs"][1]["data"] == [0.1]
+
+
+def test_a_task_models_config_has_the_image_input_and_its_own_classes(tasks_onnx):
+    """A multi-task artifact's task model, as serve answers get_model_config: the graph's task input is the
+    server's business, and the logits are as wide as that task's classes (birds: 7 of the widest 7, flat: 2)."""
+    from vfpt_deploy.runtime.serving import triton_model
+    from vfpt_deploy.runtime.triton_config import TritonSettings, model_config
+
+    with OnnxPredictor(tasks_onnx, ["cpu"], threads=1) as p:
+        for task, width in ((1, 7), (2, 2)):
+            model, gpu = triton_model(p, p.classes_of(task), MAX_BATCH)
+            cfg = model_config(model, TritonSettings(max_batch_size=MAX_BATCH, kind="cpu"), "t", tasks_onnx)
+            assert not gpu and model.classes == p.classes_of(task)
+            assert [(i.name, list(i.dims)) for i in cfg.input] == [("images", [3, 32, 32])]
+            assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [width])]
+            assert cfg.max_batch_size == MAX_BATCH

@@ -80,6 +80,12 @@ def http_json():
     arrays["http_json_logits"] = r.as_numpy("logits")
     out["http_json_binary_sizes"] = binary_sizes(r)
 
+def http_gzip():  # compressed both ways (not the default): MLServer gzips its JSON, the layer its input
+    inp = th.InferInput("images", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    r = h.infer(name, [inp], request_compression_algorithm="gzip", response_compression_algorithm="gzip")
+    arrays["http_gzip_logits"] = r.as_numpy("logits")
+
 def http_classes():
     inp = th.InferInput("images", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -131,7 +137,7 @@ def grpc_bad():
 def grpc_stats():
     out["grpc_stats"] = g.get_inference_statistics(name, as_json=True)
 
-for fn in (http_binary, http_bytes, http_json, http_classes, http_config, http_index, http_metadata, http_bad,
+for fn in (http_binary, http_bytes, http_json, http_gzip, http_classes, http_config, http_index, http_metadata, http_bad,
            http_stats, grpc_infer, grpc_config, grpc_index, grpc_bad, grpc_stats):
     step(fn)
 np.savez(out_path, **arrays)
@@ -174,10 +180,11 @@ def no_errors(out: dict, *steps: str) -> None:
 
 def test_http_binary_data_is_exact_and_comes_back_binary(served, predictor):
     out, arrays, _, _, x, blob = served
-    no_errors(out, "http_binary", "http_bytes", "http_json", "grpc_infer")
+    no_errors(out, "http_binary", "http_bytes", "http_json", "http_gzip", "grpc_infer")
     want = predictor.infer(x)
     np.testing.assert_array_equal(arrays["http_logits"], want)  # exact: the same float32 bits
     np.testing.assert_array_equal(arrays["http_json_logits"], want)
+    np.testing.assert_array_equal(arrays["http_gzip_logits"], want)
     np.testing.assert_array_equal(arrays["grpc_logits"], want)
     assert all(size > 0 for size in out["http_binary_sizes"].values()), out["http_binary_sizes"]
     assert out["http_binary_sizes"]["logits"] == want.size * 4
@@ -231,19 +238,19 @@ def test_statistics_count_the_requests_and_the_inference_calls(served):
     assert [s["name"] for s in stats] == [NAME]
     s = stats[0]
     inf = s["inference_stats"]
-    # before the stats call: 4 good HTTP requests (3 + 1 + 3 + 3 rows) and 1 refused
-    assert inf["success"]["count"] == 4 and s["inference_count"] == 10, s
+    # before the stats call: 5 good HTTP requests (3 + 1 + 3 + 3 + 3 rows) and 1 refused
+    assert inf["success"]["count"] == 5 and s["inference_count"] == 13, s
     assert inf["fail"]["count"] == 1
     for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
-        assert inf[key]["count"] == 4 and inf[key]["ns"] > 0, (key, inf[key])
+        assert inf[key]["count"] == 5 and inf[key]["ns"] > 0, (key, inf[key])
     assert inf["success"]["ns"] >= inf["compute_infer"]["ns"] + inf["queue"]["ns"]
     assert s["execution_count"] == sum(b["compute_infer"]["count"] for b in s["batch_stats"]) >= 1
-    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in s["batch_stats"]) == 10
+    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in s["batch_stats"]) == 13
     assert s["last_inference"] > 1_700_000_000_000  # ms since the epoch
     assert out["http_stats_all"]["model_stats"][0]["name"] == NAME
     g = out["grpc_stats"]["model_stats"][0]
-    assert g["name"] == NAME and int(g["inference_stats"]["success"]["count"]) == 6  # + the two gRPC ones
-    assert int(g["inference_count"]) == 16
+    assert g["name"] == NAME and int(g["inference_stats"]["success"]["count"]) == 7  # + the two gRPC ones
+    assert int(g["inference_count"]) == 19
 
 
 def test_repository_index_and_metadata_a_generic_client_can_follow(served):

@@ -311,3 +311,41 @@ def test_a_task_models_config_has_the_image_input_and_its_own_classes(tasks_onnx
             assert [(i.name, list(i.dims)) for i in cfg.input] == [("images", [3, 32, 32])]
             assert [(o.name, list(o.dims)) for o in cfg.output] == [("logits", [width])]
             assert cfg.max_batch_size == MAX_BATCH
+
+
+MLSERVER = "import sys; from mlserver.cli.main import main; sys.argv[0] = 'mlserver'; main()"
+
+
+def test_the_layer_is_there_under_mlserver_start(exported_run, predictor, tmp_path):
+    """A --write-settings folder under MLServer's own CLI (what KServe runs): settings.json's model repository
+    class brings the Triton layer in before MLServer builds its servers."""
+    import urllib.request
+
+    folder = tmp_path / "repo"
+    res = CliRunner().invoke(app, ["serve", f"{NAME}={exported_run[1]}", "--write-settings", str(folder), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    http, grpc_port, metrics = free_ports(3)
+    env = {**os.environ, "MLSERVER_HTTP_PORT": str(http), "MLSERVER_GRPC_PORT": str(grpc_port),
+           "MLSERVER_METRICS_PORT": str(metrics), "MLSERVER_HOST": "127.0.0.1"}
+    log = tmp_path / "mlserver.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", MLSERVER, "start", str(folder)], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    x = tensors(2, seed=4)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    url = f"http://127.0.0.1:{http}"
+    with running(proc, (http, grpc_port, metrics), log):
+        req = urllib.request.Request(f"{url}/v2/models/{NAME}/infer", head + x.tobytes(),
+                                     {"Inference-Header-Content-Length": str(len(head))})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            size, body = int(r.headers["Inference-Header-Content-Length"]), r.read()
+        with urllib.request.urlopen(f"{url}/v2/models/{NAME}/config", timeout=30) as r:
+            config = json.loads(r.read())
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/v2/repository/index", b"", method="POST"),
+                                    timeout=30) as r:
+            index = json.loads(r.read())
+    np.testing.assert_array_equal(np.frombuffer(body[size:], np.float32).reshape(2, 4), predictor.infer(x))
+    assert config["name"] == NAME and config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert [m["name"] for m in index] == [NAME]

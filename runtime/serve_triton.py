@@ -35,6 +35,7 @@ the V2 JSON protocol KServe speaks) is unchanged. Torch-free.
 from __future__ import annotations
 
 import contextvars
+import gzip
 import logging
 import math
 import re
@@ -267,9 +268,12 @@ class TritonLayer:
             if message.get("more_body"):
                 return
             body = b"".join(state["parts"])
-            joined = join_binary(body, info.binary_outputs)
             start = state["start"]
-            hdrs = [(k, v) for k, v in start["headers"] if k.lower() not in (b"content-length", b"content-type")]
+            if any(k.lower() == b"content-encoding" and v.strip().lower() == b"gzip" for k, v in start["headers"]):
+                body = gzip.decompress(body)  # MLServer's GZipMiddleware (Accept-Encoding): sent uncompressed
+            joined = join_binary(body, info.binary_outputs)
+            hdrs = [(k, v) for k, v in start["headers"]
+                    if k.lower() not in (b"content-length", b"content-type", b"content-encoding")]
             if joined is not None:
                 body, size = joined
                 hdrs += [(b"content-type", b"application/octet-stream"),

@@ -226,6 +226,11 @@ def test_model_config_is_what_vfpt_deploy_triton_writes(served, tmp_path):
     assert json_format.ParseDict(out["grpc_config"]["config"], pb.ModelConfig()) == written
     assert out["http_config"] == config_dict(written)  # numbers as numbers, every scalar field present
     assert out["http_config"]["max_batch_size"] == MAX_BATCH
+    # by default the two servers batch alike: serve's --max-batch-size and triton's max_batch_size for an ONNX
+    from vfpt_deploy.runtime.serve_settings import ServeOptions
+    from vfpt_deploy.runtime.triton_config import DEFAULT_MAX_BATCH
+
+    assert ServeOptions().max_batch_size == DEFAULT_MAX_BATCH == 32
     assert out["http_config"]["instance_group"][0]["kind"] == "KIND_CPU"
     # and --kind cpu needs no GPU in the container
     assert "--gpus" not in " ".join(res.output.split()) and "docker run -p8000" in " ".join(res.output.split())

@@ -589,7 +589,8 @@ def triton(
         console.print(f"  {escape(str(f))}", highlight=False)
     for note in res.notes:
         console.print(f"[cyan]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(f"serve it: docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
+    gpus = "--gpus all " if settings.kind == "gpu" else ""  # CPU instances need no GPU in the container
+    console.print(f"serve it: docker run {gpus}-p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
                   "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", highlight=False,
                   soft_wrap=True)
 

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape as rich_escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
@@ -27,6 +25,7 @@ from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
 from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
 from vfpt_deploy.text import printable
+from vfpt_deploy.terminal import activity, console, err_console, print_wide, progress  # a terminal or a log: decided there
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
 
@@ -38,8 +37,6 @@ def escape(text) -> str:
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
 
 # -- options shared by several commands (one name, one meaning) -------------------------------------
 CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
@@ -52,7 +49,7 @@ SeedOpt = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed: t
 DeviceOpt = Annotated[Optional[str], typer.Option(help="PyTorch device: cpu, cuda, cuda:N (default: CUDA when present).")]
 ProvidersOpt = Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated: cpu, cuda, tensorrt (default: the best that really runs here).")]
 FallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept the CPU when the asked-for GPU device or provider cannot run here (else an error).")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images (default: the run's own built-in data, where it was trained on one). With several tasks it is used for every task, except a bare 'builtin': each task's own built-in set.")]
 NumRandomOpt = Annotated[int, typer.Option(min=1, max=4096, help="Random N(0,1) inputs in the verification.")]
 AtolOpt = Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4; fp16 not gated).")]
 RtolOpt = Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")]
@@ -130,12 +127,6 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
     sigterm_as_interrupt()
-
-
-def progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
-                    disable=not err_console.is_terminal)  # no bar lines in logs and pipes
 
 
 def pick_ckpt(option: Path | None, argument: Path | None) -> Path:
@@ -219,7 +210,7 @@ def train(
     dev = resolve_device(device, allow_fallback)
     set_torch_threads(threads)
     with progress() as bar:
-        task = bar.add_task("training", total=None)
+        task = bar.add_task("training", total=None, epochs=settings.epochs)
         result = train_run(out, data=data, model_name=model, model_kwargs=model_kwargs,
                            weights=weights, config=config, settings=settings, crop_pct=crop_pct,
                            include_backbone=not prompts_only, device=dev, on_epoch=_epoch_printer(bar),
@@ -228,7 +219,7 @@ def train(
     console.print(f"best val top-1 {h.best_val_top1:.2f}% at epoch {h.best_epoch} on {dev}; wrote {result.out}")
 
 
-def _epoch_printer(bar: Progress):
+def _epoch_printer(bar):
     def on_epoch(r, best: bool) -> None:
         bar.console.print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val top-1 {r.val_top1:6.2f}%"
                           + ("  [green]best, saved[/]" if best else ""))
@@ -296,7 +287,8 @@ def demo(
         tasks: dict[str, int] = {}
 
         def on_step(name, s, t):
-            tasks.setdefault(name, bar.add_task(name, total=t))
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=t, epochs=pretrain_epochs if name == "pretrain" else epochs)
             bar.update(tasks[name], completed=s)
 
         rows, clean = run_demo(out, pretrain_epochs=pretrain_epochs, epochs=epochs, lr=lr, seed=seed,
@@ -309,7 +301,7 @@ def demo(
         t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
                   str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
     console.print(t)
-    with err_console.status("folding, exporting to ONNX and verifying the VFPT run"):
+    with activity("folding, exporting to ONNX and verifying the VFPT run"):
         outcome = export_demo(out, threads=n)
     print_export(outcome)
     finish_verify(outcome.report, outcome.written)
@@ -488,11 +480,12 @@ def verify(
     max_top1_drop: Top1DropOpt = None,
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
-    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json, replaced only by a report at least as strong: same or more data, same or tighter tolerances, same checkpoint; else ARTIFACT.verify.weaker.json).")] = None,
     backbone: BackboneOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Compare an artifact with the unfolded PyTorch model on random inputs (and real images). A multi-task
+    """Compare an artifact with the unfolded PyTorch model on random inputs and real images (--data; by default
+    the run's own built-in data, as the export used). A multi-task
     artifact is checked task by task against each task's own run.pt (--ckpt files are matched to tasks by
     the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream.
     Without --ckpt/--task: replay the golden set the artifact carries on this machine's runtime, without
@@ -510,13 +503,17 @@ def verify(
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
     load, sources = plan_verify_source(artifact, ckpt or [], task or [])
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
+    from .pipeline import ExportSettings, verification_inputs
     from .threads import set_torch_threads
     from .verify import verify_artifact  # (torch: after every usage error)
 
     n = set_torch_threads(threads)
-    run = load(backbone)
-    rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
-                          providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
+    with activity(f"verifying {artifact}"):
+        run = load(backbone)
+        sets, notes = verification_inputs(run, ExportSettings(data=data, num_random=num_random))  # as the export did
+        rep = verify_artifact(artifact, run, inputs=sets, notes=notes, overrides=overrides,
+                              providers=split_list(providers), report_path=out, threads=n,
+                              allow_fallback=allow_fallback)
     finish_verify(rep)
 
 
@@ -532,8 +529,10 @@ def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, pro
                          "set the artifact carries)")
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else golden_report_path(artifact)
     check_outputs({"--report": out}, {"ARTIFACT": artifact})
-    finish_verify(verify_golden(artifact, providers=split_list(providers), threads=threads,
-                                allow_fallback=allow_fallback, overrides=overrides, report_path_=out))
+    with activity(f"replaying the golden set of {artifact}"):
+        rep = verify_golden(artifact, providers=split_list(providers), threads=threads,
+                            allow_fallback=allow_fallback, overrides=overrides, report_path_=out)
+    finish_verify(rep)
 
 
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
@@ -598,7 +597,8 @@ def triton(
         console.print(f"  {escape(str(f))}", highlight=False)
     for note in res.notes:
         console.print(f"[cyan]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(f"serve it: docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
+    gpus = "--gpus all " if settings.kind == "gpu" else ""  # CPU instances need no GPU in the container
+    console.print(f"serve it: docker run {gpus}-p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
                   "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", highlight=False,
                   soft_wrap=True)
 
@@ -696,7 +696,7 @@ def bench(
     backend and batch size, with the machine they were measured on. A multi-task artifact replays a
     mixed-task stream (each image's task drawn at random, a batch of b holding min(b, T) tasks); each row says
     which stream it measured."""
-    from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
+    from .bench import BenchSettings, parse_batches, results_table, run_bench, skip_lines
     from .extras import require
     from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from .threads import resolve_threads
@@ -714,15 +714,15 @@ def bench(
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
                              threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task,
                              dtype=dtype)
-    result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
-                       backbone_weights=backbone, export_dir=export_dir,
-                       on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))
+    with activity("benchmarking") as say:
+        result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend,
+                           settings=settings, backbone_weights=backbone, export_dir=export_dir, on_status=say)
     if as_json:
         print_json(result.to_dict())
-    else:  # a console at least as wide as the table: narrow terminals wrap lines instead of eliding numbers
-        Console(width=max(console.width, table_width(result))).print(results_table(result))
-    for s in result.skipped:
-        err_console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {escape(s.reason)}", highlight=False)
+    else:  # at the table's own width: narrow terminals wrap lines instead of eliding numbers
+        print_wide(results_table(result))
+    for line in skip_lines(result.skipped):  # each skip once, whatever the batch sweep
+        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
     for path, write in ((report, result.write_json), (csv_out, result.write_csv), (plot, result.plot)):
         if path is not None:
             err_console.print(f"wrote {write(path)}", highlight=False)

@@ -10,7 +10,8 @@ JSON numbers) plus room, at least MIN_BODY.
 
 Time is bounded too: uvicorn (MLServer's HTTP server) waits for a request body without any limit, so a
 client that sends its headers and part of a body and then stalls would hold its connection (and the
-request's memory) forever. The body must arrive within BODY_TIMEOUT_S (env VFPT_SERVE_BODY_TIMEOUT_S), else
+request's memory) forever. The body must arrive within BODY_TIMEOUT_S, or one second per MiB of the body limit
+where that is more (a large model's largest request at 1 MiB/s; env VFPT_SERVE_BODY_TIMEOUT_S sets it), else
 HTTP 408 with one line and the connection is closed; other requests are answered meanwhile. Likewise a
 request's headers must be complete within HEADER_TIMEOUT_S of the connection (or of the request's first
 byte on a kept-alive one; env VFPT_SERVE_HEADER_TIMEOUT_S), else 408 and the connection is closed (set on
@@ -28,7 +29,7 @@ from mlserver.errors import MLServerError
 MIN_BODY = 16 * 2**20
 JSON_BYTES_PER_VALUE = 24  # '-1.2345678901234567e-05,' at most, as clients print float32 / float64 values
 MAX_REQUEST_PIXELS = 160_000_000  # decoded pixels all the encoded images of one request may claim together
-BODY_TIMEOUT_S = 60.0  # the whole body, from the first read: 16 MiB at 0.3 MB/s; a stalled client is cut off
+BODY_TIMEOUT_S = 60.0  # the whole body, from the first read (at least; see body_timeout): a stalled client is cut off
 HEADER_TIMEOUT_S = 10.0  # a request's line and headers
 
 
@@ -41,8 +42,14 @@ def _seconds(env: str, default: float) -> float:
     return value if 0 < value <= 3600 else default
 
 
-_limit = {"body": MIN_BODY, "timeout": _seconds("VFPT_SERVE_BODY_TIMEOUT_S", BODY_TIMEOUT_S),
+_limit = {"body": MIN_BODY, "timeout": _seconds("VFPT_SERVE_BODY_TIMEOUT_S", 0) or None,
           "header_timeout": _seconds("VFPT_SERVE_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)}
+
+
+def body_timeout() -> float:
+    """Seconds a whole request body may take: the environment's, else BODY_TIMEOUT_S or 1 s per MiB of the
+    body limit, whichever is more."""
+    return _limit["timeout"] or max(BODY_TIMEOUT_S, body_limit() / 2**20)
 
 
 class BodyError(MLServerError, HTTPException):
@@ -89,7 +96,7 @@ async def read_bounded(request) -> bytes:
         raise BodyError(f"Content-Encoding {', '.join(encodings)} is not supported; send gzip, deflate or none", 415)
     inflate = zlib.decompressobj(wbits=47) if encodings else None  # 47: gzip or zlib header, detected
     parts, sent, size = [], 0, 0
-    async for chunk in _timed(request.stream(), _limit["timeout"]):
+    async for chunk in _timed(request.stream(), body_timeout()):
         sent += len(chunk)
         if sent > limit:
             raise TooLarge(f"the request body is over this server's limit of {limit} bytes; send fewer or smaller "

@@ -140,7 +140,7 @@ def test_export_trt_without_tensorrt_is_one_line(exported):
     except ImportError:
         pass
     res = invoke("export", "--ckpt", exported / "run.pt", "--format", "trt")
-    assert res.exit_code == 1 and "needs TensorRT" in res.output and "vfpt-deploy[tensorrt]" in res.output
+    assert res.exit_code == 1 and "needs TensorRT" in res.output and "'.[tensorrt]'" in res.output
     assert "Traceback" not in res.output
 
 

@@ -210,7 +210,8 @@ def train(
     dev = resolve_device(device, allow_fallback)
     set_torch_threads(threads)
     with progress() as bar:
-        task = bar.add_task("training", total=None, epochs=settings.epochs)
+        # quiet: in a log, the first line comes with the first step, so an error before it stays one line
+        task = bar.add_task("training", total=None, epochs=settings.epochs, quiet=True)
         result = train_run(out, data=data, model_name=model, model_kwargs=model_kwargs,
                            weights=weights, config=config, settings=settings, crop_pct=crop_pct,
                            include_backbone=not prompts_only, device=dev, on_epoch=_epoch_printer(bar),

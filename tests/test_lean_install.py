@@ -89,10 +89,14 @@ def image(tmp_path_factory) -> Path:
     ["verify", "m.onnx", "--ckpt", "run.pt"], ["import", "ref.pth", "--alpha", "0.5"],
     ["bench", "--ckpt", "run.pt", "--backend", "torch"],
 ], ids=lambda a: a[0])
-def test_torch_commands_name_the_export_extra(args, tmp_path):
+def test_torch_commands_name_the_export_extra(args, tmp_path, exported_run):
+    for name in ("run.pt", "ref.pth"):  # inputs exist: a missing one is a usage error, said first
+        (tmp_path / name).write_bytes(b"PK not read before torch")
+    shutil.copy(exported_run[1], tmp_path / "m.onnx")  # verify reads the artifact (torch-free) first
+    before = sorted(tmp_path.iterdir())
     line = one_error_line(cli_without("torch", *args, cwd=tmp_path))
     assert "needs PyTorch, which is not installed" in line and EXPORT in line, line
-    assert not list(tmp_path.iterdir()), "nothing may be written"
+    assert sorted(tmp_path.iterdir()) == before, "nothing may be written"
 
 
 @pytest.mark.parametrize(("args", "words"), [

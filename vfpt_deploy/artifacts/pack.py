@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vfpt_deploy.artifacts.schema import MAX_CLASSES, MAX_TASKS, TASK_NAME, decode_metadata, encode_metadata
-from vfpt_deploy.errors import ArtifactError, UsageError
+from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
 
 PACK_FORMAT = "vfpt-deploy.pack"
 PACK_VERSION = 1
@@ -86,7 +86,8 @@ class PackTables:
 @dataclass
 class Pack:
     tables: PackTables
-    metadata: dict  # decoded (format, name, classes, preprocess, golden, ...)
+    metadata: dict  # decoded, as stored (format, name, classes, preprocess, golden, ...)
+    preprocess: object  # artifacts.preprocess.Preprocess, checked
     path: Path | None = None
 
     @property
@@ -152,11 +153,11 @@ def read_pack(path: str | os.PathLike) -> Pack:
     if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise _bad(source, "it records no backbone artifact sha256")
     try:
-        meta["preprocess"] = Preprocess.from_dict(meta.get("preprocess"))
-    except Exception as e:  # noqa: BLE001 - any malformed preprocessing is the pack's fault
+        pre = Preprocess.from_dict(meta.get("preprocess"))
+    except (VFPTError, ValueError) as e:
         raise _bad(source, f"preprocess: {str(e)[:100]}") from None
     tables = _tables(arrays, meta, source, len(classes))
-    return Pack(tables, meta, path)
+    return Pack(tables, meta, pre, path)
 
 
 def _tables(a: dict[str, np.ndarray], meta: dict, source: str, classes: int) -> PackTables:
@@ -220,8 +221,8 @@ def check_fits(pack: Pack, geometry: dict, backbone_sha256: str, source: str) ->
         if tuple(got) != tuple(want):
             raise ArtifactError(f"{source}: {what} is {list(got)}, this backbone takes {list(want)}; re-export the pack "
                                 "for this backbone")
-    if tuple(pack.metadata["preprocess"].size) != tuple(g["image_size"]):
-        raise ArtifactError(f"{source}: its preprocessing makes {list(pack.metadata['preprocess'].size)} images, the "
+    if tuple(pack.preprocess.size) != tuple(g["image_size"]):
+        raise ArtifactError(f"{source}: its preprocessing makes {list(pack.preprocess.size)} images, the "
                             f"backbone takes {g['image_size']}; re-export the pack")
     for what, n, key in (("prompts", max(t.kv_prompts, t.token_prompts), "prompts"),
                          ("classes", t.num_classes, "classes")):

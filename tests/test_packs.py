@@ -269,3 +269,23 @@ def test_cli_export_predict_verify(task_runs, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     r = invoke("export", "--ckpt", cars, "--format", "pack")
     assert r.exit_code == 2 and "--backbone-artifact" in r.output
+
+
+def test_packs_run_without_torch(packed, tmp_path):
+    """predict and verify --pack (the golden replay) are torch-free; a pack export's usage error comes before
+    torch loads."""
+    from test_lean_install import cli_without
+
+    backbone, packs, _ = packed
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 40, 90)).save(tmp_path / "x.png")
+    res = cli_without("torch,timm,mlserver", "predict", backbone, tmp_path / "x.png", "--pack", packs["birds"],
+                      "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["predictions"][0]["top"][0]["class"].startswith("birds-")
+    res = cli_without("torch,timm,mlserver", "verify", backbone, "--pack", packs["birds"], "--report",
+                      tmp_path / "r.json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = cli_without("torch", "export", "--ckpt", "run.pt", "--format", "pack", cwd=tmp_path)
+    assert res.returncode == 2 and "--backbone-artifact" in res.stderr and "PyTorch" not in res.stderr

@@ -165,6 +165,39 @@ def test_add_and_remove_packs_on_one_session(packed, tmp_path):
         assert s.names == ["flat", "cars"]
 
 
+def test_requests_in_flight_while_packs_come_and_go(packed):
+    """Two threads infer cars and flat while a third adds and removes birds and re-adds cars and flat (their
+    task indices move): no request fails or gets another task's answer (each takes the tables of one moment)."""
+    import threading
+
+    backbone, packs, _ = packed
+    with PackSession(backbone, ["cpu"], threads=1) as s:
+        s.add(packs["cars"]), s.add(packs["flat"])
+        x, _ = mixed_batch(1, 2)
+        want = {n: s.infer(x, n)[:, :len(s.pack(n).classes)] for n in ("cars", "flat")}
+        errors, stop = [], threading.Event()
+
+        def ask(name):
+            try:
+                while not stop.is_set():
+                    got = s.infer(x, name)
+                    assert_logits_close(got[:, :want[name].shape[1]], want[name], f"{name} in flight")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in ("cars", "flat")]
+        for t in threads:
+            t.start()
+        for i in range(20):  # indices move: birds comes and goes, cars and flat swap places
+            s.add(packs["birds"])
+            s.add(packs["cars" if i % 2 else "flat"], replace=True)
+            s.remove("birds")
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+
+
 # -- refusals -----------------------------------------------------------------------------------------
 def one_line(e) -> str:
     msg = str(e.value)

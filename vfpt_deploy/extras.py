@@ -1,6 +1,7 @@
 """Optional extras: which one a missing module comes from, and the one-onnxruntime guard.
 
-`pip install vfpt-deploy` is the torch-free runtime (onnxruntime, onnx, numpy, Pillow, typer, rich).
+`pip install vfpt-deploy` is the torch-free runtime (onnxruntime, onnx, numpy, safetensors, Pillow, typer,
+rich).
 Training, import, folding and export need `[export]`, the server `[serve]`, engines `[tensorrt]` or
 `[trt-rtx]`. A command that reaches a module of a missing extra stops with one line naming the extra
 (`MissingExtra`), never a ModuleNotFoundError traceback. Torch-free; imports nothing optional itself.
@@ -23,7 +24,7 @@ MODULES = {
     "timm": ("timm", "export"),
     "onnxscript": ("onnxscript", "export"),
     "onnxconverter_common": ("onnxconverter-common", "export"),
-    "safetensors": ("safetensors", "export"),
+    "safetensors": ("safetensors", None),
     "sklearn": ("scikit-learn", "export"),
     "mlserver": ("MLServer", "serve"),
     "tensorrt": ("TensorRT", "tensorrt"),

@@ -837,6 +837,7 @@ def serve(
     allow_fallback: FallbackOpt = False,
     write_settings: Annotated[Optional[Path], typer.Option(help="Write the MLServer settings folder (settings.json, NAME/model-settings.json and a copy of each artifact) here and exit without serving: for 'mlserver start DIR' or a KServe storageUri.")] = None,
     self_check: Annotated[bool, typer.Option("--self-check/--no-self-check", help="Replay each artifact's golden set when it loads and refuse a model that does not reproduce on this machine (reported in the log, model metadata and the vfpt_self_check_passed metric).")] = True,
+    packs: Annotated[Optional[Path], typer.Option(help="Serve every prompt pack (NAME.pack.safetensors) in this folder as model NAME, all on one session of the backbone artifact given as MODELS and one batcher; packs dropped in later are loaded with POST /v2/repository/models/NAME/load (and /unload).")] = None,
 ) -> None:
     """Serve exported models over the V2 / Open Inference Protocol (REST and gRPC) on MLServer, with
     adaptive batching, health endpoints and Prometheus metrics; no torch needed. Ctrl-C stops it."""
@@ -850,6 +851,16 @@ def serve(
                         providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback,
                         self_check=self_check)
     status = lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False)  # noqa: E731
+    if packs is not None:
+        from vfpt_deploy.runtime import serve_packs
+
+        if write_settings is not None:
+            for path in serve_packs.write_settings(write_settings, models, packs, opts, on_status=status):
+                console.print(f"wrote {escape(str(path))}", highlight=False)
+            return
+        serve_packs.serve(models, packs, opts, on_status=status)
+        err_console.print("server stopped", highlight=False)
+        return
     if write_settings is not None:
         for path in write_folder(write_settings, models, opts, on_status=status):
             console.print(f"wrote {escape(str(path))}", highlight=False)

@@ -1,0 +1,267 @@
+"""`vfpt-deploy serve B.onnx --packs DIR` for real (issue 22, part 3): a server subprocess serving conftest's tiny
+packs on one backbone session. Each pack answers under its own name exactly as an in-process PackSession does;
+concurrent requests for different packs share inference calls; a pack dropped into DIR is loaded with the V2
+repository extension while clients run (no failed request, the first answer after the load is right); an
+unloaded pack answers 404 in one line while the others keep serving, and its requests in flight are answered;
+a bad pack is refused in one line with a 400 and changes nothing; `mlserver start` runs a --write-settings
+folder; and a new user's workflow (train, pack, serve, load, query with tritonclient) runs end to end."""
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlserver")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from vfpt_deploy.artifacts.pack import read_pack, write_pack  # noqa: E402
+from vfpt_deploy.cli import app  # noqa: E402
+from vfpt_deploy.runtime.packs import PackSession  # noqa: E402
+from conftest import assert_logits_close, free_ports  # noqa: E402
+from test_packs import make_packs  # noqa: E402
+from test_serve import running, tensor_input, tensors  # noqa: E402
+from test_serve_tasks import start  # noqa: E402
+
+DELAY_MS = 150  # long enough that concurrent requests meet in one batch, and that an unload finds them in flight
+WIDTH = {"cars": 4, "birds": 7, "flat": 2}
+
+
+@pytest.fixture(scope="module")
+def packed(task_runs, tmp_path_factory):
+    """(backbone artifact, {name: pack file}) for conftest's three tasks, exported apart from DIR."""
+    d = tmp_path_factory.mktemp("serve_packs_src")
+    return make_packs(task_runs, d)
+
+
+@pytest.fixture(scope="module")
+def expected(packed):
+    """name -> logits of tensors(3, seed) as an in-process PackSession holding all three packs gives them."""
+    backbone, packs = packed
+    with PackSession(backbone, ["cpu"], threads=1) as s:
+        for p in packs.values():
+            s.add(p)
+        yield lambda name, x: s.infer(x, name)[:, :WIDTH[name]]
+
+
+class Client:
+    def __init__(self, url: str):
+        self.url = url
+
+    def call(self, path: str, body: dict | None = None, method: str = "POST") -> tuple[int, dict]:
+        data = None if method == "GET" else json.dumps(body or {}).encode()
+        req = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def infer(self, model: str, x: np.ndarray) -> tuple[int, dict]:
+        return self.call(f"/v2/models/{model}/infer", {"inputs": [tensor_input(x)], "outputs": [{"name": "logits"}]})
+
+    def logits(self, model: str, x: np.ndarray) -> np.ndarray:
+        status, body = self.infer(model, x)
+        assert status == 200, body
+        out = {o["name"]: o for o in body["outputs"]}["logits"]
+        return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+    def index(self) -> dict:
+        status, body = self.call("/v2/repository/index")
+        assert status == 200, body
+        return {m["name"]: m["state"] for m in body}
+
+    def repo(self, name: str, action: str) -> tuple[int, dict]:
+        return self.call(f"/v2/repository/models/{name}/{action}")
+
+
+@pytest.fixture(scope="module")
+def server(packed, tmp_path_factory):
+    """A server on DIR = {cars, birds}; flat stays outside DIR until a test drops it in."""
+    backbone, packs = packed
+    d = tmp_path_factory.mktemp("serve_packs")
+    folder = d / "packs"
+    folder.mkdir()
+    for name in ("cars", "birds"):
+        shutil.copyfile(packs[name], folder / packs[name].name)
+    ports = free_ports(3)
+    proc, log = start(["serve", backbone, "--packs", folder, "--host", "127.0.0.1", "--port", ports[0], "--grpc-port",
+                       ports[1], "--metrics-port", ports[2], "--max-batch-size", 8, "--max-batch-delay-ms", DELAY_MS,
+                       "--threads", "1", "--providers", "cpu"], d)
+    with running(proc, ports, log) as srv:
+        srv.client, srv.folder, srv.packs = Client(srv.url), folder, packs
+        yield srv
+
+
+def one_line(body: dict) -> str:
+    msg = body["error"]
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def tasks_per_call(srv) -> list[float]:
+    """(calls, rows) of the shared batcher's vfpt_batch_tasks histogram: (count, sum of tasks per call)."""
+    for fam in text_string_to_metric_families(srv.get("/metrics", srv.metrics)[1].decode()):
+        if fam.name == "vfpt_batch_tasks":
+            got = {s.name: s.value for s in fam.samples}
+            return [got.get("vfpt_batch_tasks_count", 0.0), got.get("vfpt_batch_tasks_sum", 0.0)]
+    return [0.0, 0.0]
+
+
+def run_clients(client: Client, expected, models: list[str], stop: threading.Event, out: dict) -> list[threading.Thread]:
+    """One thread per model, each sending requests until `stop`, checking every answer; out[model] = [ok, bad]."""
+    def loop(model: str, seed: int) -> None:
+        x = tensors(2, seed)
+        want = expected(model, x)
+        out[model] = [0, []]
+        while not stop.is_set():
+            status, body = client.infer(model, x)
+            if status != 200:
+                out[model][1].append((status, body))
+                continue
+            o = {o["name"]: o for o in body["outputs"]}["logits"]
+            got = np.asarray(o["data"], np.float32).reshape(o["shape"])
+            try:
+                assert_logits_close(got, want, model)
+                out[model][0] += 1
+            except AssertionError as e:
+                out[model][1].append((200, str(e)[:200]))
+
+    threads = [threading.Thread(target=loop, args=(m, 20 + i), daemon=True) for i, m in enumerate(models)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+# -- serving ------------------------------------------------------------------------------------------
+def test_each_pack_is_its_own_model(server, expected):
+    c = server.client
+    assert c.index() == {"birds": "READY", "cars": "READY"}
+    for i, name in enumerate(("cars", "birds")):
+        x = tensors(3, seed=i)
+        got = c.logits(name, x)
+        assert got.shape == (3, WIDTH[name])
+        assert_logits_close(got, expected(name, x), f"{name} served vs PackSession")
+    # the answer is the pack's own: cars' rows are not birds' first four columns
+    x = tensors(3, seed=0)
+    assert not np.allclose(c.logits("cars", x), expected("birds", x)[:, :4], atol=1e-3)
+    status, meta = c.call("/v2/models/birds", method="GET")
+    assert status == 200 and meta["parameters"]["session_models"] == ["birds", "cars"]
+    assert meta["parameters"]["self_check"] == "passed"
+
+
+def test_mixed_concurrent_requests_share_calls(server, expected):
+    c = server.client
+    before = tasks_per_call(server)
+    xs = {(m, i): tensors(1 + i % 2, seed=100 + i) for i in range(6) for m in ("cars", "birds")}
+    got: dict = {}
+
+    def one(key):
+        got[key] = c.logits(key[0], xs[key])
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (m, i), x in xs.items():
+        assert_logits_close(got[(m, i)], expected(m, x), f"{m} #{i} in a mixed batch")
+    after = tasks_per_call(server)
+    calls, tasks = after[0] - before[0], after[1] - before[1]
+    assert 0 < calls < len(xs) and tasks > calls, (calls, tasks)  # some call held rows of both packs
+
+
+# -- the repository extension -------------------------------------------------------------------------
+def test_load_a_pack_dropped_in_while_clients_run(server, expected):
+    c = server.client
+    assert "flat" not in c.index() and c.infer("flat", tensors(1))[0] == 404
+    stop, out = threading.Event(), {}
+    threads = run_clients(c, expected, ["cars", "birds"], stop, out)
+    try:
+        time.sleep(0.5)
+        shutil.copyfile(server.packs["flat"], server.folder / "flat.pack.safetensors")
+        assert c.index()["flat"] == "UNAVAILABLE"  # listed, not loaded
+        x = tensors(2, seed=7)
+        t0 = time.perf_counter()
+        status, body = c.repo("flat", "load")
+        assert status == 200, body
+        got = c.logits("flat", x)
+        first = time.perf_counter() - t0
+        assert_logits_close(got, expected("flat", x), "flat, the first answer after its load")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    for model, (ok, bad) in out.items():
+        assert ok > 0 and not bad, (model, bad[:3])
+    assert c.index() == {"birds": "READY", "cars": "READY", "flat": "READY"}
+    assert first < 30, first
+
+
+def test_unload_answers_in_flight_then_404(server, expected):
+    c = server.client
+    x = tensors(1, seed=3)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(c.infer("birds", x))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(DELAY_MS / 1000 / 3)  # they wait in the batcher for DELAY_MS
+    status, body = c.repo("birds", "unload")
+    for t in threads:
+        t.join()
+    assert status == 200, body
+    for status, body in results:  # in flight: answered (one arriving after the unload began: 404, one line)
+        if status == 200:
+            o = {o["name"]: o for o in body["outputs"]}["logits"]
+            assert_logits_close(np.asarray(o["data"], np.float32).reshape(o["shape"]), expected("birds", x), "birds")
+        else:
+            assert status == 404 and "birds was unloaded" in one_line(body)
+    assert any(s == 200 for s, _ in results)
+    status, body = c.infer("birds", x)
+    assert status == 404 and "model birds was unloaded" in one_line(body) and "/load" in body["error"]
+    assert_logits_close(c.logits("cars", x), expected("cars", x), "cars after birds' unload")
+    assert c.index()["birds"] == "UNAVAILABLE"
+    status, body = c.repo("birds", "load")  # and back
+    assert status == 200, body
+    assert_logits_close(c.logits("birds", x), expected("birds", x), "birds loaded again")
+
+
+def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp_path):
+    c = server.client
+    pack = read_pack(server.packs["cars"])
+    meta = {k: v for k, v in pack.metadata.items() if k not in ("format", "version", "fold")}
+    cut = server.packs["birds"].read_bytes()
+    (server.folder / "corrupt.pack.safetensors").write_bytes(cut[: len(cut) // 2])
+    write_pack(server.folder / "other.pack.safetensors", pack.tables, {**meta, "backbone_artifact_sha256": "0" * 64})
+    tables = pack.tables
+    wide = type(tables)(**{**vars(tables), "head_weight": np.zeros((10_001, tables.head_weight.shape[1]), np.float32),
+                           "head_bias": np.zeros(10_001, np.float32)})
+    write_pack(server.folder / "wide.pack.safetensors", wide, {**meta, "classes": [str(i) for i in range(10_001)]})
+    # cars replaced by a pack whose golden set no longer matches (its head moved): the old cars stays
+    moved = type(tables)(**{**vars(tables), "head_bias": tables.head_bias + 1.0})
+    replaced = tmp_path / "cars.pack.safetensors"
+    write_pack(replaced, moved, meta)
+    original = server.folder / "cars.pack.safetensors"
+    shutil.copyfile(original, tmp_path / "cars.orig")
+    shutil.copyfile(replaced, original)
+    x = tensors(2, seed=5)
+    try:
+        for name, why in (("corrupt", "not a usable prompt pack"), ("other", "another backbone"),
+                          ("wide", "10001"), ("cars", "does not reproduce its golden set")):
+            status, body = c.repo(name, "load")
+            assert status == 400 and f"model {name}:" in one_line(body) and why in body["error"], (name, body)
+        assert c.index() == {"birds": "READY", "cars": "READY", "corrupt": "UNAVAILABLE", "flat": "READY",
+                             "other": "UNAVAILABLE", "wide": "UNAVAILABLE"}
+        for name in ("cars", "birds", "flat"):
+            assert_logits_close(c.logits(name, x), expected(name, x), f"{name} after the refused loads")
+        status, body = c.repo("nothere", "load")
+        assert status == 404 and "no pack file nothere.pack.safetensors" in one_line(body)
+    finally:
+        shutil.copyfile(tmp_path / "cars.orig", original)
+        for name in ("corrupt", "other", "wide"):
+            (server.folder / f"{name}.pack.safetensors").unlink()

@@ -266,3 +266,77 @@ def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp
         shutil.copyfile(tmp_path / "cars.orig", original)
         for name in ("corrupt", "other", "wide"):
             (server.folder / f"{name}.pack.safetensors").unlink()
+
+
+# -- mlserver start on a --write-settings folder ------------------------------------------------------
+def test_mlserver_start_on_a_written_folder(packed, tmp_path, expected):
+    backbone, packs = packed
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(packs["cars"], src / "cars.pack.safetensors")
+    out, ports = tmp_path / "folder", free_ports(3)
+    r = CliRunner().invoke(app, [str(a) for a in ("serve", backbone, "--packs", src, "--write-settings", out,
+                                                  "--host", "127.0.0.1", "--port", ports[0], "--grpc-port", ports[1],
+                                                  "--metrics-port", ports[2], "--threads", 1)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "packs/cars.pack.safetensors", "settings.json", "vit.backbone.onnx"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model_repository_implementation_args"]["packs"] == "packs"  # relative: the folder moves
+    proc, log = start(["mlserver", "start", out], tmp_path)
+    with running(proc, ports, log) as srv:
+        c, x = Client(srv.url), tensors(2, seed=9)
+        assert_logits_close(c.logits("cars", x), expected("cars", x), "cars under mlserver start")
+        shutil.copyfile(packs["flat"], out / "packs" / "flat.pack.safetensors")
+        status, body = c.repo("flat", "load")
+        assert status == 200, body
+        assert_logits_close(c.logits("flat", x), expected("flat", x), "flat loaded under mlserver start")
+        assert c.index() == {"cars": "READY", "flat": "READY"}
+
+
+# -- a new user's workflow, end to end (docs/serving.md, "Prompt packs") ------------------------------
+def test_new_user_workflow_train_pack_serve_load_query(tmp_path):
+    """train two tasks on one backbone, export the backbone artifact and a pack of each, serve one pack,
+    drop the other into the folder and load it while the server runs, query both with tritonclient."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    from test_cli import TINY_ARGS
+
+    from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+    def cli(*args):
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    for name, prompts in (("digits", 4), ("digits2", 2)):  # same --seed: the same random backbone
+        cli("train", "--out", tmp_path / f"{name}.pt", *TINY_ARGS, "--epochs", 1, "--prompts", prompts, "--lr",
+            0.05 * prompts, "--batch-size", 128, "--warmup-epochs", 0)
+    cli("export", "--ckpt", tmp_path / "digits.pt", "--format", "backbone", "--out", tmp_path / "vit.backbone.onnx")
+    (tmp_path / "packs").mkdir()
+    for name in ("digits", "digits2"):
+        cli("export", "--ckpt", tmp_path / f"{name}.pt", "--format", "pack", "--backbone-artifact",
+            tmp_path / "vit.backbone.onnx", "--out", tmp_path / f"{name}.pack.safetensors")
+        cli("export", "--ckpt", tmp_path / f"{name}.pt", "--out", tmp_path / f"{name}.onnx")  # to compare with
+    shutil.copyfile(tmp_path / "digits.pack.safetensors", tmp_path / "packs" / "digits.pack.safetensors")
+    ports = free_ports(3)
+    proc, log = start(["serve", tmp_path / "vit.backbone.onnx", "--packs", tmp_path / "packs", "--host", "127.0.0.1",
+                       "--port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--threads", 1],
+                      tmp_path)
+    with running(proc, ports, log) as srv:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http}")
+        x = tensors(4, seed=1)
+
+        def query(model: str) -> np.ndarray:
+            inp = httpclient.InferInput("images", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer(model, [inp], outputs=[httpclient.InferRequestedOutput("logits")]).as_numpy("logits")
+
+        assert [m["name"] for m in client.get_model_repository_index()] == ["digits"]
+        shutil.copyfile(tmp_path / "digits2.pack.safetensors", tmp_path / "packs" / "digits2.pack.safetensors")
+        client.load_model("digits2")
+        assert client.is_model_ready("digits2")
+        for name in ("digits", "digits2"):
+            with OnnxPredictor(tmp_path / f"{name}.onnx", ["cpu"]) as single:
+                assert_logits_close(query(name), single.infer(x), f"{name}: served pack vs its single-task export")
+        client.unload_model("digits2")
+        assert not client.is_model_ready("digits2") and client.is_model_ready("digits")

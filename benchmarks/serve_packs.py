@@ -199,6 +199,9 @@ def main() -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    steps = [line.split(": pack ", 1)[1].strip() for line in server_log.read_text().splitlines()
+             if f"model {new}: pack " in line]
+    result["server_load_steps"] = steps  # per load: reading + checking + staging, the self-check, the swap
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     log(json.dumps({k: v for k, v in result.items() if k not in ("loads", "client_failures")}, indent=1))

@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,7 @@ class Backbone:
     loading: threading.Lock = field(default_factory=threading.Lock)  # one load / unload at a time
     preloaded: dict = field(default_factory=dict)  # name -> (pack file, its self-check) added by `serve`
     batch_sizes: Counter = field(default_factory=Counter)
+    timings: dict = field(default_factory=dict)  # name -> the milliseconds of its last load, by step
 
     def infer(self, batch: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """The batcher's call: rows of several packs, each row's pack named by its model's key."""
@@ -170,9 +172,18 @@ class Backbone:
         from .selfcheck import check_on_load
 
         with self.loading:
+            t0 = time.perf_counter()
             pack, staged = self.stage(name, path)
-            result = check_on_load(ServedPack(self.session, pack, staged), str(path)) if self_check else None
+            t1 = time.perf_counter()
+            result = None
+            if self_check:  # in the inference thread, between batches: not competing with them for the cores
+                check = lambda: check_on_load(ServedPack(self.session, pack, staged), str(path))  # noqa: E731
+                result = self.batcher.call_alone(check) if self.batcher is not None else check()
+            t2 = time.perf_counter()
             self.session.add(pack, replace=True)
+            self.timings[name] = {"read_check_stage_ms": round((t1 - t0) * 1000, 1),
+                                  "self_check_ms": round((t2 - t1) * 1000, 1),
+                                  "swap_ms": round((time.perf_counter() - t2) * 1000, 1)}
             return pack, result
 
     def unload(self, name: str, pack: Pack) -> bool:
@@ -242,6 +253,9 @@ class PackModel(serving.VFPTModel):
             from .selfcheck import describe_check
 
             log.info("model %s: %s", self.name, describe_check(self.self_check))
+        steps = backbone.timings.get(self.name, {})
+        log.info("model %s: pack %s on %s (%s)", self.name, Path(path).name, backbone.session.path.name,
+                 ", ".join(f"{k} {v}" for k, v in steps.items()) or "loaded by serve")
         return True
 
     async def _predict(self, payload, started: int):

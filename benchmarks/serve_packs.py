@@ -71,6 +71,29 @@ def client(url: str, model: str, x: np.ndarray, want: np.ndarray, stop: threadin
                     status, answer[:200] if status != 200 else b""))
 
 
+def load_once(url: str, new: str, body: bytes, headers: dict, want: np.ndarray, w0: float, log, what: str) -> dict:
+    """Load `new` (unloading it first if loaded), then ask it until the answer is right; the times."""
+    post(f"{url}/v2/repository/models/{new}/unload")
+    time.sleep(1.0)
+    t_load = time.perf_counter()
+    status, answer = post(f"{url}/v2/repository/models/{new}/load")
+    load_s = time.perf_counter() - t_load
+    if status != 200:
+        raise SystemExit(f"error: the load call answered {status}: {answer[:300]!r}")
+    tries = 0
+    while True:
+        tries += 1
+        status, answer = post(f"{url}/v2/models/{new}/infer", body, headers)
+        if correct(status, answer, want):
+            break
+        if tries > 50:
+            raise SystemExit(f"error: no correct answer from {new} after its load: {status} {answer[:300]!r}")
+    first = time.perf_counter() - t_load
+    log(f"load ({what}): call {load_s:.3f} s, first correct answer {first:.3f} s after the load request")
+    return {"load_call_s": load_s, "first_correct_answer_s": first, "tries": tries,
+            "window": (t_load - w0, time.perf_counter() - w0)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
@@ -83,6 +106,8 @@ def main() -> None:
     ap.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--quiet-loads", type=int, default=3, help="loads before the clients start (no contention)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the backbone and packs already in --work")
     args = ap.parse_args()
 
     from multitask import Tasks, task_specs
@@ -97,21 +122,24 @@ def main() -> None:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     work = args.work or Path(tempfile.mkdtemp(prefix="serve-packs-"))
     (work / "packs").mkdir(parents=True, exist_ok=True)
-    tasks = Tasks(args.tiny, args.model)
     specs = task_specs(args.served + 1, [args.prompts])
-    t0 = time.perf_counter()
-    backbone = export_backbone(tasks.run(specs[0]), work / "backbone.onnx").path
-    files = [make_pack(tasks, s, backbone, work / f"{s['name']}.pack.safetensors") for s in specs]
-    log(f"exported the backbone and {len(files)} packs in {time.perf_counter() - t0:.0f} s")
+    backbone, files = work / "backbone.onnx", [work / f"{s['name']}.pack.safetensors" for s in specs]
+    if not args.reuse or not all(f.exists() for f in [backbone, *files]):
+        t0 = time.perf_counter()
+        tasks = Tasks(args.tiny, args.model)
+        backbone = export_backbone(tasks.run(specs[0]), backbone).path
+        files = [make_pack(tasks, s, backbone, f) for s, f in zip(specs, files)]
+        del tasks
+        log(f"exported the backbone and {len(files)} packs in {time.perf_counter() - t0:.0f} s")
     names = [s["name"] for s in specs]
     new = names[-1]
-    xs = {n: np.random.default_rng(i).standard_normal((1, 3, *tasks.image_size), dtype=np.float32)
-          for i, n in enumerate(names)}
     with PackSession(backbone, ["cpu"], threads=args.threads) as s:
+        size = tuple(s.geometry["image_size"])
+        xs = {n: np.random.default_rng(i).standard_normal((1, 3, *size), dtype=np.float32) for i, n in enumerate(names)}
         for f in files:
             s.add(f)
         want = {n: s.infer(xs[n], n)[:, :s.pack(n).tables.num_classes] for n in names}
-    del tasks
+    (work / "packs" / files[-1].name).unlink(missing_ok=True)  # the one to load: not there at the start
     for f in files[:-1]:
         shutil.copyfile(f, work / "packs" / f.name)
 
@@ -140,6 +168,10 @@ def main() -> None:
                   "threads": args.threads, "max_batch_delay_ms": args.max_batch_delay_ms, "cpu": summary(),
                   "cores": os.cpu_count(), "load_average_start": os.getloadavg(), "server_ready_s": started,
                   "pack_bytes": files[-1].stat().st_size}
+        body, headers = request(xs[new])
+        shutil.copyfile(files[-1], work / "packs" / files[-1].name)
+        result["quiet_loads"] = [load_once(url, new, body, headers, want[new], 0.0, log, "quiet")
+                                 for _ in range(args.quiet_loads)]
         stop, records = threading.Event(), []
         threads = [threading.Thread(target=client, args=(url, names[i % args.served], xs[names[i % args.served]],
                                                          want[names[i % args.served]], stop, records), daemon=True)
@@ -149,41 +181,24 @@ def main() -> None:
         for t in threads:
             t.start()
         time.sleep(3)
-        shutil.copyfile(files[-1], work / "packs" / files[-1].name)
-        body, headers = request(xs[new])
         loads = []
         for i in range(args.loads):
-            t_load = time.perf_counter()
-            status, answer = post(f"{url}/v2/repository/models/{new}/load")
-            load_s = time.perf_counter() - t_load
-            if status != 200:
-                raise SystemExit(f"error: the load call answered {status}: {answer[:300]!r}")
-            tries = 0
-            while True:
-                tries += 1
-                status, answer = post(f"{url}/v2/models/{new}/infer", body, headers)
-                if correct(status, answer, want[new]):
-                    break
-                if tries > 50:
-                    raise SystemExit(f"error: no correct answer from {new} after its load: {status} {answer[:300]!r}")
-            first = time.perf_counter() - t_load
-            loads.append({"load_call_s": load_s, "first_correct_answer_s": first, "tries": tries,
-                          "window": (t_load - w0, time.perf_counter() - w0)})
-            log(f"load {i + 1}: call {load_s:.3f} s, first correct answer {first:.3f} s after the load request")
+            loads.append(load_once(url, new, body, headers, want[new], w0, log, "with clients"))
             time.sleep(1.5)
-            if i + 1 < args.loads:
-                status, answer = post(f"{url}/v2/repository/models/{new}/unload")
-                assert status == 200, answer
-                time.sleep(1.5)
         stop.set()
         for t in threads:
             t.join()
+        post(f"{url}/v2/repository/models/{new}/unload")
         elapsed = time.perf_counter() - w0
         cpu1 = cpu_jiffies(proc.pid)
         lat = [(a - w0, b - a) for a, b, *_ in records]
         in_window = [d for s0, d in lat if any(w[0] <= s0 <= w[1] for w in (x["window"] for x in loads))]
         failed = [(st, msg.decode("utf-8", "replace")) for *_, ok, st, msg in records if not ok]
+        quiet = result["quiet_loads"]
         result.update(
+            quiet_first_correct_answer_s_median=statistics.median(x["first_correct_answer_s"] for x in quiet)
+            if quiet else None,
+            quiet_load_call_s_median=statistics.median(x["load_call_s"] for x in quiet) if quiet else None,
             loads=loads, load_call_s_median=statistics.median(x["load_call_s"] for x in loads),
             first_correct_answer_s_median=statistics.median(x["first_correct_answer_s"] for x in loads),
             first_correct_answer_s_max=max(x["first_correct_answer_s"] for x in loads),

@@ -168,6 +168,15 @@ def main() -> None:
                   "threads": args.threads, "max_batch_delay_ms": args.max_batch_delay_ms, "cpu": summary(),
                   "cores": os.cpu_count(), "load_average_start": os.getloadavg(), "server_ready_s": started,
                   "pack_bytes": files[-1].stat().st_size}
+        one, one_headers = request(xs[names[0]])
+        plain = []
+        for _ in range(4):  # a request to a served pack, nothing else running: the unit the loads compare to
+            t = time.perf_counter()
+            status, answer = post(f"{url}/v2/models/{names[0]}/infer", one, one_headers)
+            plain.append(time.perf_counter() - t)
+            assert correct(status, answer, want[names[0]]), answer[:300]
+        result["quiet_request_s_median"] = statistics.median(plain[1:])
+        log(f"one request to a served pack, quiet: {result['quiet_request_s_median']:.3f} s")
         body, headers = request(xs[new])
         shutil.copyfile(files[-1], work / "packs" / files[-1].name)
         result["quiet_loads"] = [load_once(url, new, body, headers, want[new], 0.0, log, "quiet")

@@ -268,6 +268,24 @@ def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp
             (server.folder / f"{name}.pack.safetensors").unlink()
 
 
+# -- refused before anything listens -------------------------------------------------------------------
+def test_serve_packs_refusals_are_one_line(packed, exported_run, tmp_path):
+    backbone, packs = packed
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "bad").mkdir()
+    shutil.copyfile(packs["cars"], tmp_path / "bad" / "cars.pack.safetensors")
+    (tmp_path / "bad" / "broken.pack.safetensors").write_bytes(b"not a pack")
+    cases = [([backbone, exported_run[1], "--packs", tmp_path / "ok"], "exactly one backbone artifact"),
+             ([backbone, "--packs", tmp_path / "none"], "is not a folder"),
+             ([exported_run[1], "--packs", tmp_path / "ok"], "not a backbone artifact"),
+             ([backbone, "--packs", tmp_path / "bad"], "broken.pack.safetensors is not a usable prompt pack")]
+    for i, (args, why) in enumerate(cases):
+        # --write-settings checks as serving does (a broken check then writes a folder, not serves forever)
+        r = CliRunner().invoke(app, ["serve", *map(str, args), "--write-settings", str(tmp_path / f"out{i}")])
+        assert r.exit_code != 0 and why in r.output and "Traceback" not in r.output, r.output
+        assert len([line for line in r.output.splitlines() if line.startswith("error")]) == 1, r.output
+
+
 # -- mlserver start on a --write-settings folder ------------------------------------------------------
 def test_mlserver_start_on_a_written_folder(packed, tmp_path, expected):
     backbone, packs = packed

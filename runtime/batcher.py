@@ -141,12 +141,6 @@ class Batcher:
     def _infer(self, batch: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
         return self.infer(batch) if ids is None else self.infer(batch, ids)
 
-    def call_alone(self, fn: Callable, *args):
-        """fn(*args) in the inference thread, between two batches, so it does not compete with them for the
-        cores (e.g. a prompt pack's load-time self-check). Blocks the calling thread; never call it from the
-        event loop."""
-        return self._pool.submit(fn, *args).result()
-
     def close(self) -> None:
         """Stop the batching task and the worker thread; requests still waiting are cancelled."""
         if self._task is not None:

@@ -176,9 +176,8 @@ class Backbone:
             pack, staged = self.stage(name, path)
             t1 = time.perf_counter()
             result = None
-            if self_check:  # in the inference thread, between batches: not competing with them for the cores
-                check = lambda: check_on_load(ServedPack(self.session, pack, staged), str(path))  # noqa: E731
-                result = self.batcher.call_alone(check) if self.batcher is not None else check()
+            if self_check:  # beside the batches (serializing it with them was not faster: docs/serving.md)
+                result = check_on_load(ServedPack(self.session, pack, staged), str(path))
             t2 = time.perf_counter()
             self.session.add(pack, replace=True)
             self.timings[name] = {"read_check_stage_ms": round((t1 - t0) * 1000, 1),

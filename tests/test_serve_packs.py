@@ -231,6 +231,26 @@ def test_unload_answers_in_flight_then_404(server, expected):
     assert_logits_close(c.logits("birds", x), expected("birds", x), "birds loaded again")
 
 
+def test_load_again_replaces_a_changed_pack(server, expected, tmp_path):
+    """A new file under a loaded name: the load call swaps it in (here birds' file becomes flat's tables, 2
+    classes), and the original again after."""
+    c, x = server.client, tensors(2, seed=11)
+    target = server.folder / "birds.pack.safetensors"
+    try:
+        shutil.copyfile(server.packs["flat"], target)
+        status, body = c.repo("birds", "load")
+        assert status == 200, body
+        assert_logits_close(c.logits("birds", x), expected("flat", x), "birds replaced by flat's pack")
+        status, meta = c.call("/v2/models/birds", method="GET")
+        assert meta["parameters"]["num_classes"] == 2
+        assert_logits_close(c.logits("cars", x), expected("cars", x), "cars beside the replacement")
+    finally:
+        shutil.copyfile(server.packs["birds"], target)
+        status, body = c.repo("birds", "load")
+    assert status == 200, body
+    assert_logits_close(c.logits("birds", x), expected("birds", x), "birds back")
+
+
 def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp_path):
     c = server.client
     pack = read_pack(server.packs["cars"])

@@ -62,6 +62,7 @@ log = logging.getLogger("mlserver")
 _backbones: dict = globals().get("_backbones", {})  # real path of a backbone artifact -> Backbone
 _lock: threading.Lock = globals().get("_lock") or threading.Lock()
 _unloaded: dict = globals().get("_unloaded", {})  # model name -> the one line a request for it gets
+_refused: dict = globals().get("_refused", {})  # model name -> why its last load was refused (the index's reason)
 
 
 def model_name(path: Path) -> str | None:
@@ -235,7 +236,9 @@ class PackModel(serving.VFPTModel):
                                                                 extra.get("self_check", True) is not False)
         except VFPTError as e:
             log.error("model %s: %s", self.name, e)
+            _refused[self.name] = f"load refused: {e}"
             raise MLServerError(f"model {self.name}: {e}", 400) from None
+        _refused.pop(self.name, None)
         self.backbone, self.pack = backbone, pack
         self.predictor = ServedPack(backbone.session, pack)
         self.classes, self.size, self.task = self.predictor.classes, self.predictor.preprocess.size, None
@@ -349,7 +352,30 @@ def _install_unloaded_message() -> None:
     errors.ModelNotFound.vfpt_packs = True
 
 
+def _install_index_reasons() -> None:
+    """The repository index gives a pack model that is not READY a reason: why its last load was refused,
+    that it was unloaded, or that it was never loaded (MLServer's own index leaves it empty)."""
+    from mlserver.handlers.model_repository import ModelRepositoryHandlers
+    from mlserver.types import State
+
+    if getattr(ModelRepositoryHandlers, "vfpt_packs", False):
+        return
+    to_item = ModelRepositoryHandlers._to_item
+
+    async def _to_item(self, model_settings: ModelSettings):
+        item = await to_item(self, model_settings)
+        if item.state != State.READY and not item.reason:
+            ours = str(model_settings.implementation_).endswith(".PackModel") or item.name in _refused
+            item.reason = _refused.get(item.name) or ("unloaded" if item.name in _unloaded else
+                                                      "not loaded" if ours else "")
+        return item
+
+    ModelRepositoryHandlers._to_item = _to_item
+    ModelRepositoryHandlers.vfpt_packs = True
+
+
 _install_unloaded_message()
+_install_index_reasons()
 
 
 # -- `vfpt-deploy serve B.onnx --packs DIR` ----------------------------------------------------------------

@@ -10,7 +10,6 @@ import shutil
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +73,11 @@ class Client:
         status, body = self.call("/v2/repository/index")
         assert status == 200, body
         return {m["name"]: m["state"] for m in body}
+
+    def reasons(self) -> dict:
+        status, body = self.call("/v2/repository/index")
+        assert status == 200, body
+        return {m["name"]: m.get("reason", "") for m in body}
 
     def repo(self, name: str, action: str) -> tuple[int, dict]:
         return self.call(f"/v2/repository/models/{name}/{action}")
@@ -184,7 +188,7 @@ def test_load_a_pack_dropped_in_while_clients_run(server, expected):
     try:
         time.sleep(0.5)
         shutil.copyfile(server.packs["flat"], server.folder / "flat.pack.safetensors")
-        assert c.index()["flat"] == "UNAVAILABLE"  # listed, not loaded
+        assert c.index()["flat"] == "UNAVAILABLE" and c.reasons()["flat"] == "not loaded"  # listed
         x = tensors(2, seed=7)
         t0 = time.perf_counter()
         status, body = c.repo("flat", "load")
@@ -225,7 +229,7 @@ def test_unload_answers_in_flight_then_404(server, expected):
     status, body = c.infer("birds", x)
     assert status == 404 and "model birds was unloaded" in one_line(body) and "/load" in body["error"]
     assert_logits_close(c.logits("cars", x), expected("cars", x), "cars after birds' unload")
-    assert c.index()["birds"] == "UNAVAILABLE"
+    assert c.index()["birds"] == "UNAVAILABLE" and c.reasons()["birds"] == "unloaded"
     status, body = c.repo("birds", "load")  # and back
     assert status == 200, body
     assert_logits_close(c.logits("birds", x), expected("birds", x), "birds loaded again")
@@ -278,6 +282,9 @@ def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp
         index = c.index()
         assert {n: index[n] for n in ("birds", "cars", "corrupt", "other", "wide")} == {
             "birds": "READY", "cars": "READY", "corrupt": "UNAVAILABLE", "other": "UNAVAILABLE", "wide": "UNAVAILABLE"}
+        reasons = c.reasons()
+        assert reasons["corrupt"].startswith("load refused:") and "not a usable prompt pack" in reasons["corrupt"]
+        assert "another backbone" in reasons["other"] and reasons["cars"] == ""  # cars: still READY
         for name in [n for n in ("cars", "birds", "flat") if index.get(n) == "READY"]:
             assert_logits_close(c.logits(name, x), expected(name, x), f"{name} after the refused loads")
         status, body = c.repo("nothere", "load")

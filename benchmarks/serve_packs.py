@@ -8,7 +8,7 @@ any answer that is not a 200 with the right logits), their latency overall and i
 average and the CPU. Tasks as benchmarks/packs.py builds them (random backbone, prompts x10, VTAB class counts;
 packs with a 3-row golden set, which the load replays).
 
-    .venv/bin/python benchmarks/serve_packs.py --tiny --out /tmp/serve_packs.json                    # seconds
+    .venv/bin/python benchmarks/serve_packs.py --tiny --out .scratch/serve_packs_tiny.json           # seconds
     .venv/bin/python benchmarks/serve_packs.py --out docs/benchmarks/serve_packs.json --work .scratch/sp
 """
 from __future__ import annotations

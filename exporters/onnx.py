@@ -89,10 +89,13 @@ def _torch_export(module: torch.nn.Module, tmp: str, image_size: tuple[int, int]
     names = [INPUT_NAME]
     if num_tasks:  # multi-task: a task index per sample
         args, names = (*args, torch.tensor([0, num_tasks - 1])), [INPUT_NAME, TASK_INPUT]
+    axes = {n: {0: "batch"} for n in names}
+    if hasattr(module, "onnx_inputs"):  # a module with more inputs (folding/packs.py) names them and their axes
+        args, names, axes = module.onnx_inputs(image_size)
     with warnings.catch_warnings(), torch.no_grad(), unfused_attention(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, tmp, dynamo=False, input_names=names, output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}})
+                          opset_version=opset, dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}})
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

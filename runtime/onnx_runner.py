@@ -21,7 +21,8 @@ from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
-                                          decode_metadata, graph_problems, is_engine, output_classes, read_graph)
+                                          decode_metadata, graph_problems, is_engine, output_classes, read_graph,
+                                          refuse_pack_backbone)
 from vfpt_deploy.threads import resolve_threads
 
 from .hardware import int8_isa_note
@@ -249,6 +250,7 @@ class OnnxPredictor(Predictor):
     def _check_model(self) -> None:
         path = self.path
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        refuse_pack_backbone(self.metadata, str(path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         want = [INPUT_NAME, TASK_INPUT] if "tasks" in self.metadata else [INPUT_NAME]
         if [i.name for i in inputs] != want or [o.name for o in outputs] != [OUTPUT_NAME]:

@@ -119,15 +119,17 @@ def isa_note(golden: GoldenSet) -> str | None:
 
 def verify_golden(artifact: str | os.PathLike, *, providers: list[str] | None = None, threads: int | None = None,
                   allow_fallback: bool = False, overrides: dict | None = None,
-                  report_path_: str | os.PathLike | None = None) -> VerifyReport:
+                  report_path_: str | os.PathLike | None = None, predictor: Predictor | None = None) -> VerifyReport:
     """`verify ARTIFACT` without a checkpoint: replay its golden set here and write the report (default:
-    ARTIFACT.golden.verify.json, so the fuller report of a verify against the checkpoint is never replaced)."""
+    ARTIFACT.golden.verify.json, so the fuller report of a verify against the checkpoint is never replaced).
+    predictor: an open predictor to use (and close) instead of opening ARTIFACT (a prompt pack on its
+    backbone: runtime/packs.py, ARTIFACT then the pack file)."""
     from .onnx_runner import open_predictor
     from vfpt_deploy.artifacts.schema import is_engine
 
     artifact = Path(artifact)
     kwargs = {} if is_engine(artifact) else {"threads": threads, "allow_fallback": allow_fallback}
-    with open_predictor(artifact, providers, **kwargs) as predictor:
+    with predictor if predictor is not None else open_predictor(artifact, providers, **kwargs) as predictor:
         golden = golden_of(predictor, str(artifact))
         if golden is None:
             tasks = predictor.metadata.get("tasks") or []

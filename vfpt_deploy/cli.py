@@ -23,7 +23,7 @@ from vfpt_deploy.models.config import LOCATIONS
 from vfpt_deploy.models.families import ARCHS
 from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
-from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PRECISIONS, QUANTIZE_MODES
+from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PACK_FORMATS, PRECISIONS, QUANTIZE_MODES, TRT_FLAVORS
 from vfpt_deploy.text import printable
 from vfpt_deploy.terminal import activity, console, err_console, print_wide, progress  # a terminal or a log: decided there
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
@@ -315,7 +315,7 @@ def demo(
 def export(
     ckpt: CkptsOpt = None,
     task: TaskOpt = None,
-    format: Annotated[Format, typer.Option("--format", "-f", help="Artifact: onnx, or a TensorRT engine (trt; trt-rtx builds without a GPU).")] = Format.onnx,
+    format: Annotated[Format, typer.Option("--format", "-f", help="Artifact: onnx, a TensorRT engine (trt; trt-rtx builds without a GPU), a prompt pack (pack) or the backbone artifact packs run on (backbone).")] = Format.onnx,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output path: .onnx, or .engine/.plan for engines (default: beside the checkpoint; a multi-task artifact needs --out).")] = None,
     fold: Annotated[Fold, typer.Option(help="kv: per-layer key/value constants (deep prompts, exact); tokens: constant prompt tokens; auto: kv where exact.")] = Fold.auto,
     precision: Annotated[Precision, typer.Option(help="fp16 writes a typed fp16 graph (LayerNorm/Softmax/reductions in fp32); int8 quantizes the linear layers (see --quantize).")] = Precision.fp32,
@@ -339,15 +339,20 @@ def export(
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache file (read and updated).")] = None,
     version_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on later TensorRT versions.")] = False,
     hardware_compatible: Annotated[bool, typer.Option(help="TensorRT: engine runs on Ampere and newer GPUs.")] = False,
+    backbone_artifact: Annotated[Optional[Path], typer.Option(help="--format pack: the backbone artifact (.onnx, from --format backbone) the pack runs on and is verified through.")] = None,
+    max_prompts: Annotated[Optional[int], typer.Option(min=1, max=100_000, help="--format backbone: the most prompts a pack may have (default 512).")] = None,
+    max_classes: Annotated[Optional[int], typer.Option(min=1, max=1_000_000, help="--format backbone: the most classes a pack may have (default 10000).")] = None,
 ) -> None:
     """Fold a run.pt, export it to ONNX (and a TensorRT engine), verify it against the PyTorch model, and
     only then put it in place (a failed export or verify leaves the previous artifact untouched). Several
-    runs on one backbone (--ckpt a.pt --ckpt b.pt, or --task NAME=PATH) become one multi-task artifact."""
+    runs on one backbone (--ckpt a.pt --ckpt b.pt, or --task NAME=PATH) become one multi-task artifact.
+    --format backbone writes a run's frozen backbone with the prompt tables as inputs; --format pack a run's
+    prompt pack for such a backbone (--backbone-artifact; named by --task NAME=PATH or the file stem)."""
     from .pipeline import ExportSettings, export_run
     from .threads import resolve_threads, set_torch_threads
 
     build = None
-    if format != Format.onnx:
+    if format.value in TRT_FLAVORS:
         from vfpt_deploy.exporters.tensorrt import BuildSettings
 
         build = BuildSettings(batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
@@ -361,6 +366,11 @@ def export(
                               build=build, tolerances=tolerances, data=data, num_random=num_random,
                               threads=resolve_threads(threads))
     inputs = {"--backbone": backbone, "--timing-cache": None}
+    if format.value in PACK_FORMATS:
+        return export_pack_cli(ckpt or [], task or [], settings, out, backbone, backbone_artifact, max_prompts,
+                               max_classes)
+    if backbone_artifact is not None or max_prompts is not None or max_classes is not None:
+        raise UsageError("--backbone-artifact, --max-prompts and --max-classes apply to --format pack / backbone only")
     load = plan_export_source(ckpt or [], task or [], settings, out, inputs)  # refuses bad input before loading
     set_torch_threads(settings.threads)
     with progress() as bar:
@@ -369,6 +379,40 @@ def export(
         outcome = export_run(run, settings, out, inputs=inputs, on_step=lambda s: bar.update(step, description=s))
         bar.update(step, description="done", total=1, completed=1)
     print_export(outcome)
+    finish_verify(outcome.report, outcome.written)
+
+
+def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone, backbone_artifact, max_prompts,
+                    max_classes) -> None:
+    """export --format pack / backbone (vfpt_deploy/pack_pipeline.py): one run, named by --task NAME=PATH."""
+    from .pack_pipeline import check_limits, export_pack_run, plan_pack_export
+    from .threads import set_torch_threads
+
+    settings.check()
+    if len(ckpts) + len(tasks) != 1:
+        raise UsageError(f"--format {settings.format} takes one run: --ckpt run.pt, or --task NAME=run.pt")
+    name, path = (None, ckpts[0]) if ckpts else tasks[0].partition("=")[::2]
+    if name is not None and (not name or not path):
+        raise UsageError(f"--task takes NAME=PATH (e.g. cars=cars.pt), got {tasks[0][:80]!r}")
+    path = pick_ckpt(Path(path), None)
+    plan = plan_pack_export(path, settings, out, backbone_artifact=backbone_artifact, name=name,
+                            limits=check_limits(max_prompts, max_classes), inputs={"--backbone": backbone})
+    set_torch_threads(settings.threads)
+    from vfpt_deploy.artifacts.checkpoint import load_run
+
+    with progress() as bar:
+        step = bar.add_task("loading the checkpoint", total=None)
+        run = load_run(path, backbone_weights=backbone)
+        outcome = export_pack_run(run, settings, plan, on_step=lambda s: bar.update(step, description=s))
+        bar.update(step, description="done", total=1, completed=1)
+    t = Table(title=f"export --format {outcome.format}", show_header=False)
+    t.add_row(outcome.format, f"{outcome.plan.out} ({outcome.size_bytes / 2**20:.2f} MiB)")
+    if outcome.plan.backbone is not None:
+        t.add_row("runs on", escape(str(outcome.plan.backbone)))
+    for note in outcome.notes:
+        t.add_row("note", f"[yellow]{escape(note)}[/]")
+    t.add_row("verification", "[green]pass[/]" if outcome.passed else "[red]FAIL[/]")
+    console.print(t)
     finish_verify(outcome.report, outcome.written)
 
 
@@ -484,6 +528,7 @@ def verify(
     report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json, replaced only by a report at least as strong: same or more data, same or tighter tolerances, same checkpoint; else ARTIFACT.verify.weaker.json).")] = None,
     backbone: BackboneOpt = None,
     threads: ThreadsOpt = None,
+    pack: Annotated[Optional[Path], typer.Option(help="A prompt pack to verify on ARTIFACT, its backbone artifact (report: PACK.verify.json, or PACK.golden.verify.json without --ckpt).")] = None,
 ) -> None:
     """Compare an artifact with the unfolded PyTorch model on random inputs and real images (--data; by default
     the run's own built-in data, as the export used). A multi-task
@@ -498,6 +543,9 @@ def verify(
     overrides = dict(atol=atol, rtol=rtol, min_cosine=min_cosine, min_agreement=min_agreement,
                      max_top1_drop=max_top1_drop)
     Tolerances().override(**overrides)  # range-check before any work
+    if pack is not None:
+        return verify_pack_cli(artifact, pack, ckpt or [], task or [], data, num_random, backbone, overrides,
+                               providers, allow_fallback, report, threads)
     if not ckpt and not task:
         return verify_golden_cli(artifact, data, num_random, backbone, overrides, providers, allow_fallback, report,
                                  threads)
@@ -534,6 +582,48 @@ def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, pro
         rep = verify_golden(artifact, providers=split_list(providers), threads=threads,
                             allow_fallback=allow_fallback, overrides=overrides, report_path_=out)
     finish_verify(rep)
+
+
+def verify_pack_cli(artifact: Path, pack: Path, ckpts: list[Path], tasks: list[str], data, num_random, backbone,
+                    overrides, providers, allow_fallback, report, threads) -> None:
+    """verify BACKBONE --pack PACK: the pack through its backbone artifact, against its run (--ckpt) or, without
+    one, its golden set replayed here (torch-free)."""
+    from vfpt_deploy.artifacts.files import check_outputs, check_suffix
+    from vfpt_deploy.artifacts.schema import report_path
+    from vfpt_deploy.runtime.packs import open_pack_predictor
+
+    if tasks or len(ckpts) > 1:
+        raise UsageError("a pack is one task: pass its one run.pt with --ckpt")
+    if not ckpts:
+        from vfpt_deploy.runtime.selfcheck import golden_report_path, verify_golden
+
+        given = [o for o, v in (("--data", data), ("--num-random", num_random != 16), ("--backbone", backbone)) if v]
+        if given:
+            raise UsageError(f"{given[0]} needs the checkpoint: pass --ckpt run.pt (without it, verify replays the "
+                             "golden set the pack carries)")
+        out = check_suffix(report, (".json",), "JSON report", "--report") if report else golden_report_path(pack)
+        check_outputs({"--report": out}, {"ARTIFACT": artifact, "--pack": pack})
+        predictor = open_pack_predictor(artifact, [pack], providers=split_list(providers), threads=threads,
+                                        allow_fallback=allow_fallback)
+        return finish_verify(verify_golden(pack, overrides=overrides, report_path_=out, predictor=predictor))
+    from vfpt_deploy.artifacts.checkpoint import load_run
+    from .threads import set_torch_threads
+    from .verify import verify_artifact
+
+    path = pick_ckpt(ckpts[0], None)
+    out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(pack)
+    check_outputs({"--report": out}, {"ARTIFACT": artifact, "--pack": pack, "--ckpt": path, "--data": data,
+                                      "--backbone": backbone})
+    n = set_torch_threads(threads)
+    predictor = open_pack_predictor(artifact, [pack], providers=split_list(providers), threads=n,
+                                    allow_fallback=allow_fallback)
+    try:
+        run = load_run(path, backbone_weights=backbone)
+    except BaseException:
+        predictor.close()
+        raise
+    finish_verify(verify_artifact(pack, run, data=data, num_random=num_random, overrides=overrides, report_path=out,
+                                  predictor=predictor))
 
 
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
@@ -618,6 +708,7 @@ def predict(
     threads: ThreadsOpt = None,
     task: Annotated[Optional[str], typer.Option(help="Multi-task artifacts: the task to classify for (inspect lists them).")] = None,
     self_check: Annotated[bool, typer.Option("--self-check", help="First replay the artifact's golden set on this machine; refuse (one line) if it does not reproduce or carries none.")] = False,
+    pack: Annotated[Optional[list[Path]], typer.Option("--pack", help="Prompt packs to load on MODEL, a backbone artifact (repeatable; several: pick one with --task).")] = None,
 ) -> None:
     """Classify images with an exported model (no torch needed). An unreadable image is reported and the
     others still run; the exit code is 1 if any failed."""
@@ -628,7 +719,14 @@ def predict(
     from .threads import resolve_threads
 
     kwargs = {} if is_engine(model) else {"threads": resolve_threads(threads), "allow_fallback": allow_fallback}
-    with open_predictor(model, split_list(providers), **kwargs) as predictor:
+    if pack:
+        from vfpt_deploy.runtime.packs import open_pack_predictor
+
+        opened = open_pack_predictor(model, pack, task, split_list(providers), **kwargs)
+        task, shown = None, opened.name  # the predictor is that one pack's
+    else:
+        opened, shown = open_predictor(model, split_list(providers), **kwargs), task
+    with opened as predictor:
         predictor.max_batch = batch
         predictor.task_ids(task, 0 if task is None else 1)  # a wrong or missing --task: one line, before any image
         if self_check:
@@ -643,7 +741,7 @@ def predict(
         for note in predictor.notes:  # stderr: --json keeps stdout clean
             err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if as_json:
-        print_json({"model": str(model), "providers": used, **({"task": task} if task else {}), "predictions": [
+        print_json({"model": str(model), "providers": used, **({"task": shown} if shown else {}), "predictions": [
             {"image": p.source, "error": p.error} if p.error else
             {"image": p.source, "top": [{"class": c, "prob": s} for c, s in p.top]} for p in preds]})
     else:
@@ -748,6 +846,7 @@ def serve(
     allow_fallback: FallbackOpt = False,
     write_settings: Annotated[Optional[Path], typer.Option(help="Write the MLServer settings folder (settings.json, NAME/model-settings.json and a copy of each artifact) here and exit without serving: for 'mlserver start DIR' or a KServe storageUri.")] = None,
     self_check: Annotated[bool, typer.Option("--self-check/--no-self-check", help="Replay each artifact's golden set when it loads and refuse a model that does not reproduce on this machine (reported in the log, model metadata and the vfpt_self_check_passed metric).")] = True,
+    packs: Annotated[Optional[Path], typer.Option(help="Serve every prompt pack (NAME.pack.safetensors) in this folder as model NAME, all on one session of the backbone artifact given as MODELS and one batcher; packs dropped in later are loaded with POST /v2/repository/models/NAME/load (and /unload).")] = None,
 ) -> None:
     """Serve exported models over the V2 / Open Inference Protocol (REST and gRPC) on MLServer, with
     adaptive batching, health endpoints and Prometheus metrics; no torch needed. Ctrl-C stops it."""
@@ -761,6 +860,16 @@ def serve(
                         providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback,
                         self_check=self_check)
     status = lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False)  # noqa: E731
+    if packs is not None:
+        from vfpt_deploy.runtime import serve_packs
+
+        if write_settings is not None:
+            for path in serve_packs.write_settings(write_settings, models, packs, opts, on_status=status):
+                console.print(f"wrote {escape(str(path))}", highlight=False)
+            return
+        serve_packs.serve(models, packs, opts, on_status=status)
+        err_console.print("server stopped", highlight=False)
+        return
     if write_settings is not None:
         for path in write_folder(write_settings, models, opts, on_status=status):
             console.print(f"wrote {escape(str(path))}", highlight=False)

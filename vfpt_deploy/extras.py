@@ -1,7 +1,8 @@
 """Optional extras: which one a missing module comes from, and the one-onnxruntime guard.
 
 The base install (`pip install .` from a checkout, or its wheel) is the torch-free runtime (onnxruntime,
-onnx, numpy, Pillow, typer, rich). No package index serves vfpt-deploy, so hints name the checkout and the wheel.
+onnx, numpy, safetensors, Pillow, typer, rich). No package index serves vfpt-deploy, so hints name the
+checkout and the wheel.
 Training, import, folding and export need `[export]`, the server `[serve]`, engines `[tensorrt]` or
 `[trt-rtx]`. A command that reaches a module of a missing extra stops with one line naming the extra
 (`MissingExtra`), never a ModuleNotFoundError traceback. Torch-free; imports nothing optional itself.
@@ -24,7 +25,7 @@ MODULES = {
     "timm": ("timm", "export"),
     "onnxscript": ("onnxscript", "export"),
     "onnxconverter_common": ("onnxconverter-common", "export"),
-    "safetensors": ("safetensors", "export"),
+    "safetensors": ("safetensors", None),
     "sklearn": ("scikit-learn", "export"),
     "mlserver": ("MLServer", "serve"),
     "tensorrt": ("TensorRT", "tensorrt"),

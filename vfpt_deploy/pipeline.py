@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import ArtifactError, UsageError, VFPTError
 from vfpt_deploy.artifacts.files import Staging, check_outputs, check_suffix
-from vfpt_deploy.artifacts.schema import ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PRECISIONS, report_path, sidecar_path
+from vfpt_deploy.artifacts.schema import (ENGINE_SUFFIXES, EXPORT_FOLDS, FORMATS, ONNX_SUFFIXES, PACK_FORMATS, PRECISIONS,
+                                          report_path, sidecar_path)
 
 if TYPE_CHECKING:  # torch loads with these: checking settings and paths (plan_export) must not wait for it
     from vfpt_deploy.artifacts.checkpoint import Run
@@ -158,6 +159,8 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
     says why (the previous artifact and report are untouched)."""
     from vfpt_deploy.folding.multitask import TaskSet
 
+    if settings.format in PACK_FORMATS:
+        raise UsageError(f"--format {settings.format} is exported by pack_pipeline.export_pack_run")
     step = on_step or (lambda s: None)
     multi = isinstance(run, TaskSet)
     if multi:

@@ -103,17 +103,18 @@ def _pick(run: Run, s: InputSet, count: int, device: str) -> np.ndarray:
 
 
 def make_golden(run: Run | TaskSet, sets: list[InputSet] | list[list[InputSet]], tol: Tolerances, precision: str,
-                width: int | None = None, device: str = "cpu"):
+                width: int | None = None, device: str = "cpu", rows: tuple[int, int] | None = None):
     """The golden set an export writes into its artifact (vfpt_deploy/golden.py): per task up to 2 of the
     verification's random inputs and up to 4 of its real images (1 and 2 per task for several tasks), stored
-    as float16, with the unfolded float32 model's logits computed on exactly those stored values."""
+    as float16, with the unfolded float32 model's logits computed on exactly those stored values. rows: (random,
+    images) per task instead (a prompt pack keeps its file small with (1, 2))."""
     from vfpt_deploy.runtime import hardware
 
     from vfpt_deploy.artifacts.golden import GoldenSet
 
     multi = isinstance(run, TaskSet)
     runs, per_task = (run.runs, sets) if multi else ([run], [sets])
-    n_rand, n_img = (1, 2) if multi and len(runs) > 1 else (GOLDEN_RANDOM, GOLDEN_IMAGES)
+    n_rand, n_img = rows or ((1, 2) if multi and len(runs) > 1 else (GOLDEN_RANDOM, GOLDEN_IMAGES))
     width = width or max(len(r.classes) for r in runs)
     xs, logits, labels, tasks, records, start = [], [], [], [], [], 0
     for t, (r, task_sets) in enumerate(zip(runs, per_task)):
@@ -249,13 +250,15 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
                     overrides: dict | None = None, providers: list[str] | None = None,
                     report_path: str | os.PathLike | None = None, inputs: list[InputSet] | None = None,
                     name: str | None = None, threads: int | None = None,
-                    allow_fallback: bool = False, notes: list[str] | None = None) -> VerifyReport:
+                    allow_fallback: bool = False, notes: list[str] | None = None, predictor=None) -> VerifyReport:
     """Compare an artifact (.onnx, or a TensorRT engine) with the checkpoint's unfolded model and write
     the JSON report (default: beside the artifact; there only when it is at least as strong as the passing
     report already there, else as NAME.verify.weaker.json: artifacts/strength.py). overrides: atol / rtol /
     min_cosine / min_agreement replacing the precision's defaults. name: how the report names the artifact
     (default: its path). run: a multitask.TaskSet for a multi-task artifact (inputs then per task:
-    task_input_sets). notes: added to the report's (e.g. where its data came from)."""
+    task_input_sets). notes: added to the report's (e.g. where its data came from).
+    predictor: an open runtime predictor of the artifact to use (and close) instead of opening `artifact`: a
+    prompt pack on its backbone (runtime/packs.py), where `artifact` is the pack file."""
     from vfpt_deploy.runtime import hardware
     from vfpt_deploy.runtime.onnx_runner import open_predictor
     from vfpt_deploy.runtime.selfcheck import golden_of, replay
@@ -265,7 +268,7 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
     multi = isinstance(run, TaskSet)
     if inputs is None:
         inputs = task_input_sets(run, data, num_random) if multi else input_sets(run, data, num_random)
-    with open_predictor(artifact, providers, **kwargs) as predictor:
+    with predictor if predictor is not None else open_predictor(artifact, providers, **kwargs) as predictor:
         precision, problem = graph_precision(predictor, predictor.metadata.get("precision", "fp32"))
         tol = Tolerances.for_precision(precision).override(**(overrides or {}))
         # A TensorRT engine is compared with the PyTorch reference on the GPU, as it will be served.

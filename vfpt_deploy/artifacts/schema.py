@@ -44,7 +44,8 @@ QUANTIZE_MODES = ("dynamic", "static", "modelopt")  # int8: `export --quantize` 
 QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                        "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul",
                        "QLinearConv", "QGemm"})
-FORMATS = ("onnx", "trt", "trt-rtx")  # what `export --format` writes
+FORMATS = ("onnx", "trt", "trt-rtx", "pack", "backbone")  # what `export --format` writes
+PACK_FORMATS = ("pack", "backbone")  # a prompt pack, and the backbone artifact packs run on (pack_pipeline.py)
 EXPORT_FOLDS = ("auto", "tokens", "kv")  # what `export --fold` takes (the live FFT is not exported)
 FOLDS = ("tokens", "kv", "none", "custom", "mixed")  # what an artifact's metadata may record (mixed: multi-task, per task)
 TRT_FLAVORS = ("trt", "trt-rtx")
@@ -235,6 +236,7 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
 
     if not isinstance(meta, dict) or "preprocess" not in meta:
         raise ArtifactError(f"{source} has no vfpt-deploy metadata (vfpt.preprocess); export it with 'vfpt-deploy export'")
+    refuse_pack_backbone(meta, source)
     if "tasks" in meta:
         check_tasks(meta["tasks"], source)
     else:
@@ -268,6 +270,13 @@ def check_metadata(meta: dict, source: str, input_shape: list | tuple | None = N
             raise ArtifactError(f"{source}: preprocessing makes {list(pre.size)} images but the model input is "
                                 f"{list(input_shape)}; the metadata does not belong to this model: re-export it")
     return out
+
+
+def refuse_pack_backbone(meta: dict, source: str) -> None:
+    """A backbone artifact for prompt packs (artifacts/pack.py) classifies nothing alone: say what it needs."""
+    if isinstance(meta, dict) and "pack_backbone" in meta and "classes" not in meta and "tasks" not in meta:
+        raise ArtifactError(f"{source} is a backbone artifact for prompt packs: it classifies nothing alone; pass the "
+                            "pack to run on it with --pack NAME.pack.safetensors")
 
 
 def _check_classes(classes, what: str, source: str) -> list:

@@ -1,0 +1,201 @@
+"""Prompt packs at run time (torch-free): one onnxruntime session of a backbone artifact serves every pack it
+holds; packs are added and removed while it runs, without a new session (docs/serving.md, "Prompt packs").
+
+    with PackSession("vit.backbone.onnx", ["cpu"]) as s:
+        s.add("cars.pack.safetensors"); s.add("birds.pack.safetensors")
+        logits = s.infer(batch, ["cars", "birds", "cars"])   # [3, widest classes], -inf past a task's own
+        s.remove("birds")
+
+Thread safety: add / remove build new tables and swap them in under a lock; `infer` takes the current tables
+once (an immutable snapshot: its names, padded arrays and packs), resolves the batch's task names against
+that snapshot and runs on it, so a request in flight while a pack is added or removed is answered with the
+tables it started with, and never indexes another task's rows. onnxruntime's `run` may be called from several
+threads at once on one session. A name unknown to the snapshot is a one-line UsageError.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vfpt_deploy.artifacts.files import file_sha256
+from vfpt_deploy.artifacts.pack import TABLE_INPUTS, Pack, assemble, backbone_geometry, check_fits, read_pack
+from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME, TASK_INPUT, decode_metadata, read_graph
+from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
+from vfpt_deploy.extras import import_onnxruntime
+
+from .onnx_runner import _QUIET_SEVERITY, RUN_FAILURE_FIX, make_session, ort_cause, refuse_control_flow
+from .predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Tables:
+    """What one inference runs with: task names in index order, their packs, and the padded table inputs."""
+
+    names: tuple[str, ...]
+    packs: tuple[Pack, ...]
+    arrays: dict
+
+    def index(self, tasks) -> np.ndarray:
+        """int64 task indices of one name per sample (or one name for all `count`): one line for a wrong one."""
+        where = {n: i for i, n in enumerate(self.names)}
+        bad = next((t for t in tasks if t not in where), None)
+        if bad is not None:
+            held = ", ".join(self.names) or "none"
+            raise UsageError(f"no prompt pack named {str(bad)[:80]!r} is loaded (loaded: {held})")
+        return np.array([where[t] for t in tasks], dtype=np.int64)
+
+
+class PackSession:
+    """A backbone artifact on one InferenceSession and the packs it serves (see the module docstring)."""
+
+    def __init__(self, backbone: str | os.PathLike, providers: list[str] | None = None, *, threads: int | None = None,
+                 optimization: str = "all", allow_fallback: bool = False,
+                 provider_options: dict[str, dict] | None = None) -> None:
+        self.path = Path(backbone)
+        facts = read_graph(self.path, strict=False) if self.path.is_file() else None
+        if facts is not None:
+            refuse_control_flow(self.path, facts.ops)
+        self.graph_precision = facts.precision if facts is not None else None
+        self.session = make_session(self.path, providers, threads=threads, optimization=optimization,
+                                    provider_options=provider_options, allow_fallback=allow_fallback)
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.geometry = backbone_geometry(self.metadata, str(self.path))
+        want = [INPUT_NAME, TASK_INPUT, *TABLE_INPUTS]
+        got = [i.name for i in self.session.get_inputs()]
+        if got != want or [o.name for o in self.session.get_outputs()] != [OUTPUT_NAME]:
+            self.close()
+            raise ArtifactError(f"{self.path} takes inputs {got[:12]}, not a backbone artifact's {want}; re-export it "
+                                "with 'vfpt-deploy export --format backbone'")
+        self.sha256 = file_sha256(self.path)
+        self._quiet_run = import_onnxruntime().RunOptions()
+        self._quiet_run.log_severity_level = _QUIET_SEVERITY
+        self._lock = threading.Lock()  # add / remove: one at a time
+        self._tables = Tables((), (), {})
+
+    # -- the packs ---------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._tables.names)
+
+    def pack(self, name: str) -> Pack:
+        tables = self._tables
+        return tables.packs[int(tables.index([name])[0])]
+
+    def add(self, pack: Pack | str | os.PathLike, *, replace: bool = False) -> Pack:
+        """Load a pack (a path, or a read Pack) and serve it from the next inference on. Refused in one line:
+        a pack for another backbone, beyond the artifact's limits, or (unless replace) a name already loaded
+        (names are compared ignoring case, as serving model names are)."""
+        pack = pack if isinstance(pack, Pack) else read_pack(pack)
+        source = str(pack.path or pack.name)
+        check_fits(pack, self.geometry, self.sha256, source)
+        with self._lock:
+            old = self._tables
+            same = [i for i, n in enumerate(old.names) if n.lower() == pack.name.lower()]
+            if same and not replace:
+                raise UsageError(f"a prompt pack named {old.names[same[0]]!r} is already loaded; remove it first, or "
+                                 "give the new pack another name")
+            packs = [p for i, p in enumerate(old.packs) if i not in same] + [pack]
+            if len(packs) > self.geometry["limits"]["tasks"]:
+                raise UsageError(f"{len(packs)} packs; this backbone artifact takes at most "
+                                 f"{self.geometry['limits']['tasks']}: remove one first")
+            self._tables = self._build(packs)
+        return pack
+
+    def remove(self, name: str) -> Pack:
+        """Stop serving a pack; requests already running finish with the tables they started with."""
+        with self._lock:
+            old = self._tables
+            i = int(old.index([name])[0])
+            packs = [p for j, p in enumerate(old.packs) if j != i]
+            self._tables = self._build(packs) if packs else Tables((), (), {})
+        return old.packs[i]
+
+    def _build(self, packs: list[Pack]) -> Tables:
+        arrays = assemble([p.tables for p in packs], self.geometry)
+        for a in arrays.values():
+            a.setflags(write=False)
+        return Tables(tuple(p.name for p in packs), tuple(packs), arrays)
+
+    # -- inference ---------------------------------------------------------------------------------------
+    def infer(self, batch: np.ndarray, tasks: str | list[str], tables: Tables | None = None) -> np.ndarray:
+        """float32 [B, 3, H, W] and one pack name per sample (or one for all) -> logits [B, C] where C is the
+        widest loaded pack's class count; a sample's logits past its own pack's classes are -inf."""
+        tables = tables or self._tables
+        tasks = [tasks] * len(batch) if isinstance(tasks, str) else list(tasks)
+        if len(tasks) != len(batch):
+            raise UsageError(f"{len(tasks)} task names for {len(batch)} inputs; give one, or one per input")
+        ids = tables.index(tasks)
+        if not len(batch):
+            return np.zeros((0, max([p.tables.num_classes for p in tables.packs] or [0])), np.float32)
+        return self.run(np.ascontiguousarray(batch, dtype=np.float32), ids, tables)
+
+    def run(self, batch: np.ndarray, ids: np.ndarray, tables: Tables) -> np.ndarray:
+        """The session run itself, on task indices into `tables` (checked by the caller)."""
+        if self.session is None:
+            raise RuntimeSetupError(f"the pack session of {self.path} is closed; open a new one")
+        feed = {INPUT_NAME: batch, TASK_INPUT: ids, **tables.arrays}
+        try:
+            return self.session.run(None, feed, self._quiet_run)[0]
+        except Exception as e:  # onnxruntime's own Fail / RuntimeException types
+            raise ArtifactError(f"onnxruntime failed to run {self.path} on a batch of {len(batch)}: {ort_cause(e)}; "
+                                f"{RUN_FAILURE_FIX}") from None
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers()) if self.session is not None else []
+
+    def close(self) -> None:
+        self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PackPredictor(Predictor):
+    """One pack on a PackSession behind the single-task Predictor interface (predict, verify and the golden
+    replay use it as they use an ONNX artifact): its classes, preprocessing and golden set."""
+
+    def __init__(self, session: PackSession, name: str, *, owns_session: bool = False) -> None:
+        self.packs, self.owns_session = session, owns_session
+        pack = session.pack(name)
+        self.name, self.pack_path = pack.name, pack.path
+        self.metadata = {k: v for k, v in pack.metadata.items() if k not in ("tasks",)}
+        self.preprocess = pack.preprocess
+        self.graph_precision = session.graph_precision
+        self.notes = ()
+
+    @property
+    def providers(self) -> list[str]:
+        return self.packs.providers
+
+    def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
+        self.check_task_ids(batch, task_ids)
+        return self.packs.infer(batch, self.name)[:, :len(self.classes)]
+
+    def close(self) -> None:
+        if self.owns_session:
+            self.packs.close()
+
+
+def open_pack_predictor(backbone: str | os.PathLike, packs: list[str | os.PathLike], task: str | None = None,
+                        providers: list[str] | None = None, **kwargs) -> PackPredictor:
+    """A PackPredictor for `task` (default: the one pack given) on a new session holding every pack given."""
+    if not packs:
+        raise UsageError("pass at least one --pack PACK")
+    session = PackSession(backbone, providers, **kwargs)
+    try:
+        loaded = [session.add(p) for p in packs]
+        if task is None and len(loaded) > 1:
+            raise UsageError(f"{len(loaded)} packs are loaded ({', '.join(p.name for p in loaded)}); pick one with "
+                             "--task NAME")
+        return PackPredictor(session, task or loaded[0].name, owns_session=True)
+    except BaseException:
+        session.close()
+        raise

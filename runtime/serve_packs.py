@@ -65,6 +65,14 @@ _unloaded: dict = globals().get("_unloaded", {})  # model name -> the one line a
 _refused: dict = globals().get("_refused", {})  # model name -> why its last load was refused (the index's reason)
 
 
+VERSION_SEP = "@"  # name@N: a pack's name in the session (no model name holds '@': serve_settings.NAME_RE)
+
+
+def served_name(session_name: str) -> str:
+    """The model name a pack in the session serves as (name@N -> name)."""
+    return session_name.split(VERSION_SEP, 1)[0]
+
+
 def model_name(path: Path) -> str | None:
     """The model a pack file serves as: its file name without `.pack.safetensors` (None: not a pack file)."""
     return path.name[:-len(PACK_FILE)] if path.name.endswith(PACK_FILE) and len(path.name) > len(PACK_FILE) else None
@@ -124,10 +132,11 @@ class Backbone:
     session: PackSession
     batcher: Batcher | None = None
     batching: tuple | None = None
-    keys: dict = field(default_factory=dict)  # batcher key -> pack name in the session
+    keys: dict = field(default_factory=dict)  # batcher key (one per loaded model) -> its pack's name@N in the session
     counter: itertools.count = field(default_factory=lambda: itertools.count(1))
+    versions: itertools.count = field(default_factory=lambda: itertools.count(1))  # the N of name@N in the session
     loading: threading.Lock = field(default_factory=threading.Lock)  # one load / unload at a time
-    preloaded: dict = field(default_factory=dict)  # name -> (pack file, its self-check) added by `serve`
+    preloaded: dict = field(default_factory=dict)  # name -> (pack file, its self-check, Pack) added by `serve`
     batch_sizes: Counter = field(default_factory=Counter)
     timings: dict = field(default_factory=dict)  # name -> the milliseconds of its last load, by step
 
@@ -151,17 +160,21 @@ class Backbone:
 
     def stage(self, name: str, path: str | os.PathLike) -> tuple[Pack, Tables]:
         """Read a pack file, served as `name`, and the tables the session would have with it (not swapped in):
-        one line when it is not a pack, was made for another backbone or is beyond the backbone's limits."""
+        one line when it is not a pack, was made for another backbone or is beyond the backbone's limits.
+        In the session the pack is `name@N` (N: this load's number): a reload adds the new version beside the
+        old one, so requests the old model has in flight keep the old tables until it unloads (MLServer loads
+        the new model, then unloads the old one)."""
         pack = read_pack(path)
-        pack = Pack(pack.tables, {**pack.metadata, "name": name}, pack.preprocess, pack.path)
+        internal = f"{name}{VERSION_SEP}{next(self.versions)}"
+        pack = Pack(pack.tables, {**pack.metadata, "name": internal}, pack.preprocess, pack.path)
         check_fits(pack, self.session.geometry, self.session.sha256, str(path))
-        others = [n for n in self.session.names if n.lower() == name.lower() and n != name]
+        others = [n for n in map(served_name, self.session.names) if n.lower() == name.lower() and n != name]
         if others:
             raise UsageError(f"pack {path}: model {others[0]!r} already serves a pack of that name (names are compared "
                              "ignoring case); rename the file")
-        keep = [self.session.pack(n) for n in self.session.names if n != name] + [pack]
+        keep = [self.session.pack(n) for n in self.session.names] + [pack]
         limit = self.session.geometry["limits"]["tasks"]
-        if len(keep) > limit:
+        if len({served_name(p.name) for p in keep}) > limit:
             raise UsageError(f"pack {path}: {len(keep)} packs; {self.session.path} takes at most {limit}: unload one "
                              "first")
         arrays = assemble([p.tables for p in keep], self.session.geometry)
@@ -180,19 +193,19 @@ class Backbone:
             if self_check:  # beside the batches (serializing it with them was not faster: docs/serving.md)
                 result = check_on_load(ServedPack(self.session, pack, staged), str(path))
             t2 = time.perf_counter()
-            self.session.add(pack, replace=True)
+            self.session.add(pack)  # beside an older version of `name`, which its model removes when it unloads
             self.timings[name] = {"read_check_stage_ms": round((t1 - t0) * 1000, 1),
                                   "self_check_ms": round((t2 - t1) * 1000, 1),
                                   "swap_ms": round((time.perf_counter() - t2) * 1000, 1)}
             return pack, result
 
     def unload(self, name: str, pack: Pack) -> bool:
-        """Stop serving `name` if the session still serves this very pack (a reload replaced it otherwise)."""
+        """Remove this version of `name` from the session; True when no version of `name` is left (no reload
+        replaced it)."""
         with self.loading:
-            if name in self.session.names and self.session.pack(name) is pack:
-                self.session.remove(name)
-                return True
-            return False
+            if pack.name in self.session.names:
+                self.session.remove(pack.name)
+            return not any(served_name(n) == name for n in self.session.names)
 
 
 def hand_over(path: str | os.PathLike, backbone: Backbone) -> None:
@@ -230,7 +243,7 @@ class PackModel(serving.VFPTModel):
             backbone = await asyncio.to_thread(attach, str(extra.get("backbone") or ""), extra)
             pre = backbone.preloaded.pop(self.name, None)
             if pre is not None and os.path.realpath(pre[0]) == os.path.realpath(path):
-                pack, self.self_check = backbone.session.pack(self.name), pre[1]  # serve checked it up front
+                pack, self.self_check = pre[2], pre[1]  # serve checked it up front
             else:
                 pack, self.self_check = await asyncio.to_thread(backbone.load, self.name, path,
                                                                 extra.get("self_check", True) is not False)
@@ -247,7 +260,7 @@ class PackModel(serving.VFPTModel):
         self.batcher = backbone.batcher_for(self.name, batching)
         self.batch_sizes = backbone.batch_sizes
         self.task = next(backbone.counter)
-        backbone.keys[self.task] = self.name
+        backbone.keys[self.task] = pack.name  # this model's own version (name@N) of the pack in the session
         _unloaded.pop(self.name, None)
         serve_triton.models[self.name] = self
         serving.started.add(self.name)
@@ -275,7 +288,7 @@ class PackModel(serving.VFPTModel):
         if self.backbone is None:
             return {}
         return {"pack": str(self.pack.path), "backbone": str(self.backbone.session.path),
-                "session_models": sorted(self.backbone.session.names)}
+                "session_models": sorted({served_name(n) for n in self.backbone.session.names})}
 
     def _check_metadata(self) -> dict:
         if getattr(self, "self_check", None) is None:
@@ -421,8 +434,8 @@ def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str]
     files = pack_files(packs)
     try:
         for name, f in files.items():
-            _, result = backbone.load(name, f, opts.self_check)
-            backbone.preloaded[name] = (f, result)
+            pack, result = backbone.load(name, f, opts.self_check)
+            backbone.preloaded[name] = (f, result, pack)
             from .selfcheck import describe_check
 
             on_status(f"pack {name}: {f.name}" + (f", {describe_check(result)}" if opts.self_check else ""))

@@ -255,6 +255,40 @@ def test_load_again_replaces_a_changed_pack(server, expected, tmp_path):
     assert_logits_close(c.logits("birds", x), expected("birds", x), "birds back")
 
 
+def test_reload_answers_in_flight_requests_with_the_old_pack(server, expected):
+    """Requests waiting in the batcher when a reload swaps birds' file for flat's: each is answered by the
+    pack its model had (birds, 7 classes), never by the new one cut to the old width."""
+    c, x = server.client, tensors(1, seed=5)
+    target = server.folder / "birds.pack.safetensors"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(c.infer("birds", x))) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(DELAY_MS / 1000 / 3)  # they wait in the batcher for DELAY_MS
+        shutil.copyfile(server.packs["flat"], target)
+        status, body = c.repo("birds", "load")
+        for t in threads:
+            t.join()
+        assert status == 200, body
+        answered = [b for st, b in results if st == 200]
+        assert answered and len(answered) == len(results), results
+        for body in answered:
+            o = {o["name"]: o for o in body["outputs"]}["logits"]
+            got = np.asarray(o["data"], np.float32).reshape(o["shape"])
+            if got.shape[1] == WIDTH["birds"]:  # sent to the old model: the old pack's answer
+                assert_logits_close(got, expected("birds", x), "birds in flight during its reload")
+            else:  # reached the new model after the swap: the new pack's answer, whole
+                assert_logits_close(got, expected("flat", x), "birds after its reload")
+        assert any(b["outputs"][0]["shape"][1] == WIDTH["birds"] for b in answered)
+        assert_logits_close(c.logits("birds", x), expected("flat", x), "birds after its reload")
+    finally:
+        shutil.copyfile(server.packs["birds"], target)
+        status, body = c.repo("birds", "load")
+    assert status == 200, body
+    assert_logits_close(c.logits("birds", x), expected("birds", x), "birds back")
+
+
 def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp_path):
     c = server.client
     pack = read_pack(server.packs["cars"])

@@ -163,6 +163,12 @@ def test_add_and_remove_packs_on_one_session(packed, tmp_path):
             s.add(packs["cars"])
         s.add(packs["cars"], replace=True)
         assert s.names == ["flat", "cars"]
+        with pytest.raises(UsageError, match="already loaded"):  # all or none
+            s.add_many([packs["birds"], packs["flat"]])
+        assert s.names == ["flat", "cars"]
+        s.add_many([packs["birds"], packs["flat"]], replace=True)
+        assert s.names == ["cars", "birds", "flat"] and s.session is session
+        check_mixed(s, runs, tmp_path)
 
 
 def test_requests_in_flight_while_packs_come_and_go(packed):

@@ -14,7 +14,8 @@ scaled x10, VTAB-1k class counts; task 0 has M = --prompts and 100 classes). Mea
               packs.init    the backbone artifact with the tables added as overridable initializers (graph
                             inputs with stored defaults), not fed
               single        task 0's single-task ONNX on a batch of task 0
-  rss       peak RSS (VmHWM) of a fresh process: one single-task session vs the backbone session holding
+  rss       peak RSS (VmHWM) of a fresh process: one single-task session (a bare InferenceSession, and an
+            OnnxPredictor, which reads the graph first as predict / serve do) vs the backbone session holding
             --rss-packs packs (default 16: added at once with add_many, and one by one); each runs one
             batch; median of --rss-repeats processes
 Before timing, every pack row of the mixed batch is checked against the baked artifact (max |logit diff|).
@@ -68,6 +69,11 @@ def rss_child(spec: dict) -> dict:
             for p in spec["packs"]:
                 s.add(p)
         s.infer(x, [s.names[i % len(s.names)] for i in range(len(x))])
+    elif spec.get("predictor"):  # as predict / serve open a single-task file (its graph read first)
+        from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+        s = OnnxPredictor(spec["model"], ["cpu"], threads=spec["threads"])
+        s.infer(x)
     else:
         s = make_session(spec["model"], ["cpu"], threads=spec["threads"])
         s.run(None, {"images": x})
@@ -75,9 +81,10 @@ def rss_child(spec: dict) -> dict:
     return {"baseline_bytes": baseline, "peak_bytes": max(_vm("VmHWM"), rss)}
 
 
-def measure_rss(model: Path, packs: list[Path], image_size, batch: int, threads: int, bulk: bool = True) -> dict:
+def measure_rss(model: Path, packs: list[Path], image_size, batch: int, threads: int, bulk: bool = True,
+                predictor: bool = False) -> dict:
     spec = {"model": str(model), "packs": [str(p) for p in packs], "image_size": list(image_size), "batch": batch,
-            "threads": threads, "bulk": bulk}
+            "threads": threads, "bulk": bulk, "predictor": predictor}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child", json.dumps(spec)],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
@@ -250,9 +257,11 @@ def main() -> None:
     init = baked_s = single_s = None
 
     # peak memory, fresh processes, interleaved
-    rss = {"single": [], "packs": [], "packs_one_by_one": []}
+    rss = {"single": [], "single_predictor": [], "packs": [], "packs_one_by_one": []}
     for _ in range(0 if args.no_rss else args.rss_repeats):
         rss["single"].append(measure_rss(single, [], tasks.image_size, args.batch, args.threads)["peak_bytes"])
+        rss["single_predictor"].append(measure_rss(single, [], tasks.image_size, args.batch, args.threads,
+                                                   predictor=True)["peak_bytes"])
         for key, bulk in (("packs", True), ("packs_one_by_one", False)):
             rss[key].append(measure_rss(backbone, packs[:args.rss_packs], tasks.image_size, args.batch,
                                         args.threads, bulk)["peak_bytes"])
@@ -260,6 +269,8 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in rss.items()}
         result["rss"] = {"single_peak_bytes": med["single"], "packs_peak_bytes": med["packs"],
                          "packs_one_by_one_peak_bytes": med["packs_one_by_one"], "packs": args.rss_packs,
+                         "single_predictor_peak_bytes": med["single_predictor"],
+                         "packs_vs_single_predictor": med["packs"] / med["single_predictor"],
                          "packs_vs_single": med["packs"] / med["single"],
                          "packs_one_by_one_vs_single": med["packs_one_by_one"] / med["single"], "all": rss}
     result["load_average_end"] = os.getloadavg()

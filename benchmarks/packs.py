@@ -20,7 +20,7 @@ scaled x10, VTAB-1k class counts; task 0 has M = --prompts and 100 classes). Mea
             batch; median of --rss-repeats processes
 Before timing, every pack row of the mixed batch is checked against the baked artifact (max |logit diff|).
 
-    .venv/bin/python benchmarks/packs.py --tiny --repeats 2 --out /tmp/packs.json        # seconds
+    .venv/bin/python benchmarks/packs.py --tiny --repeats 2 --out .scratch/packs_tiny.json   # seconds
     .venv/bin/python benchmarks/packs.py --out docs/benchmarks/packs.json --work .scratch/bench_packs
     .venv/bin/python benchmarks/packs.py --reuse --work .scratch/bench_packs --threads 1 --no-rss \
         --out docs/benchmarks/packs_latency_1thread.json       # latency again, on the files kept

@@ -328,3 +328,17 @@ def test_packs_run_without_torch(packed, tmp_path):
     assert res.returncode == 0, res.stderr
     res = cli_without("torch", "export", "--ckpt", "run.pt", "--format", "pack", cwd=tmp_path)
     assert res.returncode == 2 and "--backbone-artifact" in res.stderr and "PyTorch" not in res.stderr
+
+
+def test_inspect_pack_and_backbone(packed):
+    backbone, packs, _ = packed
+    r = invoke("inspect", packs["birds"], "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert (info["kind"], info["name"], info["fold"], len(info["classes"])) == ("pack", "birds", "kv", 7)
+    assert info["tables"]["kv.keys"] == [3, 2, 3, 16] and info["verification"]["state"] == "passed"
+    r = invoke("inspect", backbone, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["pack_backbone"]["limits"]["prompts"] == 512 and info["problems"] == []
+    assert [i["name"] for i in info["inputs"]][:3] == ["images", "task", "prompt_keys"]

@@ -15,6 +15,15 @@ exported artifact. Clients and server share this machine's CPUs: on a small mach
 
     .venv/bin/python benchmarks/serve_load.py --duration 3                 # the demo-sized model, seconds
     .venv/bin/python benchmarks/serve_load.py --models demo,vitb16 --duration 20 --work serve-work --out docs/benchmarks
+
+--tritonclient-http: instead, a stock tritonclient.http (16 client processes by default, --clients), sending the
+preprocessed FP32 `images` tensor of one image per request, alternately with the binary tensor data extension
+(tritonclient's default) and as JSON (binary_data=False for the input and every output): --rounds windows of
+each, interleaved (binary, json, binary, json, ...) so drifting machine load hits both alike. Each window
+records requests/s, p50/p99, failures, the 1-minute load average at its end, the machine's CPU busy share
+(/proc/stat) and the server process's CPU seconds per second (/proc/PID/stat).
+
+    .venv/bin/python benchmarks/serve_load.py --tritonclient-http --clients 16 --rounds 3 --duration 10
 """
 from __future__ import annotations
 
@@ -206,6 +215,105 @@ def serve_levels(name: str, onnx: Path, args, bodies: list[bytes], log: Path) ->
     return rows
 
 
+# -- tritonclient.http: binary tensor data vs JSON ----------------------------------------------------------
+def triton_client(url: str, name: str, x: np.ndarray, binary: bool, start: float, stop: float, queue) -> None:
+    """One client process: requests back to back from now on; those sent in [start, stop) wall time count."""
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(url)
+    outs = None if binary else [th.InferRequestedOutput(o, binary_data=False) for o in
+                                ("logits", "top_k_labels", "top_k_probabilities", "top_k_indices")]
+    lat, failures = [], []
+    while time.time() < stop:
+        t0, w0 = time.perf_counter(), time.time()
+        try:
+            inp = th.InferInput("images", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)  # the client's encoding is part of each request
+            r = client.infer(name, [inp], outputs=outs)
+            ok = r.as_numpy("logits") is not None
+        except Exception as e:  # any client or server error is a failed request
+            ok = False
+            failures.append(repr(e)[:200])
+        if ok and w0 >= start and time.time() < stop:
+            lat.append(time.perf_counter() - t0)
+    client.close()
+    queue.put((lat, failures))
+
+
+def cpu_jiffies(pid: int | None = None) -> tuple[int, int]:
+    """(busy, total) jiffies of the machine, or (utime + stime, 0) of process pid."""
+    if pid is not None:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12]), 0
+    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(vals) - vals[3] - vals[4], sum(vals)  # idle and iowait are not busy
+
+
+def triton_window(url: str, name: str, x: np.ndarray, binary: bool, clients: int, args, server_pid: int) -> dict:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter per client (gevent, no inherited state)
+    queue = ctx.Queue()
+    start = time.time() + args.warmup + 3.0  # spawning and importing first, then warm-up requests
+    stop = start + args.duration
+    procs = [ctx.Process(target=triton_client, args=(url, name, x, binary, start, stop, queue)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(max(0.0, start - time.time()))
+    m0, s0, t0 = cpu_jiffies(), cpu_jiffies(server_pid)[0], time.perf_counter()
+    time.sleep(max(0.0, stop - time.time()))
+    m1, s1, wall = cpu_jiffies(), cpu_jiffies(server_pid)[0], time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    lat = [v for r in results for v in r[0]]
+    failures = [v for r in results for v in r[1]]
+    ms = np.asarray(lat) * 1e3
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"mode": "binary" if binary else "json", "clients": clients, "requests": len(lat), "failed": len(failures),
+            "failures": failures[:3], "seconds": wall, "requests_per_s": len(lat) / args.duration,
+            "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+            "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+            "load_average_1m": load, "machine_cpu_busy": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
+            "server_cpu_per_s": (s1 - s0) / hz / wall}
+
+
+def triton_http(name: str, onnx: Path, args, log: Path) -> list[dict]:
+    from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+    with OnnxPredictor(onnx, ["cpu"], threads=1) as p:
+        h, w = p.preprocess.size
+    x = np.random.default_rng(0).standard_normal((1, 3, h, w), dtype=np.float32)
+    proc, (http_port, _, _) = start_server(name, onnx, args, log)
+    rows = []
+    try:
+        for r in range(args.rounds):
+            for binary in (True, False):
+                for clients in args.clients:
+                    row = triton_window(f"127.0.0.1:{http_port}", name, x, binary, clients, args, proc.pid)
+                    rows.append({"round": r + 1, **row})
+                    print(f"  {name} round {r + 1} {row['mode']:6s} {clients:3d} clients: {row['requests_per_s']:7.1f} req/s"
+                          f"  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}  load "
+                          f"{row['load_average_1m']:.1f}  machine CPU {100 * row['machine_cpu_busy']:.0f}%  server "
+                          f"{row['server_cpu_per_s']:.2f} CPU-s/s", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    return rows
+
+
+def triton_markdown(results: dict) -> str:
+    lines = ["| model | round | mode | clients | req/s | p50 ms | p99 ms | failed | load 1m | machine CPU | server CPU-s/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in results["tritonclient_http"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['round']} | {r['mode']} | {r['clients']} | {r['requests_per_s']:.1f} | "
+                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['failed']} | {r['load_average_1m']:.1f} | "
+                         f"{100 * r['machine_cpu_busy']:.0f}% | {r['server_cpu_per_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def in_process(onnx: Path, jpeg: bytes, args) -> list[dict]:
     """OnnxPredictor.infer on preprocessed batches (the JPEG decoded and preprocessed once, outside the timing)."""
     from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
@@ -260,6 +368,9 @@ def parse_args(argv=None):
                     help="keep the built ONNX files and server logs here, and reuse them (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=None, help="write serve_load{tag}.json here")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--tritonclient-http", action="store_true",
+                    help="tritonclient.http with binary tensor data vs JSON, interleaved (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="--tritonclient-http: windows of each mode")
     args = ap.parse_args(argv)
     args.clients = [int(v) for v in args.clients.split(",")]
     args.batches = [int(v) for v in args.batches.split(",")]
@@ -283,6 +394,21 @@ def run(args) -> None:
                                       "data": [base64.b64encode(photo_jpeg(i)).decode()]}]}).encode() for i in range(64)]
     results = {"machine": machine_info(), "mlserver": metadata.version("mlserver"), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "load_average_start": os.getloadavg(), "models": {}}
+    if args.tritonclient_http:
+        results["tritonclient"] = metadata.version("tritonclient")
+        results["tritonclient_http"] = {}
+        for name, path in artifacts.items():
+            onnx = Path(path) if path else build(name, args.work)
+            results["tritonclient_http"][name] = triton_http(name, onnx, args, args.work / f"{name}_server.log")
+        results["load_average_end"] = os.getloadavg()
+        print(triton_markdown(results))
+        if args.out:
+            out = args.out / f"serve_load_tritonclient{args.tag}.json"
+            atomic_write(out, lambda tmp: Path(tmp).write_text(dumps_json(results, indent=2) + "\n"))
+            print(f"wrote {out}")
+        if any(r["failed"] for rows in results["tritonclient_http"].values() for r in rows):
+            raise SystemExit("error: some requests failed (see 'failures' in the rows)")
+        return
     for name, path in artifacts.items():
         t0 = time.perf_counter()
         onnx = Path(path) if path else build(name, args.work)

@@ -43,13 +43,14 @@ import numpy as np
 import onnx
 
 from vfpt_deploy.errors import RuntimeSetupError, UsageError, VFPTError
+from vfpt_deploy.extras import extra_install
 from vfpt_deploy.artifacts.schema import INPUT_NAME, QUANTIZE_MODES, encode_metadata
 from vfpt_deploy.runtime.hardware import INT8_FORMS, int8_cpu_record
 
 # Linear layers (weights x activations) and the attention products (activations x activations).
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 OUTPUT_FLOAT = ("MatMul", "Conv", "Gemm")
-MODELOPT_EXTRA = "pip install 'vfpt-deploy[modelopt]'"
+MODELOPT_EXTRA = extra_install("modelopt")
 
 
 @dataclass(frozen=True)

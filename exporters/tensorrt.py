@@ -35,7 +35,8 @@ import numpy as np
 
 from vfpt_deploy import __version__
 from vfpt_deploy.errors import ArtifactError, InputError, RuntimeSetupError, UsageError, VFPTError
-from vfpt_deploy.artifacts.files import Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256
+from vfpt_deploy.artifacts.files import (Staging, atomic_write, check_outputs, check_suffix, dumps_json, file_sha256,
+                                         not_a_file, regular_file)
 from vfpt_deploy.runtime.tensorrt_runner import FLAVORS, CudaDevice, cuda_device, import_tensorrt
 from vfpt_deploy.artifacts.schema import (ARTIFACT_FORMAT, ENGINE_SUFFIXES, INPUT_NAME, MAX_BATCH, OUTPUT_NAME, PRECISIONS,
                                 SIDECAR_FORMAT, SIDECAR_VERSION, TASK_DTYPES, TASK_INPUT, TRT_FLAVORS, read_graph,
@@ -204,8 +205,8 @@ def check_paths(onnx_path: Path, engine_path: Path, settings: BuildSettings) -> 
     check_suffix(engine_path, ENGINE_SUFFIXES, "TensorRT engine")
     check_outputs({"--out": engine_path, "sidecar": sidecar_path(engine_path), "--timing-cache": settings.timing_cache},
                   {"the ONNX": onnx_path})
-    if not onnx_path.is_file():
-        raise InputError(f"ONNX file {onnx_path} does not exist; export one with 'vfpt-deploy export --format onnx'")
+    if not regular_file(onnx_path):
+        raise InputError(f"ONNX file {onnx_path} {not_a_file(onnx_path, 'export one with ' + repr('vfpt-deploy export --format onnx'))}")
 
 
 def source_metadata(onnx_path: Path, metadata: dict | None) -> tuple[dict, str]:

@@ -29,111 +29,23 @@ depend on each request's task. `vfpt-deploy serve` serves them, each task under 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vfpt_deploy.errors import ArtifactError, OutputError, UsageError, VerificationError, VFPTError
-from vfpt_deploy.extras import MissingExtra, install_hint
 from vfpt_deploy.artifacts.files import Staging, file_sha256, umask_mode
 from vfpt_deploy.inspect_artifact import inspect_artifact, printable
-from vfpt_deploy.artifacts.schema import (INPUT_NAME, MAX_BATCH, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
+from vfpt_deploy.runtime.triton_config import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, KINDS, LABELS_FILE,  # noqa: F401
+                                               PLATFORMS, Tensor, TritonModel, TritonSettings, model_config,
+                                               model_config_pb2)
+from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, check_output_width, is_engine,
                                 read_graph, report_path)
 
-KINDS = ("gpu", "cpu")
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "engine": ("tensorrt_plan", "model.plan")}
-DEFAULT_MAX_BATCH = 8  # an ONNX with a dynamic batch (the same as export's default TensorRT profile max)
-DEFAULT_QUEUE_DELAY_US = 100  # how long Triton may hold a request to batch it with later ones
-MAX_QUEUE_DELAY_US = 10_000_000
-MAX_INSTANCES = 1024
 VERSION = "1"
-LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_TRITON_TYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "float64": "FP64"}
-
-
-def model_config_pb2():
-    """Triton's model configuration schema, as tritonclient ships it. Loaded from its own file: importing
-    tritonclient.grpc also registers Triton's service protos, whose names (proto package 'inference')
-    clash with MLServer's in one process."""
-    name = "vfpt_deploy.exporters._triton_model_config_pb2"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        spec = importlib.util.find_spec("tritonclient")
-        path = Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py" if spec else None
-        if path is None or not path.is_file():
-            raise ImportError("tritonclient is not installed, or ships no grpc/model_config_pb2.py")
-        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
-        module.__spec__.loader.exec_module(module)
-    except (ImportError, TypeError) as e:
-        raise MissingExtra(f"writing a Triton model repository needs Triton's config schema from tritonclient "
-                           f"({str(e).strip()[:80]}); {install_hint('tritonclient')}") from None
-    sys.modules[name] = module
-    return module
-
-
-def _check_int(value, option: str, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UsageError(f"{option} must be an integer in {lo}..{hi}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class TritonSettings:
-    """How Triton serves the model. name: the model's folder and name (default: the artifact's file stem).
-    max_batch_size: default the engine's profile max, or DEFAULT_MAX_BATCH for an ONNX with a dynamic batch.
-    preferred_batch_sizes: batches the dynamic batcher aims for (default: an engine's opt batch where it
-    is below max, else none). kind: 'gpu' or 'cpu' instances ('cpu' serves ONNX only)."""
-
-    name: str | None = None
-    max_batch_size: int | None = None
-    instances: int = 1
-    kind: str = "gpu"
-    preferred_batch_sizes: tuple[int, ...] | None = None
-    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
-    dynamic_batching: bool = True
-
-    def check(self) -> "TritonSettings":
-        if self.name is not None and (not isinstance(self.name, str) or not _NAME.fullmatch(self.name)):
-            raise UsageError(f"--name {self.name!r}: a Triton model name is its folder name: 1-128 letters, digits, "
-                             "'_', '-' or '.', not starting with '.' or '-'")
-        if self.max_batch_size is not None:
-            _check_int(self.max_batch_size, "--max-batch", 1, MAX_BATCH)
-        _check_int(self.instances, "--instances", 1, MAX_INSTANCES)
-        _check_int(self.max_queue_delay_us, "--max-queue-delay-us", 0, MAX_QUEUE_DELAY_US)
-        if self.kind not in KINDS:
-            raise UsageError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for b in self.preferred_batch_sizes or ():
-            _check_int(b, "--preferred-batch", 1, MAX_BATCH)
-        if not isinstance(self.dynamic_batching, bool):
-            raise UsageError(f"dynamic_batching is true or false, got {self.dynamic_batching!r}")
-        return self
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str  # numpy-style: float32, float16, ...
-    shape: tuple  # with the batch dim; -1 where a dim is not fixed
-
-
-@dataclass(frozen=True)
-class TritonModel:
-    """What the config is made from, read from the artifact."""
-
-    kind: str  # "onnx" or "engine"
-    input: Tensor
-    output: Tensor
-    classes: list[str]
-    batch: tuple[int, int, int] | None  # (min, opt, max) batches the model takes; None: one fixed batch
-    files: list[tuple[Path, str]]  # (source, path under NAME/1/); the model file first
-    sha256: str  # of the model file
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -250,64 +162,15 @@ def check_verified(path: Path, info: dict) -> str:
     """A passing verification report about this very file (an engine: the engine itself, run on its GPU),
     or VerificationError."""
     v = info["verification"]
-    if v["state"] == "passed":
-        return f"verified: {v['report']} passed for this file (same sha256)"
+    if v["state"] == "passed":  # loosened (or unrecorded) tolerances are never a plain "verified"
+        head = "verified" if v.get("loosened") == [] else "verified with LOOSENED tolerances"
+        return f"{head}: {v['report']} passed for this file (same sha256) {v.get('covers', '')}".rstrip()
     why = {"missing": f"there is no {v['report']}", "failed": f"{v['report']} says it failed",
            "stale": f"{v['report']} is about another file (sha256 differs)",
            "unhashed": f"{v['report']} does not record the file's sha256 (written by an older vfpt-deploy)",
            "unreadable": f"{v['report']} is unreadable"}[v["state"]]
     raise VerificationError(f"{path} has not passed verification ({why}); run 'vfpt-deploy verify {path} --ckpt RUN.pt' "
                             "first, or pass --no-verify-check to write the repository anyway")
-
-
-# -- the config ---------------------------------------------------------------------------------------------
-def _data_type(pb, dtype: str, path: Path) -> int:
-    try:
-        return pb.DataType.Value("TYPE_" + _TRITON_TYPES.get(dtype, dtype.upper()))
-    except ValueError:
-        raise ArtifactError(f"{path}: tensor type {dtype!r} has no Triton equivalent") from None
-
-
-def model_config(model: TritonModel, settings: TritonSettings, name: str, path: Path):
-    """Triton's ModelConfig message for the model. A model with one fixed batch is served unbatched
-    (max_batch_size 0, dims with the batch, no dynamic batching)."""
-    pb = model_config_pb2()
-    platform = PLATFORMS[model.kind][0]
-    if model.kind == "engine" and settings.kind == "cpu":
-        raise UsageError("a TensorRT engine runs on a GPU only; use --kind gpu, or serve the .onnx on CPU instances")
-    max_batch = _max_batch(model, settings, path)
-    cfg = pb.ModelConfig(name=name, platform=platform, max_batch_size=max_batch)
-    skip = 1 if max_batch else 0  # Triton's dims leave out the batch dim of a batching model
-    for spec, tensors in ((model.input, cfg.input), (model.output, cfg.output)):
-        t = tensors.add(name=spec.name, data_type=_data_type(pb, spec.dtype, path))
-        t.dims.extend(spec.shape[skip:])
-    cfg.output[0].label_filename = LABELS_FILE
-    cfg.instance_group.add(count=settings.instances, kind=pb.ModelInstanceGroup.Kind.Value(f"KIND_{settings.kind.upper()}"))
-    if max_batch and settings.dynamic_batching:
-        preferred = settings.preferred_batch_sizes
-        if preferred is None:  # an engine is tuned for its opt batch
-            preferred = (model.batch[1],) if model.kind == "engine" and model.batch[1] < max_batch else ()
-        too_big = [b for b in preferred if b > max_batch]
-        if too_big:
-            raise UsageError(f"--preferred-batch {too_big[0]} is over max_batch_size {max_batch}")
-        cfg.dynamic_batching.preferred_batch_size.extend(sorted(set(preferred)))
-        cfg.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
-    return cfg
-
-
-def _max_batch(model: TritonModel, settings: TritonSettings, path: Path) -> int:
-    asked = settings.max_batch_size
-    if model.batch is None:
-        if asked is not None:
-            raise UsageError(f"{path} takes one fixed batch of {model.input.shape[0]}; Triton serves it unbatched "
-                             "(max_batch_size 0): drop --max-batch, or re-export with a dynamic batch")
-        return 0
-    if asked is None:
-        return model.batch[2]
-    if model.kind == "engine" and asked > model.batch[2]:
-        raise UsageError(f"--max-batch {asked} is over the engine's profile max {model.batch[2]}; rebuild the engine "
-                         f"with --max-batch {asked}, or ask for at most {model.batch[2]}")
-    return asked
 
 
 # -- writing ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -33,7 +34,8 @@ class Batcher:
     (metrics). An exception from infer() goes to every request of that batch. max_requests=1 turns
     batching off (each request is one call) while keeping one call at a time. Requests submitted with a
     task index are inferred as infer(batch, task_ids) (int64 [B], one per row), and on_tasks(task_ids) is
-    called after each such batch (metrics)."""
+    called after each such batch (metrics). `batch_stats`: batch size -> [inference calls, ns spent in
+    them]; a request submitted with a `timing` dict gets its batch's "infer_ns" and "batch" rows in it."""
 
     def __init__(self, infer: Callable[..., np.ndarray], max_rows: int, max_delay_s: float,
                  on_batch: Callable[[int], None] | None = None, max_requests: int | None = None,
@@ -48,8 +50,10 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vfpt-infer")
+        self.batch_stats: dict[int, list[int]] = {}
+        self._timings: dict = {}  # future -> the timing dict its submit() was given
 
-    async def submit(self, x: np.ndarray, task: int | None = None) -> np.ndarray:
+    async def submit(self, x: np.ndarray, task: int | None = None, timing: dict | None = None) -> np.ndarray:
         if not 1 <= len(x) <= self.max_rows:
             raise ValueError(f"a request of {len(x)} rows does not fit batches of at most {self.max_rows}")
         loop = asyncio.get_running_loop()
@@ -59,7 +63,13 @@ class Batcher:
         future = loop.create_future()
         self._pending.append((x, future, task))
         self._arrived.set()
-        return await future
+        if timing is None:
+            return await future
+        self._timings[future] = timing
+        try:
+            return await future
+        finally:
+            self._timings.pop(future, None)
 
     def _queued_rows(self) -> int:
         return sum(len(x) for x, _, _ in self._pending)
@@ -102,7 +112,14 @@ class Batcher:
             try:
                 batch = np.concatenate([x for x, _, _ in taken]) if len(taken) > 1 else taken[0][0]
                 ids = _task_ids(taken)
+                started = time.perf_counter_ns()
                 out = await loop.run_in_executor(self._pool, self._infer, batch, ids)
+                ns = time.perf_counter_ns() - started
+                calls = self.batch_stats.setdefault(len(batch), [0, 0])
+                calls[0], calls[1] = calls[0] + 1, calls[1] + ns
+                for _, future, _ in taken:
+                    if future in self._timings:
+                        self._timings[future].update(infer_ns=ns, batch=len(batch))
                 self.on_batch(len(batch))
                 if ids is not None:
                     self.on_tasks(ids)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError
 from vfpt_deploy.extras import import_onnxruntime
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, TASK_INPUT, check_metadata, check_output_width,
@@ -173,9 +174,8 @@ def make_session(path: str | os.PathLike, providers: list[str] | None = None, *,
     threads = check_threads(threads)
     so = _session_options(ort, threads, optimization, optimized_model_path, fixed_dims)
     path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a model file" if path.is_dir() else "does not exist"
-        raise ArtifactError(f"model {path} {what}; export one with 'vfpt-deploy export'")
+    if not regular_file(path):
+        raise ArtifactError(f"model {path} {not_a_file(path, 'export one with ' + repr('vfpt-deploy export'))}")
     if path.suffix.lower() in (".pt", ".pth"):
         raise ArtifactError(f"{path} is a checkpoint, not an exported model; export it first with "
                             f"'vfpt-deploy export --ckpt {path}'")

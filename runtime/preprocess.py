@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vfpt_deploy.artifacts.preprocess import (DECODE_SLOTS, IMAGENET_MEAN, IMAGENET_STD, MAX_IMAGE_PIXELS,  # noqa: F401
                                               MAX_SIDE, Preprocess, load_image, to_rgb)
+from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -22,8 +23,8 @@ def find_images(paths: list[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise ImageError(f"folder {p} holds no images ({', '.join(IMAGE_EXTENSIONS)}); point at a folder of images")
             out.extend(found)
-        elif p.is_file():
+        elif regular_file(p):
             out.append(p)
         else:
-            raise ImageError(f"{p} does not exist; pass image files or folders")
+            raise ImageError(f"{p} {not_a_file(p, 'pass image files or folders')}")
     return out

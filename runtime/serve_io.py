@@ -7,12 +7,18 @@ A request carries exactly one input:
                                    artifact's own preprocessing. REST/JSON cannot carry raw bytes: each
                                    element is a base64 string there. gRPC elements are the raw file bytes
                                    (base64 too if the input's parameters say content_type "base64").
-and optionally the request parameter `top_k` (integer >= 1, default DEFAULT_TOP_K, at most the number of
+Both inputs are listed in the model metadata, each marked `optional: true` with the other named as its
+`alternative`: they are two forms of the same thing, and a request with both is refused in one line.
+Over REST an input may also come as Triton binary tensor data (runtime/serve_triton.py decodes it).
+Optionally the request parameter `top_k` (integer >= 1, default DEFAULT_TOP_K, at most the number of
 classes) and the V2 `outputs` list to ask for some outputs only. The response has, per row of the request:
   logits               FP32  [B, C]
   top_k_labels         BYTES [B, k]  class names, best first (content_type "str")
   top_k_probabilities  FP32  [B, k]  softmax probabilities of those classes
   top_k_indices        INT64 [B, k]  their class indices
+Triton's classification extension: `logits` asked for with the output parameter `classification: k`
+(tritonclient's class_count) comes back as BYTES [B, k] "score:index:label" strings, the k largest logits
+best first (score printed as C's %f, as Triton does).
 A request that breaks any of this gets BadRequest: HTTP 400 / gRPC INVALID_ARGUMENT with one line that
 names the problem. Torch-free.
 """
@@ -23,6 +29,7 @@ import binascii
 import io
 import math
 import struct
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +42,7 @@ from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
 
 from .preprocess import Preprocess
 from .serve_limits import check_claimed_pixels
+from .serve_triton import REQUEST, RequestInfo
 
 BYTES_INPUT = "image_bytes"
 LABELS, PROBS, INDICES = "top_k_labels", "top_k_probabilities", "top_k_indices"
@@ -69,6 +77,7 @@ class Parsed:
     top_k: int
     outputs: tuple[str, ...]
     x: np.ndarray | None = None
+    classification: tuple[tuple[str, int], ...] = ()  # (output, k): sent as "score:index:label" strings
     blobs: tuple[bytes, ...] | None = None
 
 
@@ -91,13 +100,27 @@ def parse_request(payload: InferenceRequest, size: tuple[int, int], max_rows: in
                          f"{_INPUTS_HINT}, not both")
     inp = inputs[0]
     top_k, outputs = _top_k(payload, num_classes), _outputs(payload)
+    classify = _classification(payload, num_classes)
     if inp.name == INPUT_NAME:
         x = _tensor(inp, size, max_rows)
-        return Parsed(rows=len(x), top_k=top_k, outputs=outputs, x=x)
+        return Parsed(rows=len(x), top_k=top_k, outputs=outputs, x=x, classification=classify)
     if inp.name == BYTES_INPUT:
         blobs = _blobs(inp, max_rows)
-        return Parsed(rows=len(blobs), top_k=top_k, outputs=outputs, blobs=blobs)
+        return Parsed(rows=len(blobs), top_k=top_k, outputs=outputs, blobs=blobs, classification=classify)
     raise BadRequest(f"unknown input {inp.name!r}; {_INPUTS_HINT}")
+
+
+def _binary(inp):
+    """The input's Triton binary tensor data (decoded by runtime/serve_triton.py), or None for a JSON input."""
+    size = getattr(inp.parameters, "binary_data_size", None) if inp.parameters is not None else None
+    if size is None:
+        return None
+    info = REQUEST.get()
+    if info is None or inp.name not in info.binary:
+        raise BadRequest(f"input {inp.name!r} is binary tensor data, which reaches the model only over REST in the "
+                         "server's own process (settings.json parallel_workers 0, as 'vfpt-deploy serve' writes it); "
+                         "send the data in the JSON body")
+    return info.binary[inp.name]
 
 
 def _rows(shape, max_rows: int, name: str) -> int:
@@ -120,8 +143,9 @@ def _tensor(inp, size: tuple[int, int], max_rows: int) -> np.ndarray:
         raise BadRequest(f"input '{INPUT_NAME}' must be {want}, got shape {shape}; preprocess the images to "
                          f"{size[0]}x{size[1]}, or send them encoded as '{BYTES_INPUT}'")
     rows = _rows(shape, max_rows, INPUT_NAME)
+    binary = _binary(inp)
     try:
-        x = np.asarray(_data(inp), dtype=np.float32).reshape(-1)
+        x = np.asarray(_data(inp) if binary is None else binary, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError, OverflowError):
         raise BadRequest(f"input '{INPUT_NAME}' data are not all numbers; send {want} float32 values") from None
     if x.size != math.prod(shape):
@@ -140,7 +164,8 @@ def _blobs(inp, max_rows: int) -> tuple[bytes, ...]:
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise BadRequest(f"input '{BYTES_INPUT}' must have shape [B] (one encoded image per element), got {shape}")
     rows = _rows(shape, max_rows, BYTES_INPUT)
-    data = _data(inp)
+    binary = _binary(inp)
+    data = _data(inp) if binary is None else binary
     if data and isinstance(data[0], list):  # a nested JSON list: [[b64], [b64]] for shape [B, 1]
         data = [e for row in data for e in (row if isinstance(row, list) else [row])]
     if len(data) != rows:
@@ -215,9 +240,15 @@ def install_grpc_checks() -> None:
     convert = cls.to_types.__func__
 
     def to_types(klass, pb_object):
+        # the request id: the client's, else one made here (MLServer would make one later), so that the
+        # log line of a refused request and the response carry the same id
+        rid = pb_object.id or uuid.uuid4().hex
+        REQUEST.set(RequestInfo(id=rid))  # this RPC's task only
         check_grpc_request(pb_object)
         try:
-            return convert(klass, pb_object)
+            payload = convert(klass, pb_object)
+            payload.id = rid
+            return payload
         except (struct.error, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
             raise BadRequest(f"the request's tensors cannot be read: {str(e)[:200]}; check each input's datatype, "
                              "shape and contents") from None
@@ -279,6 +310,43 @@ def _outputs(payload: InferenceRequest) -> tuple[str, ...]:
     return tuple(dict.fromkeys(asked)) or OUTPUTS
 
 
+def _classification(payload: InferenceRequest, num_classes: int) -> tuple[tuple[str, int], ...]:
+    """(output, k) for each output asked for with Triton's `classification` parameter (k capped at the
+    number of classes, as Triton does); only `logits` holds one score per class."""
+    out = []
+    for o in payload.outputs or []:
+        k = getattr(o.parameters, "classification", None) if o.parameters is not None else None
+        if k is None:
+            continue
+        if isinstance(k, str) and k.strip().isdigit():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise BadRequest(f"output {o.name!r}: classification must be an integer >= 1, got {k!r}")
+        if o.name != OUTPUT_NAME:
+            raise BadRequest(f"output {o.name!r} cannot be classified; ask for '{OUTPUT_NAME}' with class_count "
+                             "(one score per class)")
+        out.append((o.name, min(k, num_classes)))
+    return tuple(out)
+
+
+def binary_outputs(payload: InferenceRequest) -> dict:
+    """Which outputs a REST request wants as Triton binary data: name -> bool, "*" the request's default
+    (parameters.binary_data_output; each output's own parameters.binary_data wins)."""
+    default = getattr(payload.parameters, "binary_data_output", None) if payload.parameters is not None else None
+    wanted = {"*": default is True}
+    for o in payload.outputs or []:
+        flag = getattr(o.parameters, "binary_data", None) if o.parameters is not None else None
+        if isinstance(flag, bool):
+            wanted[o.name] = flag
+    return wanted
+
+
+def classified(values: np.ndarray, k: int, classes: list[str]) -> list[bytes]:
+    """Triton's classification strings of [B, C] values: per row the k largest, "score:index:label"."""
+    idx = np.argsort(-values.astype(np.float64), axis=1, kind="stable")[:, :k]
+    return [f"{float(values[r, j]):f}:{j}:{classes[j]}".encode() for r in range(len(values)) for j in idx[r]]
+
+
 def encode_response(logits: np.ndarray, parsed: Parsed, classes: list[str], name: str,
                     version: str | None) -> InferenceResponse:
     """Logits [B, C] -> the outputs asked for. Top-k as Predictor.predict: softmax in float64, ties kept
@@ -303,6 +371,8 @@ def encode_response(logits: np.ndarray, parsed: Parsed, classes: list[str], name
         PROBS: ("FP32", [b, k], np.take_along_axis(p, idx, axis=1).astype(np.float32).reshape(-1).tolist(), "np"),
         INDICES: ("INT64", [b, k], idx.reshape(-1).tolist(), "np"),
     }
+    for n, k in parsed.classification:  # Triton's classification extension replaces the output's values
+        values[n] = ("BYTES", [b, k], classified(logits, k, classes), "str")
     outputs = [ResponseOutput(name=n, datatype=values[n][0], shape=values[n][1], data=values[n][2],
                               parameters=Parameters(content_type=values[n][3])) for n in parsed.outputs]
     return InferenceResponse(model_name=name, model_version=version, outputs=outputs)
@@ -310,8 +380,10 @@ def encode_response(logits: np.ndarray, parsed: Parsed, classes: list[str], name
 
 def metadata_tensors(size: tuple[int, int], num_classes: int) -> tuple[list, list]:
     """The V2 model-metadata description of the inputs and outputs above (-1: any size)."""
-    inputs = [MetadataTensor(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, *size]),
-              MetadataTensor(name=BYTES_INPUT, datatype="BYTES", shape=[-1])]
+    inputs = [MetadataTensor(name=INPUT_NAME, datatype="FP32", shape=[-1, 3, *size],
+                             parameters=Parameters(optional=True, alternative=BYTES_INPUT)),
+              MetadataTensor(name=BYTES_INPUT, datatype="BYTES", shape=[-1],
+                             parameters=Parameters(optional=True, alternative=INPUT_NAME))]
     outputs = [MetadataTensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, num_classes]),
                MetadataTensor(name=LABELS, datatype="BYTES", shape=[-1, -1]),
                MetadataTensor(name=PROBS, datatype="FP32", shape=[-1, -1]),

@@ -7,9 +7,20 @@ inflated to 4 GiB); it is replaced here, in the process that loads this runtime 
 `mlserver start` and KServe alike), by one that counts bytes as they arrive and inflates incrementally.
 The body limit follows the models served: the largest request a model accepts (max rows x 3 x H x W as
 JSON numbers) plus room, at least MIN_BODY.
+
+Time is bounded too: uvicorn (MLServer's HTTP server) waits for a request body without any limit, so a
+client that sends its headers and part of a body and then stalls would hold its connection (and the
+request's memory) forever. The body must arrive within BODY_TIMEOUT_S, or one second per MiB of the body limit
+where that is more (a large model's largest request at 1 MiB/s; env VFPT_SERVE_BODY_TIMEOUT_S sets it), else
+HTTP 408 with one line and the connection is closed; other requests are answered meanwhile. Likewise a
+request's headers must be complete within HEADER_TIMEOUT_S of the connection (or of the request's first
+byte on a kept-alive one; env VFPT_SERVE_HEADER_TIMEOUT_S), else 408 and the connection is closed (set on
+uvicorn's protocol classes, which have no such limit of their own).
 """
 from __future__ import annotations
 
+import asyncio
+import os
 import zlib
 
 from fastapi import HTTPException
@@ -18,7 +29,27 @@ from mlserver.errors import MLServerError
 MIN_BODY = 16 * 2**20
 JSON_BYTES_PER_VALUE = 24  # '-1.2345678901234567e-05,' at most, as clients print float32 / float64 values
 MAX_REQUEST_PIXELS = 160_000_000  # decoded pixels all the encoded images of one request may claim together
-_limit = {"body": MIN_BODY}
+BODY_TIMEOUT_S = 60.0  # the whole body, from the first read (at least; see body_timeout): a stalled client is cut off
+HEADER_TIMEOUT_S = 10.0  # a request's line and headers
+
+
+def _seconds(env: str, default: float) -> float:
+    text = os.environ.get(env, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = default
+    return value if 0 < value <= 3600 else default
+
+
+_limit = {"body": MIN_BODY, "timeout": _seconds("VFPT_SERVE_BODY_TIMEOUT_S", 0) or None,
+          "header_timeout": _seconds("VFPT_SERVE_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)}
+
+
+def body_timeout() -> float:
+    """Seconds a whole request body may take: the environment's, else BODY_TIMEOUT_S or 1 s per MiB of the
+    body limit, whichever is more."""
+    return _limit["timeout"] or max(BODY_TIMEOUT_S, body_limit() / 2**20)
 
 
 class BodyError(MLServerError, HTTPException):
@@ -29,6 +60,9 @@ class BodyError(MLServerError, HTTPException):
     def __init__(self, msg: str, status_code: int = 400) -> None:
         Exception.__init__(self, msg)  # (the two bases' __init__ take different arguments)
         self.status_code, self.detail, self.headers = status_code, msg, None
+
+    def __str__(self) -> str:  # the one line, without starlette's "413: " prefix
+        return self.detail
 
 
 class TooLarge(BodyError):
@@ -62,7 +96,7 @@ async def read_bounded(request) -> bytes:
         raise BodyError(f"Content-Encoding {', '.join(encodings)} is not supported; send gzip, deflate or none", 415)
     inflate = zlib.decompressobj(wbits=47) if encodings else None  # 47: gzip or zlib header, detected
     parts, sent, size = [], 0, 0
-    async for chunk in request.stream():
+    async for chunk in _timed(request.stream(), body_timeout()):
         sent += len(chunk)
         if sent > limit:
             raise TooLarge(f"the request body is over this server's limit of {limit} bytes; send fewer or smaller "
@@ -80,6 +114,23 @@ async def read_bounded(request) -> bytes:
         if not inflate.eof:
             raise BodyError(f"the {encodings[0]} request body is truncated")
     return b"".join(parts)
+
+
+async def _timed(stream, timeout: float):
+    """The chunks of `stream`, all of them within `timeout` seconds; else HTTP 408 (the connection is closed:
+    uvicorn does not keep a connection whose request body was not read to its end)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    it = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), max(deadline - loop.time(), 0.001))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyError(f"the request body did not arrive within {timeout:g} s (the client stalled or is too slow); "
+                            "send the whole body at once", 408) from None
+        yield chunk
 
 
 def _inflate(inflate, chunk: bytes, room: int) -> bytes:
@@ -112,6 +163,71 @@ def install() -> None:
 
     cls.body = body
     cls.vfpt_bounded = True
+    _bound_header_time(_limit["header_timeout"])
+
+
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+
+
+def _bound_header_time(timeout: float) -> None:
+    """uvicorn waits for a request's line and headers without a limit (its keep-alive timer runs only while
+    a connection is idle between requests, and stops at the first byte): answer 408 and close a connection
+    whose request headers are not complete within `timeout` seconds of the connection or of the request's
+    first byte. Set on both of uvicorn's HTTP/1.1 protocols (h11, what MLServer installs; httptools)."""
+    protocols = []
+    try:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        protocols.append((H11Protocol, lambda self: self.conn.their_state is h11.IDLE))
+    except ImportError:
+        pass
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        protocols.append((HttpToolsProtocol, lambda self: self.cycle is None or self.cycle.response_complete))
+    except ImportError:
+        pass
+    for proto, waiting in protocols:
+        if not getattr(proto, "vfpt_header_timeout", False):
+            _time_headers(proto, waiting, timeout)
+
+
+def _time_headers(proto, waiting, timeout: float) -> None:
+    made, received, lost = proto.connection_made, proto.data_received, proto.connection_lost
+
+    def disarm(self) -> None:
+        timer = getattr(self, "_vfpt_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._vfpt_header_timer = None
+
+    def expire(self) -> None:
+        self._vfpt_header_timer = None
+        if self.transport.is_closing() or not waiting(self):
+            return
+        msg = (f'{{"error":"the request headers did not arrive within {timeout:g} s (the client stalled or is too '
+               f'slow); send the whole request at once"}}').encode()
+        self.transport.write(REQUEST_TIMEOUT + b"content-length: %d\r\n\r\n" % len(msg) + msg)
+        self.transport.close()
+
+    def connection_made(self, transport) -> None:
+        made(self, transport)
+        self._vfpt_header_timer = self.loop.call_later(timeout, expire, self)
+
+    def data_received(self, data: bytes) -> None:
+        received(self, data)  # parses what came: the headers may now be complete
+        if self.transport.is_closing() or not waiting(self):
+            disarm(self)
+        elif getattr(self, "_vfpt_header_timer", None) is None:  # the first bytes of the next request
+            self._vfpt_header_timer = self.loop.call_later(timeout, expire, self)
+
+    def connection_lost(self, exc) -> None:
+        disarm(self)
+        lost(self, exc)
+
+    proto.connection_made, proto.data_received, proto.connection_lost = connection_made, data_received, connection_lost
+    proto.vfpt_header_timeout = True
 
 
 def check_claimed_pixels(claims: list[int]) -> None:

@@ -36,6 +36,8 @@ from vfpt_deploy.errors import ArtifactError, OutputError, RuntimeSetupError, Us
 from vfpt_deploy.artifacts.files import atomic_write, check_outputs, dumps_json
 from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine, sidecar_path
 
+from .triton_config import DEFAULT_MAX_BATCH
+
 DEFAULT_PORTS = {"http_port": 8080, "grpc_port": 8081, "metrics_port": 8082}  # MLServer's own defaults
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 MIN_GRPC_MESSAGE = 64 * 2**20  # room for a batch of encoded photos; raised for the largest FP32 request
@@ -50,7 +52,7 @@ class ServeOptions:
     http_port: int | None = None
     grpc_port: int | None = None
     metrics_port: int | None = None
-    max_batch_size: int = 32
+    max_batch_size: int = DEFAULT_MAX_BATCH  # the same default as `vfpt-deploy triton` writes for an ONNX
     max_batch_delay_ms: float = 5.0
     threads: int | None = None
     providers: tuple[str, ...] | None = None
@@ -99,7 +101,7 @@ def parse_models(items: list[str]) -> list[Item]:
     out: list[Item] = []
     for item in items:
         name, eq, rest = item.partition("=")
-        named = bool(eq) and not Path(item).exists()
+        named = bool(eq) and not os.path.exists(item)  # (False, not OSError, for a name over NAME_MAX)
         if named:
             path = Path(rest)
         else:
@@ -164,12 +166,20 @@ def server_settings(opts: ServeOptions, predictors: dict, all_ports: bool) -> di
     FP32 request. Ports: all of them for `serve`; only those given for a folder meant for KServe."""
     need = max(p.preprocess.size[0] * p.preprocess.size[1] * 3 * 4 * opts.max_batch_size for p in predictors.values())
     ports = opts.ports() if all_ports else {k: getattr(opts, k) for k in DEFAULT_PORTS if getattr(opts, k)}
+    from .serve_triton import EXTENSIONS
+
+    # model_repository_implementation: MLServer's own folder repository, named through runtime/serve_triton.py
+    # so that `mlserver start` imports it (and its Triton layer) before building its servers
     return {"parallel_workers": 0, "debug": False, "grpc_max_message_length": max(MIN_GRPC_MESSAGE, need + 2**20),
+            "model_repository_implementation": "vfpt_deploy.runtime.serve_triton.ModelRepository",
+            "extensions": EXTENSIONS,
             **({"host": opts.host} if all_ports or opts.host != ServeOptions.host else {}), **ports}
 
 
 def open_models(models: list[Item], opts: ServeOptions, on_status: Callable[[str], None]) -> dict:
     """Open every artifact once (name -> predictor); close them all if one fails."""
+    from vfpt_deploy.artifacts.strength import serving_line
+
     from .serving import open_artifact
 
     opened: dict = {}
@@ -177,6 +187,7 @@ def open_models(models: list[Item], opts: ServeOptions, on_status: Callable[[str
         for name, path, _ in models:
             on_status(f"opening {name}: {path}")
             predictor = opened[name] = open_artifact(path, opts.providers, opts.threads, opts.allow_fallback)
+            on_status(f"{name}: {serving_line(path)}")  # which data and tolerances it was verified with
             if opts.self_check:  # before the server starts: a model that does not reproduce here is one line
                 from .selfcheck import check_on_load, describe_check
 

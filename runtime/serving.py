@@ -27,6 +27,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -41,10 +42,11 @@ from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine
 from vfpt_deploy.threads import resolve_threads
 
-from . import serve_limits
+from . import serve_limits, serve_triton
 from .batcher import Batcher
 from .predictor import Predictor
-from .serve_io import decode_images, encode_response, install_grpc_checks, metadata_tensors, parse_request
+from .serve_io import (BadRequest, binary_outputs, decode_images, encode_response, install_grpc_checks,
+                       metadata_tensors, parse_request)
 
 IMPLEMENTATION = "vfpt_deploy.runtime.serving.VFPTModel"
 WELLKNOWN = ["model.onnx", "model.plan", "model.engine"]  # found in a folder uri (KServe's /mnt/models)
@@ -220,16 +222,54 @@ def task_index(predictor: Predictor, task, model: str, path: str) -> int | None:
     return None if task is None else names.index(task)
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(bfloat16)": "bfloat16"}
+
+
+def triton_model(predictor: Predictor, classes: list[str], max_rows: int):
+    """(the TritonModel runtime/triton_config.py builds a config from, whether it runs on a GPU) for an
+    opened artifact as this server serves it: the image input alone (a multi-task graph's task input is
+    filled in by the server), logits as wide as the served model's classes."""
+    from vfpt_deploy.artifacts.schema import INPUT_NAME, OUTPUT_NAME
+
+    from .triton_config import Tensor, TritonModel
+
+    session = getattr(predictor, "session", None)
+    if hasattr(predictor, "profile_max"):  # a TensorRT engine
+        lo, hi = int(getattr(predictor, "min_batch", 1)), int(predictor.profile_max)
+        dtype = str(np.dtype(getattr(predictor, "in_dtype", np.float32)))
+        shape = tuple(int(d) for d in getattr(predictor, "input_shape", (3, *predictor.preprocess.size)))
+        fixed = lo == hi
+        inp = Tensor(INPUT_NAME, dtype, ((hi,) if fixed else (-1,)) + shape)
+        out_dtype = str(np.dtype(getattr(predictor, "out_dtype", np.float32)))
+        out = Tensor(OUTPUT_NAME, out_dtype, ((hi,) if fixed else (-1,)) + (len(classes),))
+        return TritonModel("engine", inp, out, classes, None if fixed else (lo, hi, hi), [], ""), True
+    i, o = session.get_inputs()[0], session.get_outputs()[0]
+    dims = lambda shape: tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)  # noqa: E731
+    inp = Tensor(i.name, _ORT_TYPES.get(i.type, i.type), dims(i.shape))
+    out = Tensor(o.name, _ORT_TYPES.get(o.type, o.type), dims(o.shape)[:1] + (len(classes),))
+    fixed = inp.shape[0] > 0
+    gpu = any(p != "CPUExecutionProvider" for p in predictor.providers)
+    return TritonModel("onnx", inp, out, classes, None if fixed else (1, max_rows, max_rows), [], ""), gpu
+
+
 class _OneLineClientErrors(logging.Filter):
     """MLServer's gRPC servicer logs every error with its traceback; for a bad request (4xx) the message
-    alone says it all, and a client sending many would bury the log."""
+    alone says it all, and a client sending many would bury the log. The line names the request id (the
+    client's, or the one serve_io gave the request) and the status, like the REST lines of serve_triton."""
 
     vfpt_one_line = True  # how a filter from an earlier execution of this module is recognized
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, MLServerError) and exc.status_code < 500:
-            record.exc_info, record.exc_text = None, None
+            from mlserver.grpc.utils import STATUS_CODE_MAPPING
+
+            info = serve_triton.REQUEST.get()
+            code = STATUS_CODE_MAPPING.get(exc.status_code)
+            record.msg = (f"request {info.id[:128] if info else '-'}: gRPC {code.name if code else exc.status_code}: "
+                          f"{' '.join(str(exc).split())[:400]}")
+            record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
 
@@ -264,6 +304,8 @@ class VFPTModel(MLModel):
         self.batch_sizes: Counter = Counter()
         self.shared: Shared | None = None  # a multi-task artifact's predictor and batcher, shared by its tasks
         self.task: int | None = None  # the task index this model serves (None: a single-task artifact)
+        self.stats = serve_triton.Stats()  # Triton's statistics extension (runtime/serve_triton.py)
+        self._triton_config = None
 
     async def load(self) -> bool:
         path = await get_model_uri(self.settings, wellknown_filenames=WELLKNOWN)
@@ -299,6 +341,7 @@ class VFPTModel(MLModel):
             self.batcher = Batcher(self.predictor.infer, *batching[:2], max_requests=batching[2],
                                    on_batch=lambda rows: (self.batch_sizes.update([rows]), labels.observe(rows)))
         quiet_client_errors()
+        serve_triton.models[self.name] = self
         started.add(self.name)
         return True
 
@@ -313,16 +356,65 @@ class VFPTModel(MLModel):
         return self.max_rows, self.max_batch_time if batching else 0.0, None if batching else 1
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        started = time.perf_counter_ns()
+        info = serve_triton.REQUEST.get()
+        if info is not None:  # REST/gRPC: the id its log line names; REST: the outputs wanted as binary data
+            info.id, info.binary_outputs = payload.id or info.id, binary_outputs(payload)
+        try:
+            response, timing = await self._predict(payload, started)
+        except BaseException:
+            self.stats.add("fail", time.perf_counter_ns() - started)
+            raise
+        end = time.perf_counter_ns()
+        for key in ("compute_input", "queue", "compute_infer"):
+            self.stats.add(key, timing[key])
+        self.stats.add("compute_output", end - timing["output"])
+        self.stats.add("success", end - started)
+        self.stats.inference_count += timing["rows"]
+        self.stats.last_inference_ms = serve_triton.now_ms()
+        return response
+
+    async def _predict(self, payload: InferenceRequest, started: int) -> tuple[InferenceResponse, dict]:
         parsed = parse_request(payload, self.size, self.max_rows, len(self.classes))
+        timing: dict = {"rows": parsed.rows}
         try:
             x = parsed.x if parsed.blobs is None else await asyncio.to_thread(
                 decode_images, parsed.blobs, self.predictor.preprocess)
-            logits = await self.batcher.submit(x, self.task)
+            submitted = time.perf_counter_ns()
+            logits = await self.batcher.submit(x, self.task, timing=timing)
         except VFPTError as e:  # the artifact failed to run: the server's fault, not the request's
             raise MLServerError(str(e), 500) from None
+        timing["output"] = time.perf_counter_ns()
+        timing.update(compute_input=submitted - started, compute_infer=timing.get("infer_ns", 0),
+                      queue=timing["output"] - submitted - timing.get("infer_ns", 0))
         # a multi-task graph pads every row to its widest task with -inf: keep this task's own classes
         return encode_response(np.asarray(logits)[:, :len(self.classes)], parsed, self.classes, self.name,
-                               self.version)
+                               self.version), timing
+
+    def triton_stats(self) -> dict:
+        """Triton's statistics of this model (serve_triton.Stats): its requests, and the inference calls of
+        the batcher its rows go through (shared by the task models of a multi-task artifact)."""
+        batches = dict(self.batcher.batch_stats) if self.batcher is not None else {}
+        return self.stats.as_json(self.name, self.version or "", batches)
+
+    def triton_config(self):
+        """Triton's ModelConfig of this model as served here, built as `vfpt-deploy triton` builds it
+        (runtime/triton_config.py): its input and output, max_batch_size and dynamic batching as this
+        server batches, CPU or GPU instances as its session runs. Made once."""
+        if self._triton_config is None:
+            from .triton_config import TritonSettings, model_config
+
+            model, gpu = triton_model(self.predictor, self.classes, self.max_rows)
+            batching = self.max_batch_size > 1
+            settings = TritonSettings(max_batch_size=self.max_rows if model.batch else None, kind="gpu" if gpu else "cpu",
+                                      max_queue_delay_us=int(round(self.max_batch_time * 1e6)),
+                                      dynamic_batching=batching, preferred_batch_sizes=() if batching else None)
+            try:
+                self._triton_config = model_config(model, settings.check(), self.name,
+                                                   getattr(self.predictor, "path", self.name))
+            except UsageError as e:
+                raise BadRequest(str(e)) from None
+        return self._triton_config
 
     async def metadata(self) -> MetadataModelResponse:
         inputs, outputs = metadata_tensors(self.size, len(self.classes))
@@ -350,6 +442,8 @@ class VFPTModel(MLModel):
         return {"task": self.predictor.tasks[self.task], "artifact": self.shared.name, "session_models": models}
 
     async def unload(self) -> bool:
+        if serve_triton.models.get(self.name) is self:
+            del serve_triton.models[self.name]
         if self.shared is not None:  # the session and batcher stay while other task models use them
             shared, self.shared = self.shared, None
             detach(shared, self)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from vfpt_deploy.errors import ArtifactError, RuntimeSetupError, UsageError, VFPTError
+from vfpt_deploy.extras import extra_install
 from vfpt_deploy.artifacts.files import file_sha256  # noqa: F401 (re-exported)
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, SIDECAR_VERSION, TASK_INPUT,  # noqa: F401
                                 check_metadata, check_output_width, check_sidecar, read_sidecar, sidecar_path)
@@ -35,9 +36,9 @@ from .predictor import Predictor
 
 # flavor -> (Python module, what the user installs to get it)
 FLAVORS = {
-    "trt": ("tensorrt", "the 'tensorrt' extra (pip install 'vfpt-deploy[tensorrt]', from NVIDIA's index) "
+    "trt": ("tensorrt", f"the 'tensorrt' extra ({extra_install('tensorrt')}; TensorRT from NVIDIA's index) "
                         "or NVIDIA's TensorRT container"),
-    "trt-rtx": ("tensorrt_rtx", "the 'trt-rtx' extra (pip install 'vfpt-deploy[trt-rtx]')"),
+    "trt-rtx": ("tensorrt_rtx", f"the 'trt-rtx' extra ({extra_install('trt-rtx')})"),
 }
 CUDA_PYTHON_HINT = "cuda-python (pip install 'cuda-python>=12', part of the 'tensorrt' and 'trt-rtx' extras)"
 # TensorRT-RTX engines built without an explicit target run on these (TensorRT-RTX docs, "CPU-only AOT").

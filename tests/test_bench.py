@@ -13,7 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vfpt_deploy.bench import BenchReport, BenchSettings, OrtBackend, Result, Unavailable, parse_batches, run_bench
+from vfpt_deploy.bench import (BenchReport, BenchSettings, OrtBackend, Result, Skipped, Unavailable, parse_batches,
+                               run_bench)
 from vfpt_deploy.artifacts.checkpoint import BackboneInfo, save_run
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import VFPTError
@@ -406,8 +407,9 @@ def test_task_adds_a_single_task_stream_on_the_same_session(tasks_onnx, fed):
     assert [(r.batch, r.stream) for r in report.results] == [(1, "mixed"), (1, "task:birds"), (8, "mixed"), (8, "task:birds")]
     single = [r for r in report.results if r.stream == "task:birds"]
     assert [r.detail["task_counts"] for r in single] == [{"birds": 1}, {"birds": 8}]
-    assert [ids.tolist() for ids in fed[2:4]] == [[1], [1]] and len(set(fed[-1])) == 1 and fed[-1][0] == 1
-    assert len(set(fed[4])) == 3  # the batch of 8 before it was mixed
+    # interleaved: 2 rounds of 1 call, the second starting with the other stream
+    assert [ids.tolist() for ids in fed[:4]] == [fed[0].tolist(), [1], [1], fed[0].tolist()]
+    assert [len(set(ids)) for ids in fed[4:]] == [3, 1, 1, 3] and fed[5][0] == fed[6][0] == 1  # batch 8: mixed holds all 3
     assert report.settings["task"] == "birds"
 
 
@@ -489,3 +491,61 @@ def test_tensorrt_backend_feeds_task_ids():
     backend.runner(4, False, ids)()
     calls = backend.predictor.calls
     assert [c[0] for c in calls] == ["infer", "load", "execute"] and calls[0][1] is ids and calls[1][1] is ids
+
+
+# -- interleaving, skips once, load and ISA (issue 23) -------------------------------------------------------
+class FakeBackend:
+    """A backend whose calls write its name to a shared log; unavailable at the batch sizes in `refuse`."""
+
+    device, providers, detail, tasks, image_size = "cpu", [], {}, [], (8, 8)
+
+    def __init__(self, name, calls, refuse=()):
+        self.name, self.calls, self.refuse = name, calls, refuse
+
+    def runner(self, batch, e2e, task_ids=None):
+        if batch in self.refuse:
+            raise Unavailable("no CUDA here")
+        return lambda: self.calls.append((self.name, batch))
+
+    def timer(self, e2e):
+        from vfpt_deploy.runtime.timing import PerfCounterTimer
+
+        return PerfCounterTimer()
+
+    cuda_peak_reset = close = lambda self: None
+    cuda_peak_mib = lambda self: None  # noqa: E731
+
+
+def test_backends_are_timed_round_robin_and_each_skip_is_recorded_once():
+    from vfpt_deploy.bench import measure_backends, skip_lines
+
+    calls = []
+    backends = [FakeBackend("a", calls), FakeBackend("b", calls), FakeBackend("gpu", calls, refuse=(1, 8, 32)),
+                FakeBackend("c", calls)]
+    report = BenchReport({}, {})
+    settings = BenchSettings(batches=(1, 8, 32), loop=LoopSpec(warmup=2, iters=10)).check()
+    measure_backends(backends, settings, report)
+    at1 = [name for name, batch in calls if batch == 1]
+    assert at1[:6] == ["a"] * 2 + ["b"] * 2 + ["c"] * 2  # warm-up, 2 calls each
+    chunks = [at1[i] for i in range(6, len(at1), 2)]  # 10 timed calls each, in 5 rounds of 2
+    assert chunks == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c", "b", "c", "a"]
+    assert [(r.backend, r.batch) for r in report.results] == [(n, b) for n in "abc" for b in (1, 8, 32)]
+    assert all(r.stats["n"] == 10 and r.detail["rounds"] == 5 for r in report.results)
+    assert [(s.backend, s.batches) for s in report.skipped] == [("gpu", [1, 8, 32])]
+    assert skip_lines(report.skipped) == ["gpu at batches 1, 8, 32: no CUDA here"]
+    report.skipped += [Skipped(n, "this onnxruntime build has no CUDAExecutionProvider") for n in ("ort-cuda", "ort-trt")]
+    assert skip_lines(report.skipped)[1:] == ["ort-cuda, ort-trt: this onnxruntime build has no CUDAExecutionProvider"]
+
+
+def test_bench_records_the_load_and_the_isa(run_pt, tmp_path):
+    res = invoke("bench", run_pt, "--backend", "torch", "--backend", "torch-folded", *FAST, "--report",
+                 tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    machine = json.loads((tmp_path / "r.json").read_text())["machine"]
+    assert len(machine["load_before"]) == 3 and len(machine["load_after"]) == 3
+    from vfpt_deploy.runtime.hardware import cpu
+
+    assert machine["isa"] == cpu()["isa"] and machine["arch"] == cpu()["arch"]
+    assert "load " in res.output and "(1-min average, before -> after)" in res.output
+    if cpu()["isa"]:
+        assert f"ISA {' '.join(cpu()['isa'])}" in res.output

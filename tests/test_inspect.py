@@ -83,6 +83,49 @@ def test_prompts_only_run_needs_no_backbone_weights(tmp_path):
         inspect_artifact(tmp_path / "small.pt", backbone_weights=str(other))
 
 
+def test_run_pt_inspection_imports_no_torch_and_builds_no_model(work):
+    """inspect run.pt reads the file torch-free (artifacts/run_reader.py): no torch, no timm, no model; the
+    answer is the one the torch path gives."""
+    _, d = work
+    code = ("import sys; from vfpt_deploy.inspect_artifact import inspect_artifact; "
+            f"i = inspect_artifact({str(d / 'run.pt')!r}); assert i['classes'] == list('abcd'); "
+            "assert i['backbone']['hash_check'] == 'matches the stored weights'; "
+            "bad = [m for m in ('torch', 'timm', 'torchvision', 'onnx', 'onnxruntime') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    cli = ("import atexit, sys; from vfpt_deploy.cli import run; "
+           "atexit.register(lambda: print('MODULES', 'torch' in sys.modules, 'timm' in sys.modules)); "
+           f"sys.argv = ['vfpt-deploy', 'inspect', {str(d / 'run.pt')!r}]; run()")
+    res = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True)  # the command, whole
+    assert res.returncode == 0 and "MODULES False False" in res.stdout, res.stdout + res.stderr
+
+
+def test_run_pt_fast_path_agrees_with_the_torch_path_and_leaves_odd_files_to_it(work, monkeypatch):
+    from vfpt_deploy.artifacts import checkpoint, run_reader
+    import torch
+
+    _, d = work
+    assert run_reader.read_run_facts(d / "run.pt") is not None
+    fast = inspect_artifact(d / "run.pt")
+    monkeypatch.setattr(run_reader, "read_run_facts", lambda p: None)
+    assert inspect_artifact(d / "run.pt") == fast  # the torch path gives the same answer, field for field
+    assert (run_reader.RUN_FORMAT, run_reader.RUN_VERSION) == (checkpoint.FORMAT, checkpoint.VERSION)
+    monkeypatch.undo()
+    obj = torch.load(d / "run.pt", weights_only=True)
+    obj["tuned"]["head.weight"][0, 0] = float("nan")
+    torch.save(obj, d / "nan.pt")
+    assert run_reader.read_run_facts(d / "nan.pt") is None  # the torch path says what is wrong
+    with pytest.raises(InputError, match="non-finite"):
+        inspect_artifact(d / "nan.pt")
+    obj["tuned"]["head.weight"][0, 0] = 0.0
+    obj["backbone_state"]["cls_token"] = obj["backbone_state"]["cls_token"] + 1  # the file altered
+    torch.save(obj, d / "altered.pt")
+    assert run_reader.read_run_facts(d / "altered.pt") is not None
+    assert "DOES NOT match" in inspect_artifact(d / "altered.pt")["backbone"]["hash_check"]
+    torch.save({**obj, "meta": {"x": Counter()}}, d / "pickled.pt")  # an object torch would refuse too
+    assert run_reader.read_run_arrays(d / "pickled.pt") is None
+
+
 # -- ONNX ----------------------------------------------------------------------------------------------------
 def test_onnx(work):
     run, d = work

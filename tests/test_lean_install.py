@@ -31,7 +31,7 @@ from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = typer.main.get_command(app).commands
-EXPORT = "pip install 'vfpt-deploy[export]'"
+EXPORT = "pip install '.[export]' in the vfpt-deploy checkout, or 'WHEEL[export]' for its wheel"
 
 # Runs the CLI with some top-level modules made unimportable (what a missing distribution looks like).
 BLOCKED_CLI = r"""
@@ -89,10 +89,14 @@ def image(tmp_path_factory) -> Path:
     ["verify", "m.onnx", "--ckpt", "run.pt"], ["import", "ref.pth", "--alpha", "0.5"],
     ["bench", "--ckpt", "run.pt", "--backend", "torch"],
 ], ids=lambda a: a[0])
-def test_torch_commands_name_the_export_extra(args, tmp_path):
+def test_torch_commands_name_the_export_extra(args, tmp_path, exported_run):
+    for name in ("run.pt", "ref.pth"):  # inputs exist: a missing one is a usage error, said first
+        (tmp_path / name).write_bytes(b"PK not read before torch")
+    shutil.copy(exported_run[1], tmp_path / "m.onnx")  # verify reads the artifact (torch-free) first
+    before = sorted(tmp_path.iterdir())
     line = one_error_line(cli_without("torch", *args, cwd=tmp_path))
     assert "needs PyTorch, which is not installed" in line and EXPORT in line, line
-    assert not list(tmp_path.iterdir()), "nothing may be written"
+    assert sorted(tmp_path.iterdir()) == before, "nothing may be written"
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -127,13 +131,13 @@ def test_timm_alone_missing_names_the_export_extra(tmp_path):
 def test_bench_plot_without_matplotlib_stops_before_measuring(exported_run, tmp_path):
     line = one_error_line(cli_without("matplotlib", "bench", "--onnx", exported_run[1], "--plot", "b.png", cwd=tmp_path))
     assert line == ("error: vfpt-deploy bench --plot needs matplotlib, which is not installed: "
-                    "pip install 'vfpt-deploy[bench]'")
+                    "pip install '.[bench]' in the vfpt-deploy checkout, or 'WHEEL[bench]' for its wheel")
 
 
 @pytest.mark.skipif("serve" not in COMMANDS, reason="serve not built yet")
 def test_serve_without_mlserver_names_the_serve_extra(exported_run, tmp_path):
     line = one_error_line(cli_without("mlserver", "serve", exported_run[1], cwd=tmp_path))
-    assert "serve needs MLServer, which is not installed" in line and "pip install 'vfpt-deploy[serve]'" in line
+    assert "serve needs MLServer, which is not installed" in line and "pip install '.[serve]' in the vfpt-deploy checkout" in line
 
 
 def test_torch_free_commands_run_without_torch(exported_run, image, tmp_path):
@@ -253,7 +257,7 @@ def test_lean_inspect_onnx(lean, exported_run, tmp_path):
 @pytest.mark.skipif("serve" not in COMMANDS, reason="serve not built yet")
 def test_lean_serve_names_the_extra(lean, exported_run, tmp_path):
     line = one_error_line(lean_cli(lean, "serve", exported_run[1], "--host", "127.0.0.1", cwd=tmp_path))
-    assert "serve needs MLServer, which is not installed" in line and "pip install 'vfpt-deploy[serve]'" in line
+    assert "serve needs MLServer, which is not installed" in line and "pip install '.[serve]' in the vfpt-deploy checkout" in line
 
 
 @pytest.fixture(scope="module")

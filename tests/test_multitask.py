@@ -261,7 +261,7 @@ def test_cli_export_verify_predict(task_runs, tmp_path):
      "task 'cars': --data builtin has the classes 0, 1, 2"),
     (["export", "--task", "bad name={cars}", "--out", "{tmp}/x.onnx"], "starting with a letter or digit; pick such a NAME"),
     (["export", "--ckpt", "{cars}", "--ckpt", "{birds}", "--backbone", "{tmp}/nope.pt", "--out", "{tmp}/x.onnx"],
-     "nope.pt does not exist (or is a folder); pass a weights file or 'pretrained'"),
+     "nope.pt does not exist; pass a weights file or 'pretrained'"),
     (["predict", "{single}", "{imgs}", "--task", "cars"], "holds a single task; drop --task"),
     (["export", "--ckpt", "{cars}", "--ckpt", "{birds}"], "name the output with --out"),
     (["export", "--ckpt", "{cars}", "--ckpt", "{birds}", "--out", "{cars_onnx}", "--precision", "int8"],

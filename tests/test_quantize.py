@@ -207,7 +207,7 @@ def test_static_without_calibration_images_is_refused_before_work(exported_run, 
 @pytest.mark.skipif(importlib.util.find_spec("modelopt") is not None, reason="ModelOpt is installed here")
 def test_modelopt_missing_names_the_extra(exported_run, tmp_path):
     run, _ = exported_run
-    with pytest.raises(RuntimeSetupError, match=r"vfpt-deploy\[modelopt\]"):
+    with pytest.raises(RuntimeSetupError, match=r"pip install '\.\[modelopt\]' in the vfpt-deploy checkout"):
         export_run(run, ExportSettings(precision="int8", quantize="modelopt", calib="builtin"), tmp_path / "m.onnx")
 
 

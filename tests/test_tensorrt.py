@@ -252,10 +252,10 @@ def test_missing_tensorrt_names_the_extra(monkeypatch):
     with pytest.raises(VFPTError) as e:
         check_trt_available("trt")
     msg = str(e.value)
-    assert "'tensorrt'" in msg and "vfpt-deploy[tensorrt]" in msg and "a CUDA GPU" in msg and "\n" not in msg
+    assert "'tensorrt'" in msg and "pip install '.[tensorrt]'" in msg and "a CUDA GPU" in msg and "\n" not in msg
 
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
-    with pytest.raises(VFPTError, match=r"'tensorrt_rtx'.*vfpt-deploy\[trt-rtx\]") as e:
+    with pytest.raises(VFPTError, match=r"'tensorrt_rtx'.*pip install '\.\[trt-rtx\]' in the vfpt-deploy checkout") as e:
         check_trt_available("trt-rtx")
     assert "GPU" not in str(e.value)  # the RTX builder needs none
 
@@ -352,7 +352,7 @@ def test_engine_from_another_tensorrt_version(engine):
 def test_engine_needs_the_tensorrt_that_built_it(engine, monkeypatch):
     _edit_sidecar(engine, lambda s: s["tensorrt"].update(flavor="trt", module="tensorrt", version="10.3.0"))
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(VFPTError, match=r"Python module 'tensorrt'.*vfpt-deploy\[tensorrt\]"):
+    with pytest.raises(VFPTError, match=r"Python module 'tensorrt'.*pip install '\.\[tensorrt\]' in the vfpt-deploy checkout"):
         TensorRTPredictor(engine)
 
 

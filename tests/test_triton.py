@@ -408,7 +408,7 @@ def test_missing_tritonclient_names_the_extra(monkeypatch):
     import vfpt_deploy.exporters.triton as triton
 
     real = importlib.util.find_spec
-    monkeypatch.delitem(sys.modules, "vfpt_deploy.exporters._triton_model_config_pb2")
+    monkeypatch.delitem(sys.modules, "vfpt_deploy.runtime._triton_model_config_pb2")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tritonclient" else real(name, *a))
-    with pytest.raises(ImportError, match=r"pip install 'vfpt-deploy\[triton\]'"):
+    with pytest.raises(ImportError, match=r"pip install '\.\[triton\]' in the vfpt-deploy checkout"):
         triton.model_config_pb2()

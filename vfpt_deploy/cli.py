@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape as rich_escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
@@ -27,6 +25,7 @@ from .errors import ArtifactError, UsageError, VFPTError
 from .extras import needs_extras
 from vfpt_deploy.artifacts.schema import EXPORT_FOLDS, FORMATS, PACK_FORMATS, PRECISIONS, QUANTIZE_MODES, TRT_FLAVORS
 from vfpt_deploy.text import printable
+from vfpt_deploy.terminal import activity, console, err_console, print_wide, progress  # a terminal or a log: decided there
 from vfpt_deploy.exporters.triton import (DEFAULT_MAX_BATCH as TRITON_DEFAULT_BATCH, DEFAULT_QUEUE_DELAY_US as
                                        TRITON_QUEUE_DELAY_US, KINDS as TRITON_KINDS)
 
@@ -38,8 +37,6 @@ def escape(text) -> str:
 
 app = typer.Typer(help="Train, fold, export and serve Visual Fourier Prompt Tuning (VFPT) vision transformers.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
 
 # -- options shared by several commands (one name, one meaning) -------------------------------------
 CkptOpt = Annotated[Optional[Path], typer.Option("--ckpt", help="The run.pt to read (written by train, import or demo).")]
@@ -52,7 +49,7 @@ SeedOpt = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed: t
 DeviceOpt = Annotated[Optional[str], typer.Option(help="PyTorch device: cpu, cuda, cuda:N (default: CUDA when present).")]
 ProvidersOpt = Annotated[Optional[str], typer.Option(help="onnxruntime providers, comma separated: cpu, cuda, tensorrt (default: the best that really runs here).")]
 FallbackOpt = Annotated[bool, typer.Option("--allow-fallback", help="Accept the CPU when the asked-for GPU device or provider cannot run here (else an error).")]
-DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images.")]
+DataOpt = Annotated[Optional[str], typer.Option(help="Real images for the verification besides random inputs: 'builtin[:name]', a folder with class subfolders (gives top-1), or a folder of images (default: the run's own built-in data, where it was trained on one). With several tasks it is used for every task, except a bare 'builtin': each task's own built-in set.")]
 NumRandomOpt = Annotated[int, typer.Option(min=1, max=4096, help="Random N(0,1) inputs in the verification.")]
 AtolOpt = Annotated[Optional[float], typer.Option(help="Max abs logit difference (fp32 default 1e-4; fp16 not gated).")]
 RtolOpt = Annotated[Optional[float], typer.Option(help="Max relative logit difference (default: not gated).")]
@@ -130,12 +127,6 @@ def main(version: Annotated[bool, typer.Option("--version", is_eager=True, callb
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
     sigterm_as_interrupt()
-
-
-def progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
-                    disable=not err_console.is_terminal)  # no bar lines in logs and pipes
 
 
 def pick_ckpt(option: Path | None, argument: Path | None) -> Path:
@@ -219,7 +210,8 @@ def train(
     dev = resolve_device(device, allow_fallback)
     set_torch_threads(threads)
     with progress() as bar:
-        task = bar.add_task("training", total=None)
+        # quiet: in a log, the first line comes with the first step, so an error before it stays one line
+        task = bar.add_task("training", total=None, epochs=settings.epochs, quiet=True)
         result = train_run(out, data=data, model_name=model, model_kwargs=model_kwargs,
                            weights=weights, config=config, settings=settings, crop_pct=crop_pct,
                            include_backbone=not prompts_only, device=dev, on_epoch=_epoch_printer(bar),
@@ -228,7 +220,7 @@ def train(
     console.print(f"best val top-1 {h.best_val_top1:.2f}% at epoch {h.best_epoch} on {dev}; wrote {result.out}")
 
 
-def _epoch_printer(bar: Progress):
+def _epoch_printer(bar):
     def on_epoch(r, best: bool) -> None:
         bar.console.print(f"epoch {r.epoch:3d}  train loss {r.train_loss:.4f}  val top-1 {r.val_top1:6.2f}%"
                           + ("  [green]best, saved[/]" if best else ""))
@@ -296,7 +288,8 @@ def demo(
         tasks: dict[str, int] = {}
 
         def on_step(name, s, t):
-            tasks.setdefault(name, bar.add_task(name, total=t))
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=t, epochs=pretrain_epochs if name == "pretrain" else epochs)
             bar.update(tasks[name], completed=s)
 
         rows, clean = run_demo(out, pretrain_epochs=pretrain_epochs, epochs=epochs, lr=lr, seed=seed,
@@ -309,7 +302,7 @@ def demo(
         t.add_row(r.name, f"M={r.config.num_prompts}, m={r.config.num_fourier}", f"{r.tuned_params:,}",
                   str(r.best_epoch), f"{r.val_top1:.2f}%", str(r.path))
     console.print(t)
-    with err_console.status("folding, exporting to ONNX and verifying the VFPT run"):
+    with activity("folding, exporting to ONNX and verifying the VFPT run"):
         outcome = export_demo(out, threads=n)
     print_export(outcome)
     finish_verify(outcome.report, outcome.written)
@@ -427,16 +420,20 @@ def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path 
     """Check an export's settings, sources and outputs; return what loads its run (or its TaskSet)."""
     from .pipeline import check_multitask_settings, plan_export
 
-    settings.check()  # every option value, before torch is imported (multitask and checkpoint load it)
+    from vfpt_deploy.artifacts.task_sources import check_sources_exist, source_labels, task_sources
+
+    settings.check()  # every option value and source, before torch is imported (multitask and checkpoint load it)
     if len(ckpts) > 1 or tasks:
         check_multitask_settings(settings)
-        from vfpt_deploy.folding.multitask import load_tasks, source_labels, task_sources
-
         sources = task_sources(ckpts, tasks)
         plan_export(None, settings, out, {**inputs, **source_labels(ckpts, sources)})
+        check_sources_exist(sources)
+        from vfpt_deploy.folding.multitask import load_tasks
+
         return lambda backbone: load_tasks(sources, backbone)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
     plan_export(path, settings, out, inputs)
+    check_sources_exist([("", path)])
     from vfpt_deploy.artifacts.checkpoint import load_run
 
     return lambda backbone: load_run(path, backbone_weights=backbone)
@@ -528,12 +525,13 @@ def verify(
     max_top1_drop: Top1DropOpt = None,
     providers: ProvidersOpt = None,
     allow_fallback: FallbackOpt = False,
-    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="JSON report path, .json (default: ARTIFACT.verify.json, replaced only by a report at least as strong: same or more data, same or tighter tolerances, same checkpoint; else ARTIFACT.verify.weaker.json).")] = None,
     backbone: BackboneOpt = None,
     threads: ThreadsOpt = None,
     pack: Annotated[Optional[Path], typer.Option(help="A prompt pack to verify on ARTIFACT, its backbone artifact (report: PACK.verify.json, or PACK.golden.verify.json without --ckpt).")] = None,
 ) -> None:
-    """Compare an artifact with the unfolded PyTorch model on random inputs (and real images). A multi-task
+    """Compare an artifact with the unfolded PyTorch model on random inputs and real images (--data; by default
+    the run's own built-in data, as the export used). A multi-task
     artifact is checked task by task against each task's own run.pt (--ckpt files are matched to tasks by
     the sha256 the artifact recorded; --task NAME=PATH names one), on one mixed-task stream.
     Without --ckpt/--task: replay the golden set the artifact carries on this machine's runtime, without
@@ -551,16 +549,20 @@ def verify(
     if not ckpt and not task:
         return verify_golden_cli(artifact, data, num_random, backbone, overrides, providers, allow_fallback, report,
                                  threads)
-    from .threads import set_torch_threads
-    from .verify import verify_artifact
-
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else report_path(artifact)
     load, sources = plan_verify_source(artifact, ckpt or [], task or [])
     check_outputs({"--report": out}, {"ARTIFACT": artifact, "--data": data, "--backbone": backbone, **sources})
+    from .pipeline import ExportSettings, verification_inputs
+    from .threads import set_torch_threads
+    from .verify import verify_artifact  # (torch: after every usage error)
+
     n = set_torch_threads(threads)
-    run = load(backbone)
-    rep = verify_artifact(artifact, run, data=data, num_random=num_random, overrides=overrides,
-                          providers=split_list(providers), report_path=out, threads=n, allow_fallback=allow_fallback)
+    with activity(f"verifying {artifact}"):
+        run = load(backbone)
+        sets, notes = verification_inputs(run, ExportSettings(data=data, num_random=num_random))  # as the export did
+        rep = verify_artifact(artifact, run, inputs=sets, notes=notes, overrides=overrides,
+                              providers=split_list(providers), report_path=out, threads=n,
+                              allow_fallback=allow_fallback)
     finish_verify(rep)
 
 
@@ -576,8 +578,10 @@ def verify_golden_cli(artifact: Path, data, num_random, backbone, overrides, pro
                          "set the artifact carries)")
     out = check_suffix(report, (".json",), "JSON report", "--report") if report else golden_report_path(artifact)
     check_outputs({"--report": out}, {"ARTIFACT": artifact})
-    finish_verify(verify_golden(artifact, providers=split_list(providers), threads=threads,
-                                allow_fallback=allow_fallback, overrides=overrides, report_path_=out))
+    with activity(f"replaying the golden set of {artifact}"):
+        rep = verify_golden(artifact, providers=split_list(providers), threads=threads,
+                            allow_fallback=allow_fallback, overrides=overrides, report_path_=out)
+    finish_verify(rep)
 
 
 def verify_pack_cli(artifact: Path, pack: Path, ckpts: list[Path], tasks: list[str], data, num_random, backbone,
@@ -625,9 +629,8 @@ def verify_pack_cli(artifact: Path, pack: Path, ckpts: list[Path], tasks: list[s
 def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
     """What verify loads: one run, or (for a multi-task artifact) each task's run matched to it; and the
     input files by option, so the report never overwrites one."""
-    from vfpt_deploy.artifacts.checkpoint import load_run
-    from vfpt_deploy.folding.multitask import load_tasks, match_tasks, source_labels, task_sources
     from vfpt_deploy.artifacts.schema import artifact_tasks
+    from vfpt_deploy.artifacts.task_sources import check_sources_exist, match_tasks, source_labels, task_sources
 
     recorded = artifact_tasks(artifact) if artifact.is_file() else []
     if recorded and not ckpts and not tasks:
@@ -639,8 +642,13 @@ def plan_verify_source(artifact: Path, ckpts: list[Path], tasks: list[str]):
             raise UsageError(f"{artifact} is a single-task artifact; pass its one run.pt with --ckpt")
         named = task_sources([], tasks)
         sources = match_tasks(recorded, ckpts, named)
+        from vfpt_deploy.folding.multitask import load_tasks  # (torch: after every usage error)
+
         return (lambda backbone: load_tasks(sources, backbone)), source_labels(ckpts, sources)
     path = pick_ckpt(ckpts[0] if ckpts else None, None)
+    check_sources_exist([("", path)])
+    from vfpt_deploy.artifacts.checkpoint import load_run
+
     return (lambda backbone: load_run(path, backbone_weights=backbone)), {"--ckpt": path}
 
 
@@ -680,7 +688,8 @@ def triton(
         console.print(f"  {escape(str(f))}", highlight=False)
     for note in res.notes:
         console.print(f"[cyan]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    console.print(f"serve it: docker run --gpus all -p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
+    gpus = "--gpus all " if settings.kind == "gpu" else ""  # CPU instances need no GPU in the container
+    console.print(f"serve it: docker run {gpus}-p8000:8000 -p8001:8001 -p8002:8002 -v {escape(str(out.resolve()))}:/models "
                   "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models", highlight=False,
                   soft_wrap=True)
 
@@ -786,7 +795,7 @@ def bench(
     backend and batch size, with the machine they were measured on. A multi-task artifact replays a
     mixed-task stream (each image's task drawn at random, a batch of b holding min(b, T) tasks); each row says
     which stream it measured."""
-    from .bench import BenchSettings, parse_batches, results_table, run_bench, table_width
+    from .bench import BenchSettings, parse_batches, results_table, run_bench, skip_lines
     from .extras import require
     from vfpt_deploy.artifacts.files import check_outputs, check_suffix
     from .threads import resolve_threads
@@ -804,15 +813,15 @@ def bench(
     settings = BenchSettings(batches=parse_batches(",".join(batch or ["1,8,32"])), loop=loop,
                              threads=resolve_threads(threads), e2e=e2e, fold=fold.value, device=device, task=task,
                              dtype=dtype)
-    result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend, settings=settings,
-                       backbone_weights=backbone, export_dir=export_dir,
-                       on_status=lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False))
+    with activity("benchmarking") as say:
+        result = run_bench(checkpoint=ckpt, onnx=onnx or [], engines=engine or [], backends=backend,
+                           settings=settings, backbone_weights=backbone, export_dir=export_dir, on_status=say)
     if as_json:
         print_json(result.to_dict())
-    else:  # a console at least as wide as the table: narrow terminals wrap lines instead of eliding numbers
-        Console(width=max(console.width, table_width(result))).print(results_table(result))
-    for s in result.skipped:
-        err_console.print(f"[yellow]skipped[/] {s.backend}{f' at batch {s.batch}' if s.batch else ''}: {escape(s.reason)}", highlight=False)
+    else:  # at the table's own width: narrow terminals wrap lines instead of eliding numbers
+        print_wide(results_table(result))
+    for line in skip_lines(result.skipped):  # each skip once, whatever the batch sweep
+        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False)
     for path, write in ((report, result.write_json), (csv_out, result.write_csv), (plot, result.plot)):
         if path is not None:
             err_console.print(f"wrote {write(path)}", highlight=False)
@@ -837,6 +846,7 @@ def serve(
     allow_fallback: FallbackOpt = False,
     write_settings: Annotated[Optional[Path], typer.Option(help="Write the MLServer settings folder (settings.json, NAME/model-settings.json and a copy of each artifact) here and exit without serving: for 'mlserver start DIR' or a KServe storageUri.")] = None,
     self_check: Annotated[bool, typer.Option("--self-check/--no-self-check", help="Replay each artifact's golden set when it loads and refuse a model that does not reproduce on this machine (reported in the log, model metadata and the vfpt_self_check_passed metric).")] = True,
+    packs: Annotated[Optional[Path], typer.Option(help="Serve every prompt pack (NAME.pack.safetensors) in this folder as model NAME, all on one session of the backbone artifact given as MODELS and one batcher; packs dropped in later are loaded with POST /v2/repository/models/NAME/load (and /unload).")] = None,
 ) -> None:
     """Serve exported models over the V2 / Open Inference Protocol (REST and gRPC) on MLServer, with
     adaptive batching, health endpoints and Prometheus metrics; no torch needed. Ctrl-C stops it."""
@@ -850,6 +860,16 @@ def serve(
                         providers=tuple(split_list(providers) or ()) or None, allow_fallback=allow_fallback,
                         self_check=self_check)
     status = lambda s: err_console.print(f"[cyan]{escape(s)}[/]", highlight=False)  # noqa: E731
+    if packs is not None:
+        from vfpt_deploy.runtime import serve_packs
+
+        if write_settings is not None:
+            for path in serve_packs.write_settings(write_settings, models, packs, opts, on_status=status):
+                console.print(f"wrote {escape(str(path))}", highlight=False)
+            return
+        serve_packs.serve(models, packs, opts, on_status=status)
+        err_console.print("server stopped", highlight=False)
+        return
     if write_settings is not None:
         for path in write_folder(write_settings, models, opts, on_status=status):
             console.print(f"wrote {escape(str(path))}", highlight=False)
@@ -878,11 +898,14 @@ def import_reference(
     from vfpt_deploy.artifacts.schema import RUN_SUFFIXES
     from vfpt_deploy.models.config import VFPTConfig, check_crop_pct
 
+    from vfpt_deploy.artifacts.task_sources import check_sources_exist
+
     VFPTConfig(alpha=alpha, location=location.value), check_crop_pct(crop_pct)  # before torch loads
     check_suffix(out, RUN_SUFFIXES, "run checkpoint")
+    src = pick_ckpt(ckpt, ckpt_arg)
+    check_sources_exist([("", src)], "pass the reference's saved .pth")
     from vfpt_deploy.reference import import_checkpoint
 
-    src = pick_ckpt(ckpt, ckpt_arg)
     result = import_checkpoint(src, out, arch=arch.value, alpha=alpha, location=location.value, classes=classes,
                                heads=heads, crop_pct=crop_pct)
     for k in result.unused:

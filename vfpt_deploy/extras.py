@@ -1,7 +1,8 @@
 """Optional extras: which one a missing module comes from, and the one-onnxruntime guard.
 
-`pip install vfpt-deploy` is the torch-free runtime (onnxruntime, onnx, numpy, safetensors, Pillow, typer,
-rich).
+The base install (`pip install .` from a checkout, or its wheel) is the torch-free runtime (onnxruntime,
+onnx, numpy, safetensors, Pillow, typer, rich). No package index serves vfpt-deploy, so hints name the
+checkout and the wheel.
 Training, import, folding and export need `[export]`, the server `[serve]`, engines `[tensorrt]` or
 `[trt-rtx]`. A command that reaches a module of a missing extra stops with one line naming the extra
 (`MissingExtra`), never a ModuleNotFoundError traceback. Torch-free; imports nothing optional itself.
@@ -48,15 +49,20 @@ class MissingExtra(Unavailable, ImportError):
     so code that already handles a missing optional module keeps working."""
 
 
+def extra_install(extra: str) -> str:
+    """How to add an extra, as it works without a package index serving vfpt-deploy (README, "Install")."""
+    return f"pip install '.[{extra}]' in the {PACKAGE} checkout, or 'WHEEL[{extra}]' for its wheel"
+
+
 def install_hint(module: str) -> str | None:
-    """"pip install 'vfpt-deploy[export]'" for a module of a known extra; None for a module we do not know."""
+    """How to install the extra that brings a known module (extra_install); None for a module we do not know."""
     top = module.split(".")[0]
     if top not in MODULES:
         return None
     name, extra = MODULES[top]
     if top == "onnxruntime":
         return "pip install onnxruntime (or onnxruntime-gpu for CUDA; never both)"
-    return f"pip install '{PACKAGE}[{extra}]'" if extra else f"pip install --force-reinstall {PACKAGE}"
+    return extra_install(extra) if extra else f"pip install --force-reinstall . in the {PACKAGE} checkout, or its wheel"
 
 
 def missing_extra(error: ImportError, purpose: str) -> MissingExtra | None:

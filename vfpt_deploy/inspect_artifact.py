@@ -25,8 +25,9 @@ import math
 import os
 from pathlib import Path, PurePosixPath
 
-from vfpt_deploy.errors import ArtifactError, InputError, UsageError, VFPTError
-from vfpt_deploy.artifacts.files import file_sha256, read_json
+from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
+from vfpt_deploy.artifacts import strength
+from vfpt_deploy.artifacts.files import file_sha256, not_a_file, regular_file
 from vfpt_deploy.text import printable as _printable
 from vfpt_deploy.artifacts.pack import BACKBONE_KEY, PACK_SUFFIX, backbone_geometry, read_pack
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
@@ -34,7 +35,6 @@ from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
 
 TASK = "classification"
-MAX_REPORT_BYTES = 16 * 2**20  # a verification report is a few kB; a bigger one is not read
 MAX_DEPTH = 32  # nesting kept from values a file supplies; deeper parts are shown as text
 _ONNX_DTYPES = {"FLOAT": "float32", "DOUBLE": "float64", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
 PADDING = "-inf past a task's own classes; the runtime trims them"
@@ -53,7 +53,7 @@ def inspect_artifact(path: str | os.PathLike, *, backbone_weights: str | None = 
         return inspect_onnx(path)
     if path.suffix.lower() == PACK_SUFFIX:
         return inspect_pack(path)
-    if path.suffix.lower() in (".pt", ".pth") or not path.is_file() or _is_zip(path):
+    if path.suffix.lower() in (".pt", ".pth") or not regular_file(path) or _is_zip(path):
         return inspect_run(path, backbone_weights=backbone_weights)
     raise ArtifactError(f"{path}: not a file vfpt-deploy knows by its suffix; inspect reads a run.pt (.pt/.pth), "
                         "an ONNX model (.onnx), a TensorRT engine (.engine/.plan) or a prompt pack (.safetensors)")
@@ -65,9 +65,8 @@ def _is_zip(path: Path) -> bool:
 
 
 def _existing(path: Path, what: str, fix: str) -> None:
-    if not path.is_file():
-        state = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ArtifactError(f"{what} {path} {state}; {fix}")
+    if not regular_file(path):
+        raise ArtifactError(f"{what} {path} {not_a_file(path, fix)}")
 
 
 # -- values taken from files -------------------------------------------------------------------------
@@ -128,25 +127,17 @@ def _shown_metadata(meta: dict) -> dict:
 def verification(artifact: Path, sha256: str) -> dict:
     """What NAME.verify.json says, and whether it speaks about this very file (its artifact_sha256).
     state: passed, failed, missing, stale (about another file), unhashed (written before reports
-    recorded the file's sha256), unreadable."""
-    rep = report_path(artifact)
-    out = {"report": rep.name, "state": "missing", "passed": False, "sha256_matches": None}
-    if not rep.is_file():
+    recorded the file's sha256), unreadable. data / loosened / covers: what it was verified on and with
+    (artifacts/strength.py)."""
+    state, data, matches = strength.read_beside(artifact, sha256)
+    out = {"report": report_path(artifact).name, "state": state, "passed": False, "sha256_matches": matches}
+    if data is None:
         return out
-    try:
-        if rep.stat().st_size > MAX_REPORT_BYTES:
-            raise InputError("too large")
-        data = read_json(rep, "report", "run verify again")
-    except (InputError, OSError):
-        return {**out, "state": "unreadable"}
-    if not isinstance(data, dict):
-        return {**out, "state": "unreadable"}
-    recorded = data.get("artifact_sha256")
-    matches = recorded == sha256 if isinstance(recorded, str) and recorded else None
-    passed = data.get("passed") is True
-    state = "failed" if not passed else "unhashed" if matches is None else "passed" if matches else "stale"
-    return {**out, "state": state, "passed": passed, "sha256_matches": matches,
-            "tolerances": plain(data.get("tolerances")), "backend": plain(data.get("backend"))}
+    covers = plain(strength.summary(data))
+    return {**out, "passed": data.get("passed") is True,
+            "tolerances": plain(data.get("tolerances")), "backend": plain(data.get("backend")),
+            "data": covers["data"], "loosened": covers["loosened"], "assumed": covers["assumed"],
+            "random_only": covers["random_only"], "covers": covers["line"]}
 
 
 # -- ONNX ------------------------------------------------------------------------------------------------
@@ -324,7 +315,14 @@ def inspect_engine(path: str | os.PathLike) -> dict:
 def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None) -> dict:
     """A run.pt, checked as a load checks it (every field and tensor), without its backbone weights:
     parameter counts come from a meta-device skeleton. backbone_weights: also load with these weights,
-    which checks them against the recorded hash."""
+    which checks them against the recorded hash. A run.pt that carries its backbone is read torch-free
+    (artifacts/run_reader.py: no torch, no timm, no model); anything else, or anything odd, takes this path."""
+    if backbone_weights is None:
+        from vfpt_deploy.artifacts.run_reader import read_run_facts
+
+        fast = read_run_facts(path)
+        if fast is not None:
+            return _run_info(Path(path), fast)
     from vfpt_deploy.models.backbone import state_sha256
     from vfpt_deploy.artifacts.checkpoint import check_run, load_run, parse_run, read_run_dict
 
@@ -350,6 +348,21 @@ def inspect_run(path: str | os.PathLike, *, backbone_weights: str | None = None)
                          "included": parts.state is not None, "hash_check": checked},
             "parameters": {"tuned": tuned, "frozen": frozen, "total": tuned + frozen},
             "provenance": plain(parts.meta), "problems": []}  # a run.pt's are refused (check_run)
+
+
+def _run_info(path: Path, facts: dict) -> dict:
+    """inspect_run's answer from run_reader.read_run_facts (the torch-free read)."""
+    bb, config, pre = facts["backbone"], facts["config"], facts["preprocess"]
+    checked = ("matches the stored weights" if not bb["sha256"] or bb["stored_sha256"] == bb["sha256"] else
+               f"DOES NOT match the stored weights ({bb['stored_sha256'][:12]}): the file was altered")
+    return {"kind": "run", "path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+            **_model_facts({"classes": facts["classes"], "preprocess": pre}),
+            "image_size": list(pre.size),
+            "vfpt": {**config.to_dict(), "num_fourier": config.num_fourier},
+            "backbone": {"name": bb["name"], "kwargs": plain(bb["kwargs"]), "source": bb["source"],
+                         "sha256": bb["sha256"], "included": True, "hash_check": checked},
+            "parameters": {"tuned": facts["tuned"], "frozen": facts["frozen"], "total": facts["tuned"] + facts["frozen"]},
+            "provenance": plain(facts["meta"]), "problems": []}
 
 
 # -- rows for a table ----------------------------------------------------------------------------------------
@@ -416,7 +429,7 @@ def _verification_row(v: dict) -> tuple[str, str]:
              "stale": "the report is about another file (sha256 differs): verify again",
              "unhashed": "passed, but the report does not record the file's sha256: verify again",
              "unreadable": "the report is unreadable: verify again"}
-    return "verification", f"{words[v['state']]} ({v['report']})"
+    return "verification", f"{words[v['state']]} ({v['report']})" + (f"; {v['covers']}" if v.get("covers") else "")
 
 
 def _artifact_rows(info: dict) -> list[tuple[str, str]]:

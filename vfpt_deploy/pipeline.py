@@ -174,6 +174,8 @@ def export_run(run: Run | TaskSet, settings: ExportSettings, out: str | os.PathL
         check_trt_available(builder.flavor)  # one line, before any work
     sets, notes = verification_inputs(run, settings)  # a bad --data fails before any work
     spec = settings.quant_spec()
+    if spec is not None and spec.mode != "dynamic":
+        step("reading the calibration images")
     calib = _calibration(run, settings, spec)  # a bad --calib (or no ModelOpt) fails before any work too
     with Staging(paths.onnx.parent) as stage:
         step(f"folding ({settings.fold}) + exporting ONNX")
@@ -203,17 +205,20 @@ def check_multitask_settings(settings: ExportSettings) -> None:
 
 def verification_inputs(run: Run | TaskSet, settings: ExportSettings) -> tuple[list, list[str]]:
     """What verification compares on: random inputs and --data, or else the run's own built-in data (per
-    task for a TaskSet: its own data, its own random inputs); and a note saying where that came from."""
+    task for a TaskSet: its own data, its own random inputs); and a note saying where that came from.
+    With several tasks, --data applies to every task, except a bare 'builtin', which is each task's own
+    built-in set (the one it was trained on; 'builtin' = digits-shifted for a task that recorded none), as
+    when --data is not given: 'builtin:NAME' names one set for all."""
     from vfpt_deploy.folding.multitask import TaskSet
     from .verify import input_sets, task_input_sets
 
     if isinstance(run, TaskSet):
-        if settings.data is not None:
+        if settings.data is not None and settings.data != "builtin":
             return task_input_sets(run, settings.data, settings.num_random), []
-        own = [recorded_builtin_data(r) for r in run.runs]
-        used = sorted({d for d in own if d})
-        return (task_input_sets(run, own, settings.num_random),
-                [f"verified on each task's own data ({', '.join(used)}) too"] if used else [])
+        own = [recorded_builtin_data(r) or settings.data for r in run.runs]
+        used = ", ".join(f"{n}: {d}" for n, d in zip(run.names, own) if d)
+        notes = [f"verified each task on its own data ({used}) too"] if used else []
+        return task_input_sets(run, own, settings.num_random), notes
     data = settings.data if settings.data is not None else recorded_builtin_data(run)
     notes = [] if settings.data is not None or data is None else [f"verified on the run's own data ({data}) too"]
     return input_sets(run, data, settings.num_random), notes

@@ -10,6 +10,7 @@ be usable by the runtime (the predictor checks it when it opens) and must descri
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from vfpt_deploy.artifacts.files import file_sha256
 from vfpt_deploy.models.families import family_of_model
 from vfpt_deploy.folding.multitask import TaskSet
 from vfpt_deploy.artifacts.schema import is_engine, report_path as default_report_path
+from vfpt_deploy.artifacts.strength import data_record, destination
 
 
 @dataclass
@@ -193,9 +195,9 @@ def task_input_sets(tasks: TaskSet, data: str | list[str | None] | None, num_ran
         except UsageError:
             raise
         except VFPTError as e:
+            one = isinstance(data, str) or (isinstance(data, list) and len(set(data)) == 1)  # one source for all
             hint = ("; with several tasks --data must suit each: a folder of images without class subfolders "
-                    "does (or verify each task's own single-task export on its data)"
-                    if isinstance(data, str) and len(tasks) > 1 else "")
+                    "does (or verify each task's own single-task export on its data)" if one and len(tasks) > 1 else "")
             raise type(e)(f"task {name!r}: {str(e).rstrip('.')}{hint}") from None
     return out
 
@@ -248,11 +250,13 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
                     overrides: dict | None = None, providers: list[str] | None = None,
                     report_path: str | os.PathLike | None = None, inputs: list[InputSet] | None = None,
                     name: str | None = None, threads: int | None = None,
-                    allow_fallback: bool = False, predictor=None) -> VerifyReport:
+                    allow_fallback: bool = False, notes: list[str] | None = None, predictor=None) -> VerifyReport:
     """Compare an artifact (.onnx, or a TensorRT engine) with the checkpoint's unfolded model and write
-    the JSON report (default: beside the artifact). overrides: atol / rtol / min_cosine / min_agreement
-    replacing the precision's defaults. name: how the report names the artifact (default: its path).
-    run: a multitask.TaskSet for a multi-task artifact (inputs then per task: task_input_sets).
+    the JSON report (default: beside the artifact; there only when it is at least as strong as the passing
+    report already there, else as NAME.verify.weaker.json: artifacts/strength.py). overrides: atol / rtol /
+    min_cosine / min_agreement replacing the precision's defaults. name: how the report names the artifact
+    (default: its path). run: a multitask.TaskSet for a multi-task artifact (inputs then per task:
+    task_input_sets). notes: added to the report's (e.g. where its data came from).
     predictor: an open runtime predictor of the artifact to use (and close) instead of opening `artifact`: a
     prompt pack on its backbone (runtime/packs.py), where `artifact` is the pack file."""
     from vfpt_deploy.runtime import hardware
@@ -288,16 +292,27 @@ def verify_artifact(artifact: str | os.PathLike, run: Run | TaskSet, *, data: st
                                 "re-export the artifact")
         used = getattr(predictor, "providers", None) or ["TensorRT"]
         backend = ", ".join(used)
-        notes = list(getattr(predictor, "notes", ()))  # e.g. an int8 form that can saturate on this CPU
+        notes = [*(notes or ()), *getattr(predictor, "notes", ())]  # e.g. an int8 form that can saturate here
     checkpoint = ", ".join(str(r.path) for r in run.runs) if multi else str(run.path)
     report = VerifyReport(name or str(artifact), checkpoint, f"{backend}; reference on {device}", precision,
                           tol.describe(), comparisons, [p for p in problems if p],
                           artifact_sha256=file_sha256(artifact), quantization=meta.get("quantization"),
                           tasks=list(run.names) if multi else None,
                           hardware=hardware.describe(used, gpu=is_engine(artifact) or None),
-                          golden_sha256=golden.sha256 if golden is not None else "", notes=notes)
+                          golden_sha256=golden.sha256 if golden is not None else "", notes=notes,
+                          data=_data_records(run, inputs) if comparisons else [], limits=dataclasses.asdict(tol),
+                          checkpoint_sha256=[r.sha256 for r in run.runs] if multi else [run.sha256])
     if comparisons and not any(c.gated for c in comparisons):
         report.problems.append(f"{precision} artifacts are gated on real images, and none were given: pass --data "
                                "builtin[:name] or a folder of images")
-    report.write(Path(report_path) if report_path else default_report_path(artifact))
+    beside = default_report_path(artifact)
+    out = Path(report_path) if report_path else beside
+    report.write(destination(out, report) if out.resolve() == beside.resolve() else out)
     return report
+
+
+def _data_records(run: Run | TaskSet, inputs) -> list[dict]:
+    """The report's `data`: every input set compared (per task for several), by name and size."""
+    if isinstance(run, TaskSet):
+        return [data_record(s.what, len(s.x), s.random, name) for name, sets in zip(run.names, inputs) for s in sets]
+    return [data_record(s.what, len(s.x), s.random) for s in inputs]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vfpt_deploy import __version__
-from vfpt_deploy.artifacts.files import atomic_write, file_sha256
+from vfpt_deploy.artifacts.files import atomic_write, file_sha256, not_a_file, regular_file
 from vfpt_deploy.artifacts.preprocess import Preprocess
 from vfpt_deploy.artifacts.schema import RUN_SUFFIXES  # noqa: F401 (what train and import write; defined torch-free there)
 from vfpt_deploy.errors import InputError, UsageError, VFPTError
@@ -104,9 +104,8 @@ def _show(v) -> str:
 def read_run_dict(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True) with a one-line error for every way a file can be wrong."""
     path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise InputError(f"checkpoint {path} {what}; pass the run.pt written by 'vfpt-deploy train'")
+    if not regular_file(path):
+        raise InputError(f"checkpoint {path} {not_a_file(path, 'pass the run.pt written by ' + repr('vfpt-deploy train'))}")
     if path.suffix.lower() in (".onnx", ".engine", ".plan"):
         raise InputError(f"{path} is an exported model, not a checkpoint; pass the run.pt it was exported from")
     try:
@@ -272,9 +271,9 @@ def _check_hash(info: BackboneInfo, state: dict[str, torch.Tensor], path: Path) 
 
 
 def _backbone(parts: _Parts, skeleton, path: Path, weights: str | None):
-    if weights is not None and weights != "pretrained" and not Path(weights).is_file():
+    if weights is not None and weights != "pretrained" and not regular_file(weights):
         # checked even where the run carries its backbone (and the option is not needed): never ignored unseen
-        raise InputError(f"--backbone {weights} does not exist (or is a folder); pass a weights file or 'pretrained'")
+        raise InputError(f"--backbone {weights} {not_a_file(weights, 'pass a weights file or ' + repr('pretrained'))}")
     if parts.state is not None:
         _check_hash(parts.info, parts.state, path)
         return materialize(skeleton, parts.state, parts.info.name, parts.info.kwargs)

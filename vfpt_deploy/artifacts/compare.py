@@ -116,6 +116,11 @@ class VerifyReport:
     tasks: list[str] | None = None  # a multi-task artifact's tasks (comparisons name theirs)
     hardware: dict | None = None  # where the artifact ran: CPU and its numeric ISA flags, GPUs, providers, libraries
     golden_sha256: str = ""  # the golden set replayed (its payload's sha256), where one was
+    # what the report vouches with (artifacts/strength.py): the data sets compared ({set, samples, random}),
+    # the tolerances as numbers (asdict of Tolerances; `tolerances` is their text), the checkpoints' sha256s
+    data: list[dict] = field(default_factory=list)
+    limits: dict | None = None
+    checkpoint_sha256: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,11 +24,68 @@ def read_json(path: str | os.PathLike, what: str, fix: str, error=None):
     """A JSON file's value, or one error line (missing, unreadable, not UTF-8, not JSON, nested too deep)."""
     from vfpt_deploy.errors import InputError
 
+    if os.path.exists(path) and not regular_file(path):  # a FIFO would block the read; a folder: its own line
+        raise (error or InputError)(f"{what} {path} {not_a_file(path, fix)}")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
         raise (error or InputError)(f"{what} {path} is not valid JSON ({why}); {fix}") from None
+
+
+# -- what a path is ---------------------------------------------------------------------------------
+_KINDS = ((stat.S_ISDIR, "is a folder, not a file"), (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file"),
+          (stat.S_ISSOCK, "is a socket, not a regular file"), (stat.S_ISCHR, "is a character device, not a regular file"),
+          (stat.S_ISBLK, "is a block device, not a regular file"))
+SPECIAL_FIX = "vfpt-deploy reads regular files only (it seeks in them): save the content to a file and pass that"
+
+
+def regular_file(path: str | os.PathLike) -> bool:
+    """`path` is a regular file (symlinks followed). Never opens it (opening a FIFO for reading blocks until a
+    writer comes), and never raises: a name the file system cannot even look up (over NAME_MAX) is not one."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def not_a_file(path: str | os.PathLike, fix: str) -> str:
+    """Why `path` is no regular file, and what to do, as the end of a one-line error: 'does not exist; FIX',
+    'is a folder, not a file; FIX', 'is a named pipe (FIFO), not a regular file; <save it to a file>', ...
+    (a FIFO, socket or device gets that fix instead of the caller's, which assumes a missing file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)}); {fix}"
+        return f"does not exist; {fix}"
+    except (OSError, ValueError) as e:
+        return f"cannot be looked up ({getattr(e, 'strerror', None) or e}); {fix}"
+    for test, what in _KINDS:
+        if test(mode):
+            return f"{what}; {fix if test is stat.S_ISDIR else SPECIAL_FIX}"
+    return f"is not a regular file; {fix}" if not stat.S_ISREG(mode) else f"is a file; {fix}"
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) the file system under `folder` takes (255 on Linux's usual ones)."""
+    folder = Path(folder)
+    for d in (folder, *folder.parents):
+        try:
+            return os.pathconf(d, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def check_name_length(path: str | os.PathLike, what: str, fix: str) -> None:
+    """One line when `path`'s file name is longer than its file system allows (the OSError would come late,
+    at the write, as 'File name too long')."""
+    path = Path(path)
+    n, limit = len(os.fsencode(path.name)), name_max(path.parent if str(path.parent) else ".")
+    if n > limit:
+        raise OutputError(f"{what} {path} cannot be written: its file name is {n} bytes, over the {limit} this file "
+                          f"system allows; {fix}")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -136,7 +194,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     try:
         created = make_dirs(path.parent)
         clean_stale(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        # the name cut short: a file named near NAME_MAX still gets a temporary name the file system takes
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         remove_new_dirs(created)
         raise OutputError(f"cannot write {path} ({e.strerror}); choose a writable output path") from None
@@ -195,6 +254,7 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str
             o.resolve(strict=False)
         except (OSError, RuntimeError) as e:
             raise OutputError(f"{oname} {o} cannot be used ({getattr(e, 'strerror', None) or e}); choose another path") from None
+        check_name_length(o, oname, _shorter(oname))
     ins = {k: Path(v) for k, v in inputs.items() if v is not None and str(v) not in ("", "builtin", "random", "pretrained")}
     for oname, o in outs.items():
         if o.is_dir():
@@ -208,6 +268,15 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], inputs: dict[str
         for b in names[a_i + 1:]:
             if _same(outs[a], outs[b]):
                 raise OutputError(f"{a} and {b} both name {outs[a]}; give them different paths")
+
+
+def _shorter(oname: str) -> str:
+    """The fix for an output name over NAME_MAX: a report named after its artifact needs a shorter artifact name."""
+    if oname == "--report":
+        return ("pass a shorter --report FILE (by default a report is named after its artifact: ARTIFACT.verify.json)")
+    if not oname.startswith("--"):
+        return "give --out a shorter name (this file is named after it)"
+    return f"give {oname} a shorter name"
 
 
 def check_suffix(path: str | os.PathLike, suffixes: Iterable[str], what: str, option: str = "--out") -> Path:

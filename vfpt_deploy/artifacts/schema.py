@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfpt_deploy.artifacts.files import read_json
+from vfpt_deploy.artifacts.files import not_a_file, read_json, regular_file
 from vfpt_deploy.errors import ArtifactError, VFPTError
 
 INPUT_NAME = "images"
@@ -115,6 +115,10 @@ def load_onnx(path: str | Path, *, strict: bool = True):
         if strict:
             raise ArtifactError("reading an ONNX graph needs the onnx package (pip install onnx)") from None
         return None
+    if not regular_file(path):  # never open a FIFO or device: reading one blocks or never ends
+        if not strict:
+            return None
+        raise ArtifactError(f"ONNX model {path} {not_a_file(path, 'pass an exported .onnx')}")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:
@@ -339,10 +343,10 @@ def check_output_width(num_outputs, meta: dict, source: str) -> None:
 def read_sidecar(engine_path: str | Path) -> dict:
     """The engine's JSON sidecar, checked for shape; one-line errors for every way it can be wrong."""
     engine_path = Path(engine_path)
-    if not engine_path.is_file():
-        raise ArtifactError(f"engine {engine_path} does not exist; build one with 'vfpt-deploy export --format trt'")
+    if not regular_file(engine_path):
+        raise ArtifactError(f"engine {engine_path} {not_a_file(engine_path, 'build one with ' + repr('vfpt-deploy export --format trt'))}")
     side = sidecar_path(engine_path)
-    if not side.is_file():
+    if not regular_file(side):
         raise ArtifactError(f"engine {engine_path} has no sidecar {side.name} (it holds the TensorRT version, GPU, "
                         "classes and preprocessing); rebuild the engine with 'vfpt-deploy export --format trt'")
     return check_sidecar(read_json(side, "sidecar", "rebuild the engine", ArtifactError), str(side))

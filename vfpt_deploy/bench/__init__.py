@@ -12,6 +12,11 @@ Backends (each measured over a batch sweep, or skipped with the reason):
   ort-trt        onnxruntime, TensorRT EP -- likewise
   tensorrt       a TensorRT engine file (needs the tensorrt module and a CUDA GPU)
 
+Interleaving: every backend is loaded first; then at each batch size every row is warmed up and timed
+round-robin (loop.ROUNDS rounds, each starting one row later), as the scripts in benchmarks/ do, so a change
+in a shared machine's load falls on every backend alike. The report records the load average before and
+after, and the CPU's ISA flags (runtime.hardware); each skip is recorded and printed once.
+
 Timing: perf_counter around each call on CPU; on GPU CUDA events on the stream the work runs on, with
 inputs and outputs already on the device (onnxruntime IO binding) so copies are not timed. `e2e` adds
 end-to-end rows on GPU backends that time host->device copy, inference and device->host copy with
@@ -35,9 +40,10 @@ TensorRT APIs; they run only where a GPU is present.
 
 from vfpt_deploy.bench.backends import (ORT_PROVIDERS, Backend, CudaEventTimer, CudartEventTimer,  # noqa: F401
                                         OrtBackend, TensorRTBackend, TorchBackend, make_input, torch_dtype)
-from vfpt_deploy.bench.loop import (Stream, check_request, check_task_request, measure_backend, run_bench,  # noqa: F401
-                                    stream_task_ids, streams)
-from vfpt_deploy.bench.report import BenchReport, Result, Skipped, machine_line, results_table, table_width  # noqa: F401
+from vfpt_deploy.bench.loop import (ROUNDS, Stream, add_skip, check_request, check_task_request, measure_backend,  # noqa: F401
+                                    measure_backends, run_bench, split_loop, stream_task_ids, streams)
+from vfpt_deploy.bench.report import (BenchReport, Result, Skipped, machine_line, results_table, skip_lines,  # noqa: F401
+                                      table_width)
 from vfpt_deploy.bench.settings import (BACKENDS, DTYPES, FOLDS, FORMAT, MAX_BATCH, VERSION, BenchSettings,  # noqa: F401
                                         check_batches, check_input_memory, parse_batches)
 from vfpt_deploy.errors import Unavailable  # noqa: F401

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.artifacts.schema import artifact_tasks
 from vfpt_deploy.bench.backends import Backend, OrtBackend, TensorRTBackend, TorchBackend
 from vfpt_deploy.bench.report import BenchReport, Result, Skipped
 from vfpt_deploy.bench.settings import BACKENDS, BenchSettings, MiB
 from vfpt_deploy.errors import InputError, RuntimeSetupError, Unavailable, UsageError, VerificationError
 from vfpt_deploy.extras import needs_extras
-from vfpt_deploy.runtime.timing import machine_info, measure, peak_rss_bytes, reset_peak_rss, summarize
+from vfpt_deploy.runtime.timing import LoopSpec, machine_info, measure, peak_rss_bytes, reset_peak_rss, summarize
 
 
 # -- task streams (multi-task artifacts) ----------------------------------------------------------------
@@ -71,40 +72,119 @@ def check_task_request(checkpoint, artifacts: list, task: str | None) -> None:
 
 
 # -- running -----------------------------------------------------------------------------------------
+ROUNDS = 5  # round-robin rounds per batch size: every backend's timed calls are spread over them
+
+
+def split_loop(spec: LoopSpec, rounds: int = ROUNDS) -> list[LoopSpec]:
+    """The timed part of `spec` as round-robin chunks without warm-up: a count split as evenly as it goes
+    (at most `iters` chunks), a duration in equal parts (each with its share of min_iters)."""
+    if spec.iters is not None:
+        r = max(1, min(rounds, spec.iters))
+        return [LoopSpec(warmup=0, iters=spec.iters // r + (i < spec.iters % r)) for i in range(r)]
+    return [LoopSpec(warmup=0, iters=None, duration_s=spec.duration_s / rounds,
+                     min_iters=-(-spec.min_iters // rounds)) for _ in range(rounds)]
+
+
+@dataclass
+class _Cell:
+    """One row being measured: a backend at a batch size (stream, timing), its calls gathered over rounds."""
+
+    key: tuple
+    backend: Backend
+    batch: int
+    e2e: bool
+    stream: Stream | None
+    ids: np.ndarray | None
+    fn: Callable[[], object]
+    times: list = field(default_factory=list)
+    rss: int = 0
+    cuda: float | None = None
+    scoped: bool = True
+
+    def warm_up(self, spec: LoopSpec) -> None:
+        if spec.warmup is not None:
+            for _ in range(spec.warmup):
+                self.fn()
+        else:  # by time: measure's warm-up, its one timed call dropped
+            measure(self.fn, LoopSpec(warmup=None, warmup_s=spec.warmup_s, iters=1))
+
+    def run(self, spec: LoopSpec) -> None:
+        self.backend.cuda_peak_reset()
+        self.scoped = reset_peak_rss() and self.scoped
+        self.times.extend(measure(self.fn, spec, self.backend.timer(self.e2e)))
+        self.rss = max(self.rss, peak_rss_bytes())
+        peak = self.backend.cuda_peak_mib()
+        if peak is not None:
+            self.cuda = max(self.cuda or 0.0, peak)
+
+    def result(self, rounds: int) -> Result:
+        b = self.backend
+        timing = "end-to-end" if self.e2e else ("host" if b.device == "cpu" else "device")
+        detail = {**b.detail, "rss_scope": "row" if self.scoped else "process", "rounds": rounds}
+        if self.ids is not None:  # how many images of each task the measured batch held
+            counts = np.bincount(self.ids, minlength=len(b.tasks))
+            detail["task_counts"] = {t: int(c) for t, c in zip(b.tasks, counts) if c}
+        return Result(b.name, self.batch, timing, summarize(np.asarray(self.times), self.batch).to_dict(),
+                      round(self.rss / MiB, 1), self.cuda, b.device, list(b.providers), detail,
+                      self.stream.label if self.stream else None)
+
+
+def add_skip(report: BenchReport, backend: str, reason: str, batch: int | None = None) -> None:
+    """Record a skip once: the same backend skipped for the same reason at several batch sizes is one
+    entry listing them."""
+    for s in report.skipped:
+        if s.backend == backend and s.reason == reason:
+            if batch is not None and batch not in s.batches:
+                s.batches.append(batch)
+            return
+    report.skipped.append(Skipped(backend, reason, batch, [batch] if batch is not None else []))
+
+
+def measure_backends(backends: list[Backend], settings: BenchSettings, report: BenchReport,
+                     on_row: Callable[[Result], None] | None = None,
+                     status: Callable[[str], None] | None = None) -> None:
+    """Every backend's batch sweep, interleaved: at each batch size every row (backend, stream, timing) is
+    warmed up, then timed round-robin in split_loop's chunks, each round starting one row later, so a change
+    in the machine's load lands on all of them alike rather than on whichever ran last. Every batch's input
+    is checked to fit memory before the first is allocated. Rows come back backend by backend."""
+    for backend in backends:
+        settings.check_memory(backend.image_size)
+    chunks = split_loop(settings.loop)
+    rows: dict[tuple, Result] = {}
+    for bi, batch in enumerate(settings.batches):
+        cells: list[_Cell] = []
+        for k, backend in enumerate(backends):
+            modes = [False] + ([True] if settings.e2e and backend.device != "cpu" else [])
+            for si, stream in enumerate(streams(backend.tasks, settings.task)):  # mixed, then one task
+                ids = None if stream is None else stream_task_ids(backend.tasks, stream, batch, settings.seed)
+                for e2e in modes:
+                    try:
+                        fn = backend.runner(batch, e2e, ids)
+                    except Unavailable as e:
+                        add_skip(report, backend.name, str(e), batch)
+                        continue
+                    cells.append(_Cell((k, bi, si, e2e), backend, batch, e2e, stream, ids, fn))
+        if not cells:
+            continue
+        if status:
+            status(f"batch {batch}: {len(cells)} row{'s' if len(cells) > 1 else ''} "
+                   f"({', '.join(dict.fromkeys(c.backend.name for c in cells))}), {len(chunks)} rounds round-robin")
+        for c in cells:
+            c.warm_up(settings.loop)
+        for r, spec in enumerate(chunks):
+            for c in cells[r % len(cells):] + cells[:r % len(cells)]:
+                c.run(spec)
+        for c in cells:
+            rows[c.key] = c.result(len(chunks))
+            if on_row:
+                on_row(rows[c.key])
+    report.results.extend(rows[k] for k in sorted(rows))
+
+
 def measure_backend(backend: Backend, settings: BenchSettings, report: BenchReport,
                     on_row: Callable[[Result], None] | None = None) -> None:
-    """The batch sweep of one backend; e2e rows on GPU backends when asked. Every batch's input is checked
-    to fit memory before the first is allocated."""
-    settings.check_memory(backend.image_size)
-    modes = [False] + ([True] if settings.e2e and backend.device != "cpu" else [])
-    for batch in settings.batches:
-        for stream in streams(backend.tasks, settings.task):  # mixed and single-task rows back to back
-            ids = None if stream is None else stream_task_ids(backend.tasks, stream, batch, settings.seed)
-            for e2e in modes:
-                try:
-                    fn = backend.runner(batch, e2e, ids)
-                except Unavailable as e:
-                    report.skipped.append(Skipped(backend.name, str(e), batch))
-                    continue
-                row = _measure_row(backend, batch, e2e, fn, settings, stream, ids)
-                report.results.append(row)
-                if on_row:
-                    on_row(row)
-
-
-def _measure_row(backend: Backend, batch: int, e2e: bool, fn: Callable[[], object], settings: BenchSettings,
-                 stream: Stream | None = None, task_ids: np.ndarray | None = None) -> Result:
-    backend.cuda_peak_reset()
-    scoped = reset_peak_rss()
-    seconds = measure(fn, settings.loop, backend.timer(e2e))
-    timing = "end-to-end" if e2e else ("host" if backend.device == "cpu" else "device")
-    detail = {**backend.detail, "rss_scope": "row" if scoped else "process"}
-    if task_ids is not None:  # how many images of each task the measured batch held
-        counts = np.bincount(task_ids, minlength=len(backend.tasks))
-        detail["task_counts"] = {t: int(c) for t, c in zip(backend.tasks, counts) if c}
-    return Result(backend.name, batch, timing, summarize(seconds, batch).to_dict(),
-                  round(peak_rss_bytes() / MiB, 1), backend.cuda_peak_mib(), backend.device,
-                  list(backend.providers), detail, stream.label if stream else None)
+    """One backend's batch sweep (measure_backends with one backend)."""
+    measure_backends([backend], settings, report, on_row)
 
 
 def check_request(checkpoint, onnx: list, engines: list, backends: list[str] | None) -> list[str]:
@@ -116,8 +196,8 @@ def check_request(checkpoint, onnx: list, engines: list, backends: list[str] | N
     if checkpoint is None and not onnx and not engines:
         raise UsageError("nothing to benchmark: pass a run.pt and/or --onnx FILE / --engine FILE")
     for p in [*onnx, *engines]:
-        if not Path(p).is_file():
-            raise InputError(f"artifact {p} does not exist")
+        if not regular_file(p):
+            raise InputError(f"artifact {p} {not_a_file(p, 'export one with ' + repr('vfpt-deploy export'))}")
     needs_ckpt = [b for b in wanted if b in ("torch", "torch-folded")]
     if backends and needs_ckpt and checkpoint is None:
         raise UsageError(f"backend {needs_ckpt[0]} runs the PyTorch model: pass the run.pt it comes from")
@@ -128,32 +208,36 @@ def check_request(checkpoint, onnx: list, engines: list, backends: list[str] | N
 
 @dataclass
 class _Run:
-    """One bench run in progress: what it was asked, and where rows, skips and status go."""
+    """One bench run in progress: what it was asked, the backends made so far, and where rows and status go."""
 
     settings: BenchSettings
     report: BenchReport
     wanted: list[str]
     on_row: Callable[[Result], None] | None
     status: Callable[[str], None]
+    backends: list[Backend] = field(default_factory=list)
 
     def backend(self, name: str, make: Callable[[], Backend]) -> None:
-        """Make one backend and measure its batch sweep, or record why it was skipped."""
+        """Make one backend (measured later, interleaved with the others), or record why it was skipped."""
         try:
             backend = make()
         except Unavailable as e:
             self.skip(name, str(e))
-            self.status(f"skipping {name}: {e}")
             return
         runs = [st.label for st in streams(backend.tasks, self.settings.task) if st]
         on = f" ({len(backend.tasks)} tasks; streams: {', '.join(runs)})" if runs else ""
-        self.status(f"measuring {name} on {backend.device}{on}")
-        try:
-            measure_backend(backend, self.settings, self.report, self.on_row)
-        finally:
-            backend.close()
+        self.status(f"loaded {name} on {backend.device}{on}")
+        self.backends.append(backend)
 
     def skip(self, name: str, reason: str) -> None:
-        self.report.skipped.append(Skipped(name, reason))
+        add_skip(self.report, name, reason)
+
+    def measure(self) -> None:
+        measure_backends(self.backends, self.settings, self.report, self.on_row, self.status)
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
 
 
 def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | os.PathLike] = (),
@@ -184,19 +268,41 @@ def run_bench(*, checkpoint: str | os.PathLike | None = None, onnx: list[str | o
     old_threads = torch.get_num_threads() if torch else None
     if torch and settings.threads:
         torch.set_num_threads(settings.threads)
+    report.machine.update(bench_machine())
     try:
         run = _load_run(checkpoint, backbone_weights, bench.status)
         _torch_backends(bench, run)
         with tempfile.TemporaryDirectory(prefix="vfpt-bench-") as tmp:
             _ort_backends(bench, run, [Path(p) for p in onnx], Path(export_dir or tmp))
-        _tensorrt_backends(bench, [Path(p) for p in engines])
+            _tensorrt_backends(bench, [Path(p) for p in engines])
+            bench.measure()
     finally:
+        bench.close()
+        report.machine["load_after"] = load_average()
         if torch:
             torch.set_num_threads(old_threads)
     if not report.results:
         reasons = "; ".join(f"{s.backend}: {s.reason}" for s in report.skipped) or "no backend selected"
         raise RuntimeSetupError(f"no backend could run here ({reasons})")
     return report
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def bench_machine() -> dict:
+    """What bench adds to timing.machine_info: the CPU's arch and numeric ISA flags (runtime.hardware) and
+    the load average before measuring (load_after is added when done): a number measured on a loaded shared
+    machine says so."""
+    from vfpt_deploy.runtime.hardware import cpu
+
+    c = cpu()
+    return {"arch": c["arch"], "isa": list(c["isa"]), "load_before": load_average()}
 
 
 def _load_run(checkpoint, backbone_weights: str | None, status: Callable[[str], None]):

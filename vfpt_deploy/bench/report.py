@@ -39,7 +39,14 @@ class Result:
 class Skipped:
     backend: str
     reason: str
-    batch: int | None = None
+    batch: int | None = None  # the first batch size it was skipped at (None: the whole backend)
+    batches: list[int] = field(default_factory=list)  # every batch size skipped for this reason
+
+    def line(self) -> str:
+        """'ort-cuda-graph at batches 1, 8: reason' -- one line per backend and reason."""
+        where = (f" at batch{'es' if len(self.batches) > 1 else ''} {', '.join(map(str, self.batches))}"
+                 if self.batches else "")
+        return f"{self.backend}{where}: {self.reason}"
 
 
 @dataclass
@@ -64,7 +71,10 @@ class BenchReport:
         machine_cols = {"cpu_model": m.get("cpu_model"), "physical_cores": m.get("physical_cores"),
                         "logical_cpus": m.get("logical_cpus"), "usable_cpus": m.get("usable_cpus"),
                         "threads": self.settings.get("threads"), "gpus": ";".join(m.get("gpus") or []),
-                        "versions": dumps_json(m.get("versions", {}), sort_keys=True), "time_utc": m.get("time_utc")}
+                        "versions": dumps_json(m.get("versions", {}), sort_keys=True), "time_utc": m.get("time_utc"),
+                        "isa": " ".join(m.get("isa") or []),
+                        "load_before": ";".join(map(str, m.get("load_before") or [])),
+                        "load_after": ";".join(map(str, m.get("load_after") or []))}
         rows = [{**r.flat(), **machine_cols} for r in self.results]
 
         def write(tmp: str) -> None:
@@ -117,12 +127,32 @@ class BenchReport:
         return Path(path)
 
 
+def skip_lines(skipped: list[Skipped]) -> list[str]:
+    """Each skip said once: backends skipped for the same reason (at the same batch sizes) share one line,
+    'ort-cuda, ort-cuda-graph: this onnxruntime build has no CUDAExecutionProvider ...'."""
+    groups: dict[tuple, list[str]] = {}
+    for s in skipped:
+        groups.setdefault((s.reason, tuple(s.batches)), []).append(s.backend)
+    return [Skipped(", ".join(names), reason, None, list(batches)).line() for (reason, batches), names in groups.items()]
+
+
 def machine_line(machine: dict, threads: int | None = None) -> str:
     gpu = ", ".join(machine.get("gpus") or []) or "no GPU"
     v = machine.get("versions", {})
     ort = v.get("onnxruntime-gpu") or v.get("onnxruntime")
-    return (f"{machine.get('cpu_model')}, {machine.get('physical_cores')} cores / {machine.get('usable_cpus')} usable CPUs"
-            f", threads {threads or 'default'}; {gpu}; torch {v.get('torch', '-')}, onnxruntime {ort or '-'}")
+    isa = f", ISA {' '.join(machine['isa']) or 'unknown'}" if "isa" in machine else ""
+    return (f"{machine.get('cpu_model')}{isa}, {machine.get('physical_cores')} cores / {machine.get('usable_cpus')} "
+            f"usable CPUs, threads {threads or 'default'}; {gpu}; torch {v.get('torch', '-')}, onnxruntime {ort or '-'}"
+            f"{load_text(machine)}")
+
+
+def load_text(machine: dict) -> str:
+    """'; load 1.2 -> 3.4 (1-min average, before -> after)', or '' when not recorded."""
+    before, after = machine.get("load_before"), machine.get("load_after")
+    if not before and not after:
+        return ""
+    show = lambda v: f"{v[0]:.2f}" if v else "?"  # noqa: E731
+    return f"; load {show(before)} -> {show(after)} (1-min average, before -> after)"
 
 
 def _ms(v: float) -> str:

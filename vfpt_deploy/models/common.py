@@ -32,8 +32,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Unwraps the usual containers ('model', 'state_dict', 'model_ema') and strips 'module.' prefixes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist; pass an existing .pth/.safetensors/.npz file")
+    if not path.is_file():  # (models/ sits below artifacts/: no files.not_a_file here)
+        what = "is not a regular file (a folder, pipe or device)" if os.path.exists(path) else "does not exist"
+        raise InputError(f"weights file {path} {what}; pass an existing .pth/.safetensors/.npz file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

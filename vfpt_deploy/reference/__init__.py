@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vfpt_deploy.artifacts.checkpoint import FORMAT, RUN_SUFFIXES, save_run
-from vfpt_deploy.artifacts.files import check_outputs, check_suffix, file_sha256
+from vfpt_deploy.artifacts.files import check_outputs, check_suffix, file_sha256, not_a_file, regular_file
 from vfpt_deploy.artifacts.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from vfpt_deploy.errors import InputError, VFPTError
 from vfpt_deploy.models.backbone import create_backbone
@@ -32,8 +32,8 @@ def import_state_dict(sd: dict[str, torch.Tensor], *, arch: str = "vit", alpha: 
 def read_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """{"model": state_dict} or a bare state dict, read without unpickling objects; `module.` stripped."""
     path = Path(path)
-    if not path.is_file():
-        raise VFPTError(f"checkpoint {path} does not exist; pass the reference's saved .pth")
+    if not regular_file(path):
+        raise VFPTError(f"checkpoint {path} {not_a_file(path, 'pass the reference' + chr(39) + 's saved .pth')}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

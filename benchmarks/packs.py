@@ -216,8 +216,6 @@ def main() -> None:
                       "packs_loaded": len(session.names)}
 
     # latency forms
-    import onnxruntime as ort
-
     from vfpt_deploy.runtime.onnx_runner import make_session
 
     names = [s["name"] for s in specs[:args.tasks]]
@@ -239,7 +237,6 @@ def main() -> None:
     fin = np.isfinite(outs["baked"])
     result["check_max_abs_diff"] = {k: float(np.abs(outs[k][:, :outs["baked"].shape[1]][fin] - outs["baked"][fin]).max())
                                     for k in ("packs.inputs", "packs.init")}
-    del ort
     rows = []
     keys = list(forms)
     for r in range(0 if args.no_latency else args.repeats):

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from vfpt_deploy.artifacts.checkpoint import load_run
-from vfpt_deploy.artifacts.pack import assemble, read_pack, write_pack
+from vfpt_deploy.artifacts.pack import read_pack, write_pack
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx

@@ -14,12 +14,16 @@ scaled x10, VTAB-1k class counts; task 0 has M = --prompts and 100 classes). Mea
               packs.init    the backbone artifact with the tables added as overridable initializers (graph
                             inputs with stored defaults), not fed
               single        task 0's single-task ONNX on a batch of task 0
-  rss       peak RSS (VmHWM) of a fresh process: one single-task session vs the backbone session holding
-            --rss-packs packs (default 16); each runs one batch; median of --rss-repeats processes
+  rss       peak RSS (VmHWM) of a fresh process: one single-task session (a bare InferenceSession, and an
+            OnnxPredictor, which reads the graph first as predict / serve do) vs the backbone session holding
+            --rss-packs packs (default 16: added at once with add_many, and one by one); each runs one
+            batch; median of --rss-repeats processes
 Before timing, every pack row of the mixed batch is checked against the baked artifact (max |logit diff|).
 
-    .venv/bin/python benchmarks/packs.py --tiny --repeats 2 --out /tmp/packs.json        # seconds
+    .venv/bin/python benchmarks/packs.py --tiny --repeats 2 --out .scratch/packs_tiny.json   # seconds
     .venv/bin/python benchmarks/packs.py --out docs/benchmarks/packs.json --work .scratch/bench_packs
+    .venv/bin/python benchmarks/packs.py --reuse --work .scratch/bench_packs --threads 1 --no-rss \
+        --out docs/benchmarks/packs_latency_1thread.json       # latency again, on the files kept
 """
 from __future__ import annotations
 
@@ -59,9 +63,17 @@ def rss_child(spec: dict) -> dict:
     baseline = _vm("VmHWM")
     if spec["packs"]:
         s = PackSession(spec["model"], ["cpu"], threads=spec["threads"])
-        for p in spec["packs"]:
-            s.add(p)
+        if spec["bulk"]:
+            s.add_many(spec["packs"])
+        else:
+            for p in spec["packs"]:
+                s.add(p)
         s.infer(x, [s.names[i % len(s.names)] for i in range(len(x))])
+    elif spec.get("predictor"):  # as predict / serve open a single-task file (its graph read first)
+        from vfpt_deploy.runtime.onnx_runner import OnnxPredictor
+
+        s = OnnxPredictor(spec["model"], ["cpu"], threads=spec["threads"])
+        s.infer(x)
     else:
         s = make_session(spec["model"], ["cpu"], threads=spec["threads"])
         s.run(None, {"images": x})
@@ -69,9 +81,10 @@ def rss_child(spec: dict) -> dict:
     return {"baseline_bytes": baseline, "peak_bytes": max(_vm("VmHWM"), rss)}
 
 
-def measure_rss(model: Path, packs: list[Path], image_size, batch: int, threads: int) -> dict:
+def measure_rss(model: Path, packs: list[Path], image_size, batch: int, threads: int, bulk: bool = True,
+                predictor: bool = False) -> dict:
     spec = {"model": str(model), "packs": [str(p) for p in packs], "image_size": list(image_size), "batch": batch,
-            "threads": threads}
+            "threads": threads, "bulk": bulk, "predictor": predictor}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child", json.dumps(spec)],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
@@ -135,6 +148,9 @@ def main() -> None:
     ap.add_argument("--rss-repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep the files --work already holds (no re-export)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory part")
+    ap.add_argument("--no-latency", action="store_true", help="skip the latency part")
     ap.add_argument("--rss-child", default=None)
     args = ap.parse_args()
     if args.rss_child:
@@ -158,10 +174,18 @@ def main() -> None:
     tasks = Tasks(args.tiny, args.model)
     specs = task_specs(max(args.tasks, args.rss_packs), [args.prompts])
     t0 = time.perf_counter()
-    single = export_onnx(tasks.run(specs[0]), work / "single.onnx", fold="kv").path
-    backbone = export_backbone(tasks.run(specs[0]), work / "backbone.onnx").path
-    baked = export_tasks(tasks.task_set(specs[:args.tasks]), work / "baked.onnx", fold="kv").path
-    packs = [make_pack(tasks, s, backbone, work / f"{s['name']}.pack.safetensors") for s in specs]
+
+    def made(path: Path, make) -> Path:
+        if not (args.reuse and path.is_file()):
+            make(path)
+        return path
+
+    single = made(work / "single.onnx", lambda p: export_onnx(tasks.run(specs[0]), p, fold="kv"))
+    backbone = made(work / "backbone.onnx", lambda p: export_backbone(tasks.run(specs[0]), p))
+    baked = made(work / f"baked_T{args.tasks}.onnx",
+                 lambda p: export_tasks(tasks.task_set(specs[:args.tasks]), p, fold="kv"))
+    packs = [made(work / f"{s['name']}.pack.safetensors", lambda p, s=s: make_pack(tasks, s, backbone, p))
+             for s in specs]
     log(f"exported in {time.perf_counter() - t0:.0f} s")
     result = {"model": tasks.name, "prompts": args.prompts, "tasks": args.tasks, "batch": args.batch,
               "threads": args.threads, "cpu": platform.processor() or platform.machine(),
@@ -192,8 +216,6 @@ def main() -> None:
                       "packs_loaded": len(session.names)}
 
     # latency forms
-    import onnxruntime as ort
-
     from vfpt_deploy.runtime.onnx_runner import make_session
 
     names = [s["name"] for s in specs[:args.tasks]]
@@ -215,18 +237,16 @@ def main() -> None:
     fin = np.isfinite(outs["baked"])
     result["check_max_abs_diff"] = {k: float(np.abs(outs[k][:, :outs["baked"].shape[1]][fin] - outs["baked"][fin]).max())
                                     for k in ("packs.inputs", "packs.init")}
-    del ort
     rows = []
     keys = list(forms)
-    for r in range(args.repeats):
+    for r in range(0 if args.no_latency else args.repeats):
         order = keys[r % len(keys):] + keys[:r % len(keys)]
         row = {k: timed(forms[k], args.iters) for k in order}
         rows.append(row)
         log(f"repeat {r}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row.items()))
-    med = {k: statistics.median(r[k] for r in rows) for k in keys}
     ratio = lambda a, b: statistics.median(r[a] / r[b] for r in rows)  # noqa: E731
-    result["latency_s"] = med
-    result["ratios"] = {"packs_inputs_vs_baked": ratio("packs.inputs", "baked"),
+    result["latency_s"] = {k: statistics.median(r[k] for r in rows) for k in keys} if rows else None
+    result["ratios"] = None if not rows else {"packs_inputs_vs_baked": ratio("packs.inputs", "baked"),
                         "packs_init_vs_baked": ratio("packs.init", "baked"),
                         "packs_inputs_vs_init": ratio("packs.inputs", "packs.init"),
                         "baked_vs_single": ratio("baked", "single")}
@@ -234,18 +254,26 @@ def main() -> None:
     init = baked_s = single_s = None
 
     # peak memory, fresh processes, interleaved
-    rss = {"single": [], "packs": []}
-    for _ in range(args.rss_repeats):
+    rss = {"single": [], "single_predictor": [], "packs": [], "packs_one_by_one": []}
+    for _ in range(0 if args.no_rss else args.rss_repeats):
         rss["single"].append(measure_rss(single, [], tasks.image_size, args.batch, args.threads)["peak_bytes"])
-        rss["packs"].append(measure_rss(backbone, packs[:args.rss_packs], tasks.image_size, args.batch,
-                                        args.threads)["peak_bytes"])
-    result["rss"] = {"single_peak_bytes": statistics.median(rss["single"]),
-                     "packs_peak_bytes": statistics.median(rss["packs"]), "packs": args.rss_packs, "all": rss}
-    result["rss"]["packs_vs_single"] = result["rss"]["packs_peak_bytes"] / result["rss"]["single_peak_bytes"]
+        rss["single_predictor"].append(measure_rss(single, [], tasks.image_size, args.batch, args.threads,
+                                                   predictor=True)["peak_bytes"])
+        for key, bulk in (("packs", True), ("packs_one_by_one", False)):
+            rss[key].append(measure_rss(backbone, packs[:args.rss_packs], tasks.image_size, args.batch,
+                                        args.threads, bulk)["peak_bytes"])
+    if rss["single"]:
+        med = {k: statistics.median(v) for k, v in rss.items()}
+        result["rss"] = {"single_peak_bytes": med["single"], "packs_peak_bytes": med["packs"],
+                         "packs_one_by_one_peak_bytes": med["packs_one_by_one"], "packs": args.rss_packs,
+                         "single_predictor_peak_bytes": med["single_predictor"],
+                         "packs_vs_single_predictor": med["packs"] / med["single_predictor"],
+                         "packs_vs_single": med["packs"] / med["single"],
+                         "packs_one_by_one_vs_single": med["packs_one_by_one"] / med["single"], "all": rss}
     result["load_average_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("size", "load", "ratios", "rss", "check_max_abs_diff")}, indent=1))
+    print(json.dumps({k: result.get(k) for k in ("size", "load", "ratios", "rss", "check_max_abs_diff")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 holds; packs are added and removed while it runs, without a new session (docs/serving.md, "Prompt packs").
 
     with PackSession("vit.backbone.onnx", ["cpu"]) as s:
-        s.add("cars.pack.safetensors"); s.add("birds.pack.safetensors")
+        s.add("cars.pack.safetensors"); s.add_many(["birds.pack.safetensors", "flat.pack.safetensors"])
         logits = s.infer(batch, ["cars", "birds", "cars"])   # [3, widest classes], -inf past a task's own
         s.remove("birds")
 
@@ -89,21 +89,29 @@ class PackSession:
         """Load a pack (a path, or a read Pack) and serve it from the next inference on. Refused in one line:
         a pack for another backbone, beyond the artifact's limits, or (unless replace) a name already loaded
         (names are compared ignoring case, as serving model names are)."""
-        pack = pack if isinstance(pack, Pack) else read_pack(pack)
-        source = str(pack.path or pack.name)
-        check_fits(pack, self.geometry, self.sha256, source)
+        return self.add_many([pack], replace=replace)[0]
+
+    def add_many(self, packs: list[Pack | str | os.PathLike], *, replace: bool = False) -> list[Pack]:
+        """add() for several packs with one table rebuild (a server starting on a folder of packs): all are
+        loaded, or none (the first refusal is raised)."""
+        packs = [p if isinstance(p, Pack) else read_pack(p) for p in packs]
+        for p in packs:
+            check_fits(p, self.geometry, self.sha256, str(p.path or p.name))
         with self._lock:
             old = self._tables
-            same = [i for i, n in enumerate(old.names) if n.lower() == pack.name.lower()]
+            new = {p.name.lower(): p for p in packs}
+            if len(new) < len(packs):
+                raise UsageError("two of the packs given have the same name (ignoring case); rename one")
+            same = {i for i, n in enumerate(old.names) if n.lower() in new}
             if same and not replace:
-                raise UsageError(f"a prompt pack named {old.names[same[0]]!r} is already loaded; remove it first, or "
+                raise UsageError(f"a prompt pack named {old.names[min(same)]!r} is already loaded; remove it first, or "
                                  "give the new pack another name")
-            packs = [p for i, p in enumerate(old.packs) if i not in same] + [pack]
-            if len(packs) > self.geometry["limits"]["tasks"]:
-                raise UsageError(f"{len(packs)} packs; this backbone artifact takes at most "
+            kept = [p for i, p in enumerate(old.packs) if i not in same] + packs
+            if len(kept) > self.geometry["limits"]["tasks"]:
+                raise UsageError(f"{len(kept)} packs; this backbone artifact takes at most "
                                  f"{self.geometry['limits']['tasks']}: remove one first")
-            self._tables = self._build(packs)
-        return pack
+            self._tables = self._build(kept)
+        return packs
 
     def remove(self, name: str) -> Pack:
         """Stop serving a pack; requests already running finish with the tables they started with."""
@@ -115,9 +123,19 @@ class PackSession:
         return old.packs[i]
 
     def _build(self, packs: list[Pack]) -> Tables:
+        """New padded tables; each pack's own arrays then become views into them, so a pack's tables are held
+        once (the previous tables go when no request in flight holds them)."""
         arrays = assemble([p.tables for p in packs], self.geometry)
         for a in arrays.values():
             a.setflags(write=False)
+        for i, p in enumerate(packs):
+            t = p.tables
+            if t.keys is not None:
+                t.keys = arrays["prompt_keys"][i, :, :, :t.kv_prompts]
+                t.values = arrays["prompt_values"][i, :, :, :t.kv_prompts]
+            if t.tokens is not None:
+                t.tokens = arrays["prompt_tokens"][i, :, :t.token_prompts]
+            t.head_weight = arrays["head_weight"][i, :, :t.num_classes].T
         return Tables(tuple(p.name for p in packs), tuple(packs), arrays)
 
     # -- inference ---------------------------------------------------------------------------------------

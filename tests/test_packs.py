@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from vfpt_deploy.artifacts.checkpoint import load_run
-from vfpt_deploy.artifacts.pack import assemble, read_pack, write_pack
+from vfpt_deploy.artifacts.pack import read_pack, write_pack
 from vfpt_deploy.cli import app
 from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.onnx import export_onnx
@@ -163,6 +163,12 @@ def test_add_and_remove_packs_on_one_session(packed, tmp_path):
             s.add(packs["cars"])
         s.add(packs["cars"], replace=True)
         assert s.names == ["flat", "cars"]
+        with pytest.raises(UsageError, match="already loaded"):  # all or none
+            s.add_many([packs["birds"], packs["flat"]])
+        assert s.names == ["flat", "cars"]
+        s.add_many([packs["birds"], packs["flat"]], replace=True)
+        assert s.names == ["cars", "birds", "flat"] and s.session is session
+        check_mixed(s, runs, tmp_path)
 
 
 def test_requests_in_flight_while_packs_come_and_go(packed):
@@ -322,3 +328,17 @@ def test_packs_run_without_torch(packed, tmp_path):
     assert res.returncode == 0, res.stderr
     res = cli_without("torch", "export", "--ckpt", "run.pt", "--format", "pack", cwd=tmp_path)
     assert res.returncode == 2 and "--backbone-artifact" in res.stderr and "PyTorch" not in res.stderr
+
+
+def test_inspect_pack_and_backbone(packed):
+    backbone, packs, _ = packed
+    r = invoke("inspect", packs["birds"], "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert (info["kind"], info["name"], info["fold"], len(info["classes"])) == ("pack", "birds", "kv", 7)
+    assert info["tables"]["kv.keys"] == [3, 2, 3, 16] and info["verification"]["state"] == "passed"
+    r = invoke("inspect", backbone, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["pack_backbone"]["limits"]["prompts"] == 512 and info["problems"] == []
+    assert [i["name"] for i in info["inputs"]][:3] == ["images", "task", "prompt_keys"]

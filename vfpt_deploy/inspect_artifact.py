@@ -29,6 +29,7 @@ from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
 from vfpt_deploy.artifacts import strength
 from vfpt_deploy.artifacts.files import file_sha256, not_a_file, regular_file
 from vfpt_deploy.text import printable as _printable
+from vfpt_deploy.artifacts.pack import BACKBONE_KEY, PACK_SUFFIX, backbone_geometry, read_pack
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
                      graph_problems, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
@@ -50,10 +51,12 @@ def inspect_artifact(path: str | os.PathLike, *, backbone_weights: str | None = 
         return inspect_engine(path)
     if path.suffix.lower() in ONNX_SUFFIXES:
         return inspect_onnx(path)
+    if path.suffix.lower() == PACK_SUFFIX:
+        return inspect_pack(path)
     if path.suffix.lower() in (".pt", ".pth") or not regular_file(path) or _is_zip(path):
         return inspect_run(path, backbone_weights=backbone_weights)
     raise ArtifactError(f"{path}: not a file vfpt-deploy knows by its suffix; inspect reads a run.pt (.pt/.pth), "
-                        "an ONNX model (.onnx) or a TensorRT engine (.engine/.plan)")
+                        "an ONNX model (.onnx), a TensorRT engine (.engine/.plan) or a prompt pack (.safetensors)")
 
 
 def _is_zip(path: Path) -> bool:
@@ -212,7 +215,7 @@ def _tensor_bytes(t, entries: dict | None = None) -> int:
 def onnx_metadata(meta: dict, inputs: list[dict], path: Path) -> dict | None:
     """The checked vfpt metadata of an ONNX file, or None when it carries none (made elsewhere).
     Metadata that is there but unusable is an ArtifactError, as the runtime would refuse it."""
-    if not meta:
+    if not meta or BACKBONE_KEY in meta:  # a backbone artifact for prompt packs: its own row (_onnx_rows)
         return None
     images = [i for i in inputs if i["name"] == INPUT_NAME] if "tasks" in meta else inputs  # beside `task`
     shape = images[0]["shape"] if len(images) == 1 else None
@@ -247,9 +250,40 @@ def inspect_onnx(path: str | os.PathLike) -> dict:
            "external_data": list(external_locations(model, path.parent).values()),
            "verification": verification(path, sha),
            "problems": problems}  # metadata that contradicts the graph: the runtime refuses the file
+    if BACKBONE_KEY in facts.metadata:
+        out["pack_backbone"] = backbone_geometry(facts.metadata, str(path))
     if "tasks" in out:  # the runtime refuses a multi-task file whose graph lacks the `task` input
         out["task_input"]["in_graph"] = any(i["name"] == TASK_INPUT for i in inputs)
     return out
+
+
+# -- prompt packs ---------------------------------------------------------------------------------------
+def inspect_pack(path: str | os.PathLike) -> dict:
+    """A prompt pack (artifacts/pack.py), read and checked as the runtime reads it."""
+    from vfpt_deploy.artifacts.golden import summary
+
+    path = Path(path)
+    pack = read_pack(path)
+    t, meta = pack.tables, pack.metadata
+    sha = file_sha256(path)
+    return {"kind": "pack", "path": str(path), "bytes": path.stat().st_size, "sha256": sha, "name": pack.name,
+            "classes": pack.classes, "fold": t.fold, "num_prompts": meta.get("num_prompts"),
+            "tables": {k: list(v.shape) for k, v in t.arrays().items()}, "table_bytes": t.nbytes,
+            "preprocess": pack.preprocess.to_dict(), "backbone_artifact_sha256": meta["backbone_artifact_sha256"],
+            "backbone": plain(meta.get("backbone")), "checkpoint_sha256": plain(meta.get("checkpoint_sha256")),
+            "golden": summary(meta), "verification": verification(path, sha)}
+
+
+def _pack_rows(info: dict) -> list[tuple[str, str]]:
+    classes = info["classes"]
+    shown = ", ".join(classes[:SHOWN_CLASSES]) + (" ..." if len(classes) > SHOWN_CLASSES else "")
+    golden = info["golden"]
+    return [("kind", "prompt pack (run it on its backbone artifact: predict B.onnx IMG --pack FILE)"),
+            ("task", info["name"]), ("classes", f"{len(classes)}: {shown}"),
+            ("fold / prompts", f"{info['fold']} / {info['num_prompts']}"),
+            ("tables", "; ".join(f"{k} {v}" for k, v in info["tables"].items()) + f" ({_mib(info['table_bytes'])})"),
+            ("backbone artifact sha256", info["backbone_artifact_sha256"]),
+            ("golden set", "none" if not golden else f"{len(golden['sets'])} sets, {golden['bytes']} bytes")]
 
 
 # -- TensorRT engines -----------------------------------------------------------------------------------
@@ -436,7 +470,13 @@ def _int8_rows(q) -> list[tuple[str, str]]:
 
 
 def _onnx_rows(info: dict) -> list[tuple[str, str]]:
+    bb = info.get("pack_backbone")
     rows = [("kind", "ONNX model" + ("" if info["task"] else " without vfpt-deploy metadata (made elsewhere)"))]
+    if bb:
+        rows = [("kind", "backbone artifact for prompt packs (predict/verify it with --pack FILE)"),
+                ("geometry", f"depth {bb['depth']} (kv layers {bb['kv_layers']}), {bb['heads']} heads x {bb['head_dim']}, "
+                             f"dim {bb['dim']}, pool {bb['pool']}, images {bb['image_size']}"),
+                ("pack limits", ", ".join(f"{k} {v}" for k, v in bb["limits"].items()))]
     rows += [(f"PROBLEM {i + 1}", f"{p}; predict, serve and verify refuse this file: re-export it")
              for i, p in enumerate(info["problems"])]
     if info["task"]:
@@ -503,7 +543,7 @@ def _mib(n: int) -> str:
 
 def summary_rows(info: dict) -> list[tuple[str, str]]:
     """(label, text) rows for a two-column table, printable text only."""
-    rows = {"onnx": _onnx_rows, "engine": _engine_rows, "run": _run_rows}[info["kind"]](info)
+    rows = {"onnx": _onnx_rows, "engine": _engine_rows, "run": _run_rows, "pack": _pack_rows}[info["kind"]](info)
     rows += [("file", f"{_mib(info['bytes'])}, sha256 {info['sha256']}")]
     if "verification" in info:
         rows.append(_verification_row(info["verification"]))

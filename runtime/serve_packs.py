@@ -145,18 +145,7 @@ class Backbone:
         return self.session.infer(batch, [self.keys[int(k)] for k in keys])
 
     def batcher_for(self, model: str, batching: tuple) -> Batcher:
-        if self.batcher is None:
-            rows, delay, max_requests = self.batching = batching
-            sizes = serving.batch_histogram().labels(model_name=self.name, model_version="")
-            tasks = serving.tasks_histogram().labels(model_name=self.name, model_version="")
-            self.batcher = Batcher(self.infer, rows, delay, max_requests=max_requests,
-                                   on_batch=lambda n: (self.batch_sizes.update([n]), sizes.observe(n)),
-                                   on_tasks=lambda ids: tasks.observe(len(set(ids.tolist()))))
-        elif batching != self.batching:
-            raise UsageError(f"model {model}: its batching {batching[:2]} differs from {self.batching[:2]} of the "
-                             f"other packs on {self.name}, which share one batcher; give them the same "
-                             "max_batch_size and max_batch_time")
-        return self.batcher
+        return serving.shared_batcher(self, self.infer, model, batching, "packs")
 
     def stage(self, name: str, path: str | os.PathLike) -> tuple[Pack, Tables]:
         """Read a pack file, served as `name`, and the tables the session would have with it (not swapped in):

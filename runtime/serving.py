@@ -166,19 +166,24 @@ class Shared:
     batch_sizes: Counter = field(default_factory=Counter)
 
     def batcher_for(self, model: str, batching: tuple) -> Batcher:
-        """The one batcher (made by the first task model to load); every task model must batch alike."""
-        if self.batcher is None:
-            rows, delay, max_requests = self.batching = batching
-            sizes = batch_histogram().labels(model_name=self.name, model_version="")
-            tasks = tasks_histogram().labels(model_name=self.name, model_version="")
-            self.batcher = Batcher(self.predictor.infer, rows, delay, max_requests=max_requests,
-                                   on_batch=lambda n: (self.batch_sizes.update([n]), sizes.observe(n)),
-                                   on_tasks=lambda ids: tasks.observe(len(set(ids.tolist()))))
-        elif batching != self.batching:
-            raise UsageError(f"model {model}: its batching {batching[:2]} differs from {self.batching[:2]} of the "
-                             f"other task models of {self.name}, which share one batcher; give them the same "
-                             "max_batch_size and max_batch_time")
-        return self.batcher
+        return shared_batcher(self, self.predictor.infer, model, batching, "task models")
+
+
+def shared_batcher(owner, infer, model: str, batching: tuple, others: str) -> Batcher:
+    """The one batcher of `owner` (a multi-task artifact's Shared, or a pack backbone: .name, .batcher,
+    .batching, .batch_sizes), made by the first model to load on it; every model on it must batch alike."""
+    if owner.batcher is None:
+        rows, delay, max_requests = owner.batching = batching
+        sizes = batch_histogram().labels(model_name=owner.name, model_version="")
+        tasks = tasks_histogram().labels(model_name=owner.name, model_version="")
+        owner.batcher = Batcher(infer, rows, delay, max_requests=max_requests,
+                                on_batch=lambda n: (owner.batch_sizes.update([n]), sizes.observe(n)),
+                                on_tasks=lambda ids: tasks.observe(len(set(ids.tolist()))))
+    elif batching != owner.batching:
+        raise UsageError(f"model {model}: its batching {batching[:2]} differs from {owner.batching[:2]} of the "
+                         f"other {others} of {owner.name}, which share one batcher; give them the same "
+                         "max_batch_size and max_batch_time")
+    return owner.batcher
 
 
 def attach(name: str, path: str, extra: dict, model: "VFPTModel") -> Shared:

@@ -3,6 +3,7 @@ tampered file is one InputError line within a couple of seconds -- never a trace
 a minute-long build -- and `vfpt-deploy info` exits 1 without a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -204,6 +205,57 @@ def test_info_on_crafted_file_exits_1_without_traceback(runs, tmp_path, case, fo
     assert res.exit_code == 1, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     assert "Traceback" not in res.output and "error:" in res.output
+
+
+# -- the torch-free read inspect and info use (artifacts/run_reader.py) ----------------------------------
+# Refused by the family's torch-free size checks (models/vit/sizes.py, models/options.py), so the fast
+# read must refuse them itself instead of showing the file as fine.
+SIZE_CASES = ["depth-million", "depth-disagrees", "embed_dim-million", "embed_dim-disagrees", "img_size-disagrees",
+              "img_size-million", "patch_size-over-img",
+              "img_size-negative", "patch_size-zero", "mlp_ratio-huge", "num_heads-not-dividing", "in_chans",
+              "block-dropped", "block-renumbered", "cls_token-missing", "kwargs-reserved"]
+# What only a model built on the meta device (timm) finds: the fast read shows these, a load refuses them.
+SKELETON_CASES = ["name-unknown", "name-not-vit", "reg_tokens-huge", "mlp-disagrees", "tensor-missing",
+                  "tensor-unexpected", "preprocess-size", "deep-prompts-shape", "prompt-width", "extra-tensor"]
+
+
+def _torch_path_error(path) -> str:
+    """What inspect's torch path (artifacts/checkpoint.py: parse_run, check_run) says of a file."""
+    from vfpt_deploy.artifacts.checkpoint import check_run, parse_run, read_run_dict
+
+    with pytest.raises(VFPTError) as exc:
+        check_run(parse_run(read_run_dict(path), path), path)
+    return str(exc.value)
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize(("edit", "match"), [c[1:] for c in FULL_CASES], ids=[c[0] for c in FULL_CASES])
+def test_fast_read_refuses_with_the_torch_paths_line_or_leaves_the_file_to_it(runs, tmp_path, edit, match, request):
+    from vfpt_deploy.artifacts.run_reader import read_run_facts
+
+    path = _craft(runs, "full", edit, tmp_path)
+    case = request.node.callspec.id
+    try:
+        facts = read_run_facts(path)
+    except VFPTError as e:
+        assert isinstance(e, InputError) and str(e) == _torch_path_error(path), case
+        return
+    assert case not in SIZE_CASES, f"{case}: the fast read shows a file whose sizes a load refuses"
+    assert facts is None or case in SKELETON_CASES, f"{case}: the fast read shows a file a load refuses"
+
+
+@pytest.mark.parametrize("case", ["depth-million", "depth-disagrees", "embed_dim-disagrees", "embed_dim-million"])
+def test_inspect_refuses_crafted_sizes_in_one_line_without_torch(runs, tmp_path, case):
+    edit, match = next(c[1:] for c in FULL_CASES if c[0] == case)
+    path = _craft(runs, "full", edit, tmp_path)
+    cli = ("import atexit, sys; from vfpt_deploy.cli import run; "
+           "atexit.register(lambda: print('MODULES', 'torch' in sys.modules, 'timm' in sys.modules)); "
+           f"sys.argv = ['vfpt-deploy', 'inspect', {str(path)!r}]; run()")
+    res = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "MODULES False False" in res.stdout, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    assert re.search(match, lines[0]) and lines[0] == f"error: {_torch_path_error(path)}", lines[0]
 
 
 # -- backbone keyword arguments from the command line --------------------------------------------------

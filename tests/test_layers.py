@@ -50,6 +50,8 @@ BREAKS = [
     ("bench", "vfpt_deploy/bench/report.py", "from vfpt_deploy.bench.loop import run_bench"),
     ("torch-free", "vfpt_deploy/runtime/predictor.py", "import torch"),
     ("torch-free", "vfpt_deploy/artifacts/schema.py", "from vfpt_deploy.artifacts.checkpoint import load_run"),
+    ("torch-free-sizes", "vfpt_deploy/models/vit/sizes.py", "from vfpt_deploy.models.common import check_tensors"),
+    ("torch-free-sizes", "vfpt_deploy/artifacts/run_reader.py", "from vfpt_deploy.models.backbone import state_sha256"),
 ]
 
 

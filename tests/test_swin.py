@@ -395,6 +395,35 @@ def test_tensorrt_rtx_builds_the_swin(swin_onnx, fold, precision, tmp_path):
     assert res.sidecar["metadata"]["fold"] == fold
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"depths": [2, 2, 2, 300]}, r"depths=\[2, 2, 2, 300\]: depths must be a list"),
+    ({"embed_dim": 4096}, "the last stage would be 32768 wide"),
+    ({"window_size": 10**6}, r"window_size must be an integer \(or a list of them\) in \[1, 1024\]"),
+])
+def test_inspect_refuses_a_crafted_swin_size_without_torch(tmp_path, kwargs, match):
+    """The torch-free run.pt read (inspect, info) bounds a Swin's options as a load does, in the same line."""
+    import re
+    import subprocess
+    import sys
+
+    from vfpt_deploy.artifacts.checkpoint import check_run, parse_run, read_run_dict
+
+    pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+    save_run(tmp_path / "ok.pt", imported(M=2, seed=3), BackboneInfo(SWIN, dict(SWIN_KWARGS)), list("abcde"), pre)
+    obj = torch.load(tmp_path / "ok.pt", weights_only=True)
+    obj["backbone"]["kwargs"].update(kwargs)
+    path = tmp_path / "run.pt"
+    torch.save(obj, path)
+    with pytest.raises(VFPTError) as exc:
+        check_run(parse_run(read_run_dict(path), path), path)
+    cli = ("import atexit, sys; from vfpt_deploy.cli import run; "
+           "atexit.register(lambda: print('MODULES', 'torch' in sys.modules, 'timm' in sys.modules)); "
+           f"sys.argv = ['vfpt-deploy', 'inspect', {str(path)!r}]; run()")
+    res = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "MODULES False False" in res.stdout, res.stdout + res.stderr
+    assert res.stderr.strip() == f"error: {exc.value}" and re.search(match, res.stderr), res.stderr
+
+
 def test_export_pipeline_verifies_a_swin_run(tmp_path):
     from vfpt_deploy.pipeline import ExportSettings, export_run
 

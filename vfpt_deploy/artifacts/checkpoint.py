@@ -30,6 +30,7 @@ from torch import nn
 from vfpt_deploy import __version__
 from vfpt_deploy.artifacts.files import atomic_write, file_sha256, not_a_file, regular_file
 from vfpt_deploy.artifacts.preprocess import Preprocess
+from vfpt_deploy.artifacts.run_reader import damaged as _damaged
 from vfpt_deploy.artifacts.schema import RUN_SUFFIXES  # noqa: F401 (what train and import write; defined torch-free there)
 from vfpt_deploy.errors import InputError, UsageError, VFPTError
 from vfpt_deploy.models.backbone import backbone_skeleton, build_backbone, check_backbone_kwargs, materialize, state_sha256
@@ -92,10 +93,6 @@ def save_run(path: str | os.PathLike, model: nn.Module, backbone: BackboneInfo, 
 
 
 # -- reading -----------------------------------------------------------------------------------------
-def _damaged(path: Path, what: str) -> InputError:
-    return InputError(f"{path}: {what}; the checkpoint is damaged or was not written by vfpt-deploy")
-
-
 def _show(v) -> str:
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -252,7 +249,7 @@ def check_run(parts: _Parts, path: Path):
     """All sizes the metadata implies against the stored tensors; returns the backbone's meta-device
     skeleton. Nothing real is built or allocated here."""
     try:  # what the family can check before a skeleton exists (a ViT: depth, width, tokens against the tensors)
-        family_of_name(parts.info.name).parts().check_stored(parts.info.kwargs, parts.config, parts.tuned, parts.state)
+        family_of_name(parts.info.name).sizes().check_stored(parts.info.kwargs, parts.config, parts.tuned, parts.state)
     except VFPTError as e:
         raise _damaged(path, str(e)) from None
     skeleton = _skeleton(parts.info, path)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vfpt_deploy.errors import InputError, VFPTError
+
 # typed storage class -> (numpy dtype, torch's dtype name, as state_sha256 hashes it)
 STORAGES = {
     "FloatStorage": (np.float32, "torch.float32"),
@@ -180,6 +182,11 @@ def _json_like(v, depth: int = 0) -> bool:
     return False
 
 
+def damaged(path, what: str) -> InputError:
+    """The one-line error for a run.pt field or size a load refuses (artifacts.checkpoint uses it too)."""
+    return InputError(f"{path}: {what}; the checkpoint is damaged or was not written by vfpt-deploy")
+
+
 def read_run_facts(path: str | os.PathLike) -> dict | None:
     """What inspect shows of a run.pt that carries its backbone, read without torch or timm: every field
     type- and range-checked, every tensor floating point and finite, the backbone's hash recomputed (the
@@ -187,11 +194,18 @@ def read_run_facts(path: str | os.PathLike) -> dict | None:
     preprocess (a Preprocess), config (a VFPTConfig), backbone (name, kwargs, source, sha256, stored_sha256),
     tuned and frozen (parameter counts) and meta; None for anything else (a prompts-only run, any field or
     tensor a load would refuse, a file this reader does not vouch for): inspect then reads the file with
-    torch, which says in one line what is wrong. Sizes against the architecture (depth, width, prompt and
-    head shapes against a meta-device skeleton) are checked where the run is loaded (export, verify, bench)."""
+    torch, which says in one line what is wrong.
+
+    Once everything else has passed, the family's torch-free size checks run as a load runs them
+    (models/options.py check_backbone_kwargs, then the family's check_stored on the NumPy arrays) and raise
+    the load's one-line InputError: the backbone options in range, and depth, width and tokens against the
+    stored tensors. Sizes against the architecture itself (tensor names and shapes against a meta-device
+    skeleton, the preprocess size against the model's) are checked where the run is loaded (export, verify,
+    bench)."""
     from vfpt_deploy.artifacts.preprocess import Preprocess
-    from vfpt_deploy.errors import VFPTError
     from vfpt_deploy.models.config import VFPTConfig
+    from vfpt_deploy.models.families import family_of_name
+    from vfpt_deploy.models.options import check_backbone_kwargs
 
     obj = read_run_arrays(path)
     if obj is None or obj.get("format") != RUN_FORMAT or type(obj.get("version")) is not int \
@@ -204,7 +218,7 @@ def read_run_facts(path: str | os.PathLike) -> dict | None:
     if not (isinstance(name, str) and 0 < len(name) <= 200 and isinstance(source, str) and len(source) <= 4096
             and isinstance(sha, str) and (sha == "" or (len(sha) == 64 and set(sha) <= _HEX))
             and isinstance(kwargs, dict) and len(kwargs) <= 64 and _json_like(kwargs)):
-        return None
+        return None  # (plain values only: a refusal below then shows them as the torch path does)
     if not (isinstance(classes, list) and 1 <= len(classes) <= 100_000
             and all(isinstance(c, str) and 0 < len(c) <= 1000 for c in classes)):
         return None
@@ -223,6 +237,13 @@ def read_run_facts(path: str | os.PathLike) -> dict | None:
         preprocess = Preprocess.from_dict(obj["preprocess"])
     except (VFPTError, TypeError, ValueError, KeyError, AttributeError):
         return None
+    # Everything a load parses before the backbone options is fine (or it was left to torch above), so a
+    # refusal here is the one the load gives first: the same line, without torch.
+    try:
+        check_backbone_kwargs(kwargs, name)
+        family_of_name(name).sizes().check_stored(kwargs, config, tuned, state)
+    except VFPTError as e:
+        raise damaged(Path(path), str(e)) from None
     return {"classes": classes, "preprocess": preprocess, "config": config, "meta": meta,
             "backbone": {"name": name, "kwargs": kwargs, "source": source, "sha256": sha,
                          "stored_sha256": arrays_sha256(state)},

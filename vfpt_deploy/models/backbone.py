@@ -3,15 +3,13 @@ hash the weights. What differs by family (the options that size it, what it supp
 layouts) is asked of the family (models/families.py).
 
 Backbone names and keyword arguments come from the command line and from run.pt files alike, so they
-are bounded (check_backbone_kwargs) and the model is laid out on the meta device (backbone_skeleton)
-before any real tensor is allocated.
+are bounded (check_backbone_kwargs: models/options.py, torch-free) and the model is laid out on the meta
+device (backbone_skeleton) before any real tensor is allocated.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import re
 import socket
 import threading
 from urllib.parse import urlparse
@@ -23,7 +21,8 @@ from torch import nn
 from vfpt_deploy.errors import InputError, UsageError
 from vfpt_deploy.models.common import (MAX_PARAMS, MAX_PATCHES, _first_line, _show, check_state_fits,  # noqa: F401
                                        check_tensors, read_state_dict)
-from vfpt_deploy.models.families import family_of_backbone, family_of_name
+from vfpt_deploy.models.families import family_of_backbone
+from vfpt_deploy.models.options import check_backbone_kwargs
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -38,48 +37,6 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-# -- backbone keyword arguments --------------------------------------------------------------------
-# create_model arguments that vfpt sets itself, or that would make timm read other files.
-_RESERVED = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
-             "num_classes", "features_only", "out_indices")
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-
-
-def _json_like(v, level: int = 0) -> bool:
-    """None, bool, finite numbers, short strings, and short lists / string-keyed dicts of these."""
-    if v is None or isinstance(v, (bool, str)):
-        return not isinstance(v, str) or len(v) <= 256
-    if isinstance(v, (int, float)):
-        return math.isfinite(v) and abs(v) <= 2**53
-    if level >= 3:
-        return False
-    if isinstance(v, (list, tuple)):
-        return len(v) <= 64 and all(_json_like(x, level + 1) for x in v)
-    if isinstance(v, dict):
-        return len(v) <= 64 and all(isinstance(k, str) and _json_like(x, level + 1) for k, x in v.items())
-    return False
-
-
-def check_backbone_kwargs(kwargs, name: str = "") -> dict:
-    """Refuse, in one line naming the key, backbone keyword arguments that are not a dict of JSON-like
-    values, that vfpt sets itself, or that size a backbone out of range (the bounds of the family `name`
-    belongs to: models/vit/backbone.py, models/swin/backbone.py). Returns kwargs."""
-    if not isinstance(kwargs, dict):
-        raise UsageError(f"backbone options must be a mapping of timm keyword arguments, got {type(kwargs).__name__}")
-    if len(kwargs) > 64:
-        raise UsageError(f"{len(kwargs)} backbone options; a timm ViT takes at most a few dozen")
-    for key, value in kwargs.items():
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
-            raise UsageError(f"backbone option name {_show(key)} is not a keyword argument name")
-        if key in _RESERVED:
-            raise UsageError(f"backbone option {key} is set by vfpt-deploy itself; remove it")
-        if not _json_like(value):
-            raise UsageError(f"backbone option {key}={_show(value)}: values must be numbers, strings, "
-                             "booleans or short lists of these")
-    family_of_name(name).parts().check_kwargs(kwargs)  # the options that size it, each in range
-    return kwargs
 
 
 def _check_name(name) -> None:

@@ -1,5 +1,6 @@
-"""What every family's backbone code builds on: the limits on a backbone's size, and reading, checking
-and loading weights (state dicts) with one-line errors. No family lookups here (models/backbone.py)."""
+"""What every family's backbone code builds on: reading, checking and loading weights (state dicts) with
+one-line errors; the limits on a backbone's size are in models/limits.py (torch-free) and re-exported here.
+No family lookups here (models/backbone.py)."""
 from __future__ import annotations
 
 import logging
@@ -9,16 +10,9 @@ from pathlib import Path
 import torch
 
 from vfpt_deploy.errors import InputError
+from vfpt_deploy.models.limits import MAX_PARAMS, MAX_PATCHES, _show  # noqa: F401  (torch-free, re-exported)
 
 log = logging.getLogger("vfpt_deploy")
-# Limits every backbone is held to before a real tensor is allocated (backbone.backbone_skeleton).
-MAX_PATCHES = 65_536  # a 256 x 256 patch grid
-MAX_PARAMS = 2_500_000_000  # 10 GB of float32 weights; ViT-G/14 has 1.8 billion
-
-
-def _show(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _first_line(e: BaseException) -> str:

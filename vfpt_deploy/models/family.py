@@ -3,7 +3,8 @@ ViT or a Swin (docs/model.md, "Adding a family").
 
 A family is a folder (models/vit/, models/swin/) and one registration line in models/families.py. Its
 torch-free part -- a name, the reference checkpoint layouts `import --arch` takes, which timm names it
-claims -- is read by the CLI without PyTorch; everything else (FamilyParts) is imported on first use.
+claims, and its sizes checks (FamilySizes, in its torch-free sizes.py) -- is read by the CLI and the
+torch-free run.pt reader without PyTorch; everything else (FamilyParts) is imported on first use.
 Torch-free.
 """
 from __future__ import annotations
@@ -38,19 +39,30 @@ class Imported:
 
 
 @dataclass(frozen=True)
+class FamilySizes:
+    """A family's size checks, torch-free (its sizes.py): they read plain values and tensors' .shape and
+    .ndim only, so they run on torch tensors and on the NumPy arrays of artifacts/run_reader.py alike.
+
+    check_kwargs      (kwargs) -> None: bound the timm options that size it, before anything is built
+    check_stored      (kwargs, config, tuned, backbone_state or None) -> None: a run.pt's recorded sizes
+                      against its tensors, before any skeleton is built (raises VFPTError)
+    """
+
+    check_kwargs: Callable[[dict], None]
+    check_stored: Callable[..., None]
+
+
+@dataclass(frozen=True)
 class FamilyParts:
     """A family's torch side: everything the pipeline asks a family, from a timm name to a folded model.
 
     backbone_type     the timm class of its backbones (a backbone of this class belongs to the family)
-    check_kwargs      (kwargs) -> None: bound the timm options that size it, before anything is built
     check_backbone    (backbone, name) -> None: refuse, in one line, a built backbone VFPT cannot prompt
     read_weights      (skeleton, path) -> state dict or None: read a weights file, refusing another depth
     load_weights      (backbone, path, state) -> None: load a weights file (its own layouts) strictly
     model             the prompted model class: model(backbone, num_classes, config)
     check_config      (config) -> None: refuse VFPT settings the family does not have
     tuned_shapes      (config, skeleton, num_classes) -> {name: shape} of the tensors that train
-    check_stored      (kwargs, config, tuned, backbone_state or None) -> None: a run.pt's recorded sizes
-                      against its tensors, before any skeleton is built (raises VFPTError)
     fold              (model, mode, dtype) -> the folded model (modes: models/folds.py)
     kv_refusal        (model) -> why the kv fold is not exact for it, or None
     import_state_dict (sd, *, arch, alpha, location, heads, source, create_backbone) -> Imported
@@ -58,14 +70,12 @@ class FamilyParts:
     """
 
     backbone_type: type
-    check_kwargs: Callable[[dict], None]
     check_backbone: Callable[..., None]
     read_weights: Callable[..., Any]
     load_weights: Callable[..., None]
     model: type
     check_config: Callable[[Any], None]
     tuned_shapes: Callable[..., dict]
-    check_stored: Callable[..., None]
     fold: Callable[..., Any]
     kv_refusal: Callable[[Any], "str | None"]
     import_state_dict: Callable[..., Imported]
@@ -81,9 +91,11 @@ class Family:
     claims_name  (timm name) -> bool, before anything is built; None for the default family, which
                  takes every name (and backbone) no other family claims
     parts        () -> FamilyParts, imported on first use (PyTorch and timm)
+    sizes        () -> FamilySizes, imported on first use (torch-free: its sizes.py)
     """
 
     name: str
     archs: tuple[str, ...]
     claims_name: Callable[[str], bool] | None
     parts: Callable[[], FamilyParts]
+    sizes: Callable[[], FamilySizes]

@@ -1,16 +1,17 @@
 """The Swin family: timm SwinTransformer (v1) backbones (docs/model.md, section 5).
 
-backbone.py   the options that size a Swin, what VFPT supports, weight files (timm's or Microsoft's layout)
+backbone.py   what VFPT supports, weight files (timm's or Microsoft's layout)
 model.py      VFPTSwin, the prompted Swin
 fold.py       its tokens and kv folds
 reference.py  its reference checkpoint importer (`import --arch swin`)
+sizes.py      the options that size it and a run.pt's recorded sizes, torch-free (FamilySizes)
 parts.py      what it registers (models/family.py, FamilyParts)
 
 Torch-free to import.
 """
 from __future__ import annotations
 
-from vfpt_deploy.models.family import Family, FamilyParts
+from vfpt_deploy.models.family import Family, FamilyParts, FamilySizes
 
 
 def is_swin_name(name: str) -> bool:
@@ -24,4 +25,10 @@ def _parts() -> FamilyParts:
     return PARTS
 
 
-SWIN = Family(name="swin", archs=("swin",), claims_name=is_swin_name, parts=_parts)
+def _sizes() -> FamilySizes:
+    from vfpt_deploy.models.swin.sizes import SIZES
+
+    return SIZES
+
+
+SWIN = Family(name="swin", archs=("swin",), claims_name=is_swin_name, parts=_parts, sizes=_sizes)

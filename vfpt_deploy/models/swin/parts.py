@@ -7,21 +7,14 @@ from vfpt_deploy.models.family import FamilyParts
 from vfpt_deploy.models.swin import backbone, fold, reference
 from vfpt_deploy.models.swin.model import VFPTSwin, check_swin_config, tuned_shapes
 
-
-def _nothing_stored_to_check(kwargs, config, tuned, state) -> None:
-    """A Swin's sizes are bounded by check_swin_kwargs, then checked against its meta-device skeleton."""
-
-
 PARTS = FamilyParts(
     backbone_type=SwinTransformer,
-    check_kwargs=backbone.check_swin_kwargs,
     check_backbone=backbone.check_swin_backbone,
     read_weights=backbone.read_weights,
     load_weights=backbone.load_weights,
     model=VFPTSwin,
     check_config=check_swin_config,
     tuned_shapes=tuned_shapes,
-    check_stored=_nothing_stored_to_check,
     fold=fold.fold_swin,
     kv_refusal=fold.kv_refusal,
     import_state_dict=reference.import_state_dict,

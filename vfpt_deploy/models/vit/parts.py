@@ -14,14 +14,12 @@ def _no_config_limits(config) -> None:
 
 PARTS = FamilyParts(
     backbone_type=VisionTransformer,
-    check_kwargs=backbone._check_sizes,
     check_backbone=backbone.check_backbone,
     read_weights=backbone.read_weights,
     load_weights=backbone.load_weights,
     model=VFPTViT,
     check_config=_no_config_limits,
     tuned_shapes=backbone.tuned_shapes_of,
-    check_stored=backbone.check_stored,
     fold=fold.fold_vit,
     kv_refusal=fold.kv_refusal,
     import_state_dict=reference.import_state_dict,

@@ -130,3 +130,38 @@ def test_packs_outside_the_engine_profile_are_refused_in_one_line(backbones):
         with pytest.raises(UsageError, match=match) as e:
             check_engine_ranges(ranges, {**table_dims(ok), **change}, "engine")
         one_line(e)
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from vfpt_deploy.cli import app
+
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+def test_cli_export_backbone_with_engine(rtx, task_runs, tmp_path):
+    ckpt = next(iter(task_runs.values()))
+    r = _cli("--ckpt", ckpt, "--format", "backbone", "--out", tmp_path / "b.onnx", "--engine", "trt-rtx",
+             "--max-tasks", 4, "--max-prompts", 64, "--max-batch", 2)
+    assert r.exit_code == 0, r.output
+    side = json.loads((tmp_path / "b.engine.json").read_text())
+    assert side["onnx"]["sha256"] == file_sha256(tmp_path / "b.onnx") and (tmp_path / "b.engine").is_file()
+    assert side["profile"]["ranges"] == {"batch": [1, 2, 2], "tasks": [1, 4, 4], "prompts": [0, 64, 64],
+                                         "slots": [0, 64, 64], "classes": [1, 100, 10000]}
+    assert "tasks 1..4 (opt 4)" in r.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--format", "backbone", "--max-tasks", 4), "add --engine trt or --engine trt-rtx"),
+    (("--format", "onnx", "--engine", "trt-rtx"), "apply to --format backbone only"),
+    (("--format", "backbone", "--engine", "trt-rtx", "--max-tasks", 4, "--opt-tasks", 5), "--opt-tasks must be"),
+    (("--format", "backbone", "--engine", "trt-rtx", "--max-tasks", 20, "--max-prompts", 8), None)])
+def test_cli_engine_options_are_checked_before_the_export(task_runs, tmp_path, args, match):
+    ckpt = next(iter(task_runs.values()))
+    if match is None:  # a valid request where the engine's output is taken by a folder: refused before any work
+        (tmp_path / "b.engine").mkdir()
+        match = "b.engine"
+    r = _cli("--ckpt", ckpt, "--out", tmp_path / "b.onnx", *args)
+    assert r.exit_code != 0 and match in r.output, r.output
+    assert not (tmp_path / "b.onnx").exists()

@@ -88,9 +88,10 @@ def test_no_runtime_reads_a_backbone_engine_yet(built):
     assert "sidecar version 3" in one_line(e)
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(max_tasks=0), r"--max-tasks must be an integer in 1\.\.256"),
-                                           (dict(max_tasks=257), r"--max-tasks must be an integer in 1\.\.256"),
-                                           (dict(max_tasks=4, opt_tasks=5), r"--opt-tasks must be an integer in 1\.\.4")])
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_tasks=0), r"--max-tasks must be an integer in 1\.\.256"),
+    (dict(max_tasks=257), r"--max-tasks must be an integer in 1\.\.256"),
+    (dict(max_tasks=4, opt_tasks=5), r"--opt-tasks must be an integer in 1\.\.4")])
 def test_bad_task_ranges_are_one_line(backbones, tmp_path, kwargs, match):
     # Refused before TensorRT is asked for: runs where tensorrt_rtx is absent, too.
     with pytest.raises(UsageError, match=match) as e:

@@ -393,7 +393,8 @@ def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone
                     max_classes, engine_args=(None, None, None, None)) -> None:
     """export --format pack / backbone (vfpt_deploy/pack_pipeline.py): one run, named by --task NAME=PATH;
     engine_args (flavor, BuildSettings, max_tasks, opt_tasks): --format backbone --engine."""
-    from .pack_pipeline import build_planned_engine, check_limits, export_pack_run, plan_backbone_engine, plan_pack_export
+    from .pack_pipeline import (build_planned_engine, check_limits, export_pack_run, plan_backbone_engine,
+                                plan_pack_export)
     from .threads import set_torch_threads
 
     settings.check()
@@ -407,7 +408,8 @@ def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone
                             limits=check_limits(max_prompts, max_classes), inputs={"--backbone": backbone})
     flavor, build, max_tasks, opt_tasks = engine_args
     if (flavor is not None or max_tasks is not None or opt_tasks is not None) and settings.format != "backbone":
-        raise UsageError("--engine, --max-tasks and --opt-tasks build an engine of a backbone artifact: --format backbone")
+        raise UsageError("--engine, --max-tasks and --opt-tasks build an engine of a backbone artifact: "
+                         "--format backbone")
     if flavor is None and (max_tasks is not None or opt_tasks is not None):
         raise UsageError("--max-tasks and --opt-tasks size the engine: add --engine trt or --engine trt-rtx")
     engine_plan = None if flavor is None else plan_backbone_engine(plan, flavor, build, max_tasks, opt_tasks)
@@ -432,8 +434,8 @@ def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone
         with activity(f"building the {engine_plan.build.flavor} engine of {outcome.plan.out.name}"):
             res = build_planned_engine(engine_plan, outcome.plan.out)
         r = res.sidecar["profile"]["ranges"]
-        console.print(f"engine {res.engine_path} ({res.engine_bytes / 2**20:.2f} MiB, built in {res.build_seconds:.1f} s), "
-                      f"profile: " + ", ".join(f"{k} {v[0]}..{v[2]} (opt {v[1]})" for k, v in r.items()))
+        console.print(f"engine {res.engine_path} ({res.engine_bytes / 2**20:.2f} MiB, built in "
+                      f"{res.build_seconds:.1f} s), profile: " + ", ".join(f"{k} {v[0]}..{v[2]} (opt {v[1]})" for k, v in r.items()))
         for note in res.notes:
             console.print(f"note: {escape(note)}")
 

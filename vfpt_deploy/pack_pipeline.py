@@ -157,7 +157,8 @@ class EnginePlan:
     opt_tasks: int | None
 
 
-def plan_backbone_engine(plan: PackPlan, flavor: str, build, max_tasks: int | None, opt_tasks: int | None) -> EnginePlan:
+def plan_backbone_engine(plan: PackPlan, flavor: str, build, max_tasks: int | None,
+                         opt_tasks: int | None) -> EnginePlan:
     """Check the engine's settings and output (B.engine beside B.onnx) before the export; one line when wrong.
     The task range is checked against the limits the backbone will record (--max-tasks <= its task limit)."""
     from dataclasses import replace

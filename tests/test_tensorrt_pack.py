@@ -85,7 +85,7 @@ def test_ranges_follow_the_backbone_limits_and_the_task_options(rtx, backbones, 
 def test_no_runtime_reads_a_backbone_engine_yet(built):
     with pytest.raises(ArtifactError) as e:
         read_sidecar(built.engine_path)
-    assert "sidecar version 3" in one_line(e)
+    assert "prompt-pack backbone engine, which vfpt-deploy cannot run yet" in one_line(e)
 
 
 @pytest.mark.parametrize("kwargs, match", [

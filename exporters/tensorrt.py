@@ -344,14 +344,18 @@ def profile_shapes(trt_input_shape, settings: BuildSettings) -> tuple[list, list
     return [min_batch, *shape], [opt_batch, *shape], [max_batch, *shape]
 
 
-def add_profile(parsed: ParsedNetwork, config, settings: BuildSettings, tasks: bool = False) -> tuple[list, list, list]:
+def add_profile(parsed: ParsedNetwork, config, settings: BuildSettings, tasks: bool = False,
+                extra: dict | None = None) -> tuple[list, list, list]:
     """One optimization profile: `images` [batch, 3, H, W] and, for a multi-task graph, `task` [batch] over the
-    same batches (every dynamic input needs its range in the profile). Returns the images' shapes."""
+    same batches (every dynamic input needs its range in the profile), plus `extra` {input: {min, opt, max}}
+    (a backbone artifact's tables: tensorrt_pack.py). Returns the images' shapes."""
     shapes = profile_shapes(parsed.network.get_input(0).shape, settings)
     profile = parsed.builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *shapes)
     if tasks:
         profile.set_shape(TASK_INPUT, *[s[:1] for s in shapes])
+    for name, t in (extra or {}).items():
+        profile.set_shape(name, t["min"], t["opt"], t["max"])
     config.add_optimization_profile(profile)
     return shapes
 

@@ -67,6 +67,7 @@ def choices(name: str, values) -> type[Enum]:
 Location = choices("Location", LOCATIONS)
 Fold = choices("Fold", EXPORT_FOLDS)
 Format = choices("Format", FORMATS)
+EngineFlavor = choices("EngineFlavor", TRT_FLAVORS)
 Precision = choices("Precision", PRECISIONS)
 Quantize = choices("Quantize", QUANTIZE_MODES)
 FoldDtype = choices("FoldDtype", ("float32", "float64"))
@@ -342,6 +343,9 @@ def export(
     backbone_artifact: Annotated[Optional[Path], typer.Option(help="--format pack: the backbone artifact (.onnx, from --format backbone) the pack runs on and is verified through.")] = None,
     max_prompts: Annotated[Optional[int], typer.Option(min=1, max=100_000, help="--format backbone: the most prompts a pack may have (default 512).")] = None,
     max_classes: Annotated[Optional[int], typer.Option(min=1, max=1_000_000, help="--format backbone: the most classes a pack may have (default 10000).")] = None,
+    engine: Annotated[Optional[EngineFlavor], typer.Option("--engine", help="--format backbone: also build a TensorRT engine of it, B.engine beside B.onnx (trt-rtx builds without a GPU); profile: --min/--opt/--max-batch, --max-tasks/--opt-tasks, and 0..--max-prompts, 1..--max-classes.")] = None,
+    max_tasks: Annotated[Optional[int], typer.Option(min=1, max=256, help="--engine: the most packs the engine takes at once (default 16).")] = None,
+    opt_tasks: Annotated[Optional[int], typer.Option(min=1, max=256, help="--engine: the number of packs to tune for (default 8, or --max-tasks if smaller).")] = None,
 ) -> None:
     """Fold a run.pt, export it to ONNX (and a TensorRT engine), verify it against the PyTorch model, and
     only then put it in place (a failed export or verify leaves the previous artifact untouched). Several
@@ -352,7 +356,7 @@ def export(
     from .threads import resolve_threads, set_torch_threads
 
     build = None
-    if format.value in TRT_FLAVORS:
+    if format.value in TRT_FLAVORS or engine is not None:
         from vfpt_deploy.exporters.tensorrt import BuildSettings
 
         build = BuildSettings(batch=batch, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
@@ -368,7 +372,10 @@ def export(
     inputs = {"--backbone": backbone, "--timing-cache": None}
     if format.value in PACK_FORMATS:
         return export_pack_cli(ckpt or [], task or [], settings, out, backbone, backbone_artifact, max_prompts,
-                               max_classes)
+                               max_classes, (engine.value if engine else None, build, max_tasks, opt_tasks))
+    if engine is not None or max_tasks is not None or opt_tasks is not None:
+        raise UsageError("--engine, --max-tasks and --opt-tasks apply to --format backbone only (other engines: "
+                         "--format trt or trt-rtx)")
     if backbone_artifact is not None or max_prompts is not None or max_classes is not None:
         raise UsageError("--backbone-artifact, --max-prompts and --max-classes apply to --format pack / backbone only")
     load = plan_export_source(ckpt or [], task or [], settings, out, inputs)  # refuses bad input before loading
@@ -383,9 +390,11 @@ def export(
 
 
 def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone, backbone_artifact, max_prompts,
-                    max_classes) -> None:
-    """export --format pack / backbone (vfpt_deploy/pack_pipeline.py): one run, named by --task NAME=PATH."""
-    from .pack_pipeline import check_limits, export_pack_run, plan_pack_export
+                    max_classes, engine_args=(None, None, None, None)) -> None:
+    """export --format pack / backbone (vfpt_deploy/pack_pipeline.py): one run, named by --task NAME=PATH;
+    engine_args (flavor, BuildSettings, max_tasks, opt_tasks): --format backbone --engine."""
+    from .pack_pipeline import (build_planned_engine, check_limits, export_pack_run, plan_backbone_engine,
+                                plan_pack_export)
     from .threads import set_torch_threads
 
     settings.check()
@@ -397,6 +406,13 @@ def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone
     path = pick_ckpt(Path(path), None)
     plan = plan_pack_export(path, settings, out, backbone_artifact=backbone_artifact, name=name,
                             limits=check_limits(max_prompts, max_classes), inputs={"--backbone": backbone})
+    flavor, build, max_tasks, opt_tasks = engine_args
+    if (flavor is not None or max_tasks is not None or opt_tasks is not None) and settings.format != "backbone":
+        raise UsageError("--engine, --max-tasks and --opt-tasks build an engine of a backbone artifact: "
+                         "--format backbone")
+    if flavor is None and (max_tasks is not None or opt_tasks is not None):
+        raise UsageError("--max-tasks and --opt-tasks size the engine: add --engine trt or --engine trt-rtx")
+    engine_plan = None if flavor is None else plan_backbone_engine(plan, flavor, build, max_tasks, opt_tasks)
     set_torch_threads(settings.threads)
     from vfpt_deploy.artifacts.checkpoint import load_run
 
@@ -414,6 +430,14 @@ def export_pack_cli(ckpts: list[Path], tasks: list[str], settings, out, backbone
     t.add_row("verification", "[green]pass[/]" if outcome.passed else "[red]FAIL[/]")
     console.print(t)
     finish_verify(outcome.report, outcome.written)
+    if engine_plan is not None:
+        with activity(f"building the {engine_plan.build.flavor} engine of {outcome.plan.out.name}"):
+            res = build_planned_engine(engine_plan, outcome.plan.out)
+        r = res.sidecar["profile"]["ranges"]
+        console.print(f"engine {res.engine_path} ({res.engine_bytes / 2**20:.2f} MiB, built in "
+                      f"{res.build_seconds:.1f} s), profile: " + ", ".join(f"{k} {v[0]}..{v[2]} (opt {v[1]})" for k, v in r.items()))
+        for note in res.notes:
+            console.print(f"note: {escape(note)}")
 
 
 def plan_export_source(ckpts: list[Path], tasks: list[str], settings, out: Path | None, inputs: dict):

@@ -145,3 +145,40 @@ def export_pack_run(run: Run, settings: ExportSettings, plan: PackPlan,
         size = staged.stat().st_size
         written = stage.commit() if report.passed else []
     return PackOutcome(plan, settings.format, size, report, written, notes)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """export --format backbone --engine FLAVOR: the engine built from the verified backbone ONNX."""
+
+    out: Path
+    build: object  # exporters.tensorrt.BuildSettings, checked
+    max_tasks: int
+    opt_tasks: int | None
+
+
+def plan_backbone_engine(plan: PackPlan, flavor: str, build, max_tasks: int | None,
+                         opt_tasks: int | None) -> EnginePlan:
+    """Check the engine's settings and output (B.engine beside B.onnx) before the export; one line when wrong.
+    The task range is checked against the limits the backbone will record (--max-tasks <= its task limit)."""
+    from dataclasses import replace
+
+    from vfpt_deploy.artifacts.pack import DEFAULT_LIMITS
+    from vfpt_deploy.artifacts.schema import sidecar_path
+    from vfpt_deploy.exporters.tensorrt import check_trt_available
+    from vfpt_deploy.exporters.tensorrt_pack import DEFAULT_MAX_TASKS, pack_ranges
+
+    build = replace(build, flavor=flavor).check()
+    max_tasks = DEFAULT_MAX_TASKS if max_tasks is None else max_tasks
+    pack_ranges({"limits": {**DEFAULT_LIMITS, **plan.limits}}, build.profile_batches, max_tasks, opt_tasks)
+    check_trt_available(flavor)  # one line, before the export
+    out = plan.out.with_suffix(".engine")
+    check_outputs({"the engine": out, "its sidecar": sidecar_path(out)}, {"the backbone artifact": plan.out})
+    return EnginePlan(out, build, max_tasks, opt_tasks)
+
+
+def build_planned_engine(plan: EnginePlan, onnx_path: Path):
+    """Build the engine of the (verified, in place) backbone artifact: exporters/tensorrt_pack.py."""
+    from vfpt_deploy.exporters.tensorrt_pack import build_backbone_engine
+
+    return build_backbone_engine(onnx_path, plan.out, plan.build, max_tasks=plan.max_tasks, opt_tasks=plan.opt_tasks)

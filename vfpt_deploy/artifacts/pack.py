@@ -264,3 +264,27 @@ def assemble(tables: list[PackTables], geometry: dict) -> dict[str, np.ndarray]:
            "token_write": write, "token_bias": token_bias, "head_weight": head_w, "head_bias": head_b}
     assert list(out) == list(TABLE_INPUTS)
     return out
+
+
+def table_dims(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """The symbolic dimensions (tasks, prompts, slots, classes) of assembled tables (assemble's output)."""
+    return {"tasks": arrays["head_bias"].shape[0], "prompts": arrays["prompt_keys"].shape[3],
+            "slots": arrays["prompt_tokens"].shape[2], "classes": arrays["head_bias"].shape[1]}
+
+
+RANGE_FIX = {"tasks": "unload a pack, or rebuild the engine with a larger --max-tasks",
+             "prompts": "drop the packs with more prompts, or rebuild the backbone with a larger --max-prompts",
+             "slots": "drop the packs with more prompt tokens, or rebuild the backbone with a larger --max-prompts",
+             "classes": "drop the packs with more classes, or rebuild the backbone with a larger --max-classes",
+             "batch": "send smaller batches, or rebuild the engine with a larger --max-batch"}
+
+
+def check_engine_ranges(ranges: dict, dims: dict[str, int], source: str) -> None:
+    """One line when tables (table_dims) or a batch fall outside a backbone engine's profile (its sidecar's
+    profile.ranges {dim: [min, opt, max]}, exporters/tensorrt_pack.py); TensorRT would fail on them later."""
+    for dim, n in dims.items():
+        lo, _, hi = ranges[dim]
+        if not lo <= n <= hi:
+            what = {"slots": "prompt-token slots", "batch": "images in a batch"}.get(dim, dim)
+            raise UsageError(f"{source}: {n} {what} is outside this TensorRT engine's profile ({lo}..{hi}); "
+                             f"{RANGE_FIX[dim]}")

@@ -367,6 +367,9 @@ def check_sidecar(side: dict, source: str) -> dict:
         raise ArtifactError(f"{source} is not a vfpt-deploy engine sidecar (format {SIDECAR_FORMAT!r} expected)")
     version = side.get("version")
     _int(version, "sidecar version", 1, 1_000_000, source)
+    if version > SIDECAR_VERSION and isinstance(side.get("profile"), dict) and "ranges" in side["profile"]:
+        raise ArtifactError(f"{source} describes a prompt-pack backbone engine, which vfpt-deploy cannot run yet "
+                            "(docs/tensorrt.md); serve its backbone .onnx with --packs instead")
     if version > SIDECAR_VERSION:
         raise ArtifactError(f"{source} has sidecar version {version}; this vfpt-deploy reads up to "
                             f"{SIDECAR_VERSION}: upgrade vfpt-deploy")

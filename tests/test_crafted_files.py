@@ -214,11 +214,6 @@ SIZE_CASES = ["depth-million", "depth-disagrees", "embed_dim-million", "embed_di
               "img_size-million", "patch_size-over-img",
               "img_size-negative", "patch_size-zero", "mlp_ratio-huge", "num_heads-not-dividing", "in_chans",
               "block-dropped", "block-renumbered", "cls_token-missing", "kwargs-reserved"]
-# What only a model built on the meta device (timm) finds: the fast read shows these, a load refuses them.
-SKELETON_CASES = ["name-unknown", "name-not-vit", "reg_tokens-huge", "mlp-disagrees", "tensor-missing",
-                  "tensor-unexpected", "preprocess-size", "deep-prompts-shape", "prompt-width", "extra-tensor"]
-
-
 def _torch_path_error(path) -> str:
     """What inspect's torch path (artifacts/checkpoint.py: parse_run, check_run) says of a file."""
     from vfpt_deploy.artifacts.checkpoint import check_run, parse_run, read_run_dict
@@ -241,7 +236,38 @@ def test_fast_read_refuses_with_the_torch_paths_line_or_leaves_the_file_to_it(ru
         assert isinstance(e, InputError) and str(e) == _torch_path_error(path), case
         return
     assert case not in SIZE_CASES, f"{case}: the fast read shows a file whose sizes a load refuses"
-    assert facts is None or case in SKELETON_CASES, f"{case}: the fast read shows a file a load refuses"
+    assert facts is None, f"{case}: the fast read shows a file a load refuses"
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize(("edit", "match"), [c[1:] for c in FULL_CASES], ids=[c[0] for c in FULL_CASES])
+def test_inspect_refuses_every_crafted_run(runs, tmp_path, edit, match):
+    """`inspect run.pt` (torch-free where it can, the torch path where it cannot) exits 1 with one line."""
+    res = CliRunner().invoke(app, ["inspect", str(_craft(runs, "full", edit, tmp_path))])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "error:" in res.output and re.search(match, res.output), res.output
+
+
+def test_inspect_shows_the_untouched_run_torch_free(runs):
+    from vfpt_deploy.artifacts.run_reader import read_run_facts
+
+    facts = read_run_facts(runs["full"])
+    assert facts is not None and facts["frozen"] == sum(t.numel() for t in backbone_skeleton(TINY, TINY_KWARGS).state_dict().values())
+
+
+@pytest.mark.parametrize("name", sorted(__import__("vfpt_deploy.models.vit.sizes", fromlist=["x"]).KNOWN_VITS))
+def test_known_vit_templates_match_timm(name):
+    """The torch-free ViT template (vit/sizes.py expected) is what timm builds, for every known name, with
+    and without options."""
+    from vfpt_deploy.models.vit.sizes import expected
+
+    config = VFPTConfig(num_prompts=3, deep=True, project=8)
+    for kwargs in ({}, {"img_size": 64, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 3.0}):
+        skeleton = backbone_skeleton(name, kwargs)
+        state, tuned, size = expected(name, kwargs, config, 5)
+        assert state == {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, (name, kwargs)
+        assert size == tuple(skeleton.patch_embed.img_size), (name, kwargs)
+        assert tuned["deep_prompt_embeddings"] == (len(skeleton.blocks) - 1, 3, 8)
 
 
 @pytest.mark.parametrize("case", ["depth-million", "depth-disagrees", "embed_dim-disagrees", "embed_dim-million"])

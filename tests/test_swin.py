@@ -666,3 +666,34 @@ def test_swin_b_kv_fold_exported_and_verified(tmp_path):
     outcome = export_run(load_run(tmp_path / "run.pt"), ExportSettings(fold="kv", num_random=4))
     assert outcome.passed, outcome.report.to_json()
     assert not set(outcome.onnx.ops) - TENSORRT_ONNX_OPS and not set(outcome.onnx.ops) & FFT_OPS
+
+
+# -- the torch-free template the run.pt reader checks a Swin run against (swin/sizes.py expected) -------------
+@pytest.mark.parametrize("name", sorted(__import__("vfpt_deploy.models.swin.sizes", fromlist=["x"]).KNOWN_SWINS))
+def test_known_swin_templates_match_timm(name):
+    from vfpt_deploy.models.backbone import backbone_skeleton
+    from vfpt_deploy.models.swin.model import tuned_shapes
+    from vfpt_deploy.models.swin.sizes import expected
+
+    for deep in (True, False):
+        config = VFPTConfig(num_prompts=3, deep=deep, alpha=0.5)
+        for kwargs in ({}, dict(SWIN_KWARGS), {**SWIN_KWARGS, "num_heads": [2, 1, 4, 2], "mlp_ratio": 3.0, "window_size": [4, 2]}):
+            skeleton = backbone_skeleton(name, kwargs)
+            state, tuned, size = expected(name, kwargs, config, 5)
+            assert state == {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, (name, kwargs)
+            assert tuned == tuned_shapes(config, skeleton, 5) and size == tuple(skeleton.patch_embed.img_size)
+    assert expected(name, {**SWIN_KWARGS, "num_heads": 2}, config, 5) is None  # timm's Swin refuses an int
+
+
+def test_a_swin_run_is_shown_torch_free_and_a_crafted_one_is_left_to_the_torch_path(tmp_path):
+    from vfpt_deploy.artifacts.run_reader import read_run_facts
+
+    pre = Preprocess(resize=[32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+    save_run(tmp_path / "ok.pt", imported(M=2, seed=3), BackboneInfo(SWIN, dict(SWIN_KWARGS)), list("abcde"), pre)
+    assert read_run_facts(tmp_path / "ok.pt") is not None
+    obj = torch.load(tmp_path / "ok.pt", weights_only=True)
+    obj["backbone_state"].pop("layers.1.blocks.0.norm1.weight")
+    torch.save(obj, tmp_path / "bad.pt")
+    assert read_run_facts(tmp_path / "bad.pt") is None
+    res = invoke("inspect", tmp_path / "bad.pt")
+    assert res.exit_code == 1 and "1 tensors missing, first layers.1.blocks.0.norm1.weight" in res.output, res.output

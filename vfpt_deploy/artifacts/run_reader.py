@@ -182,6 +182,10 @@ def _json_like(v, depth: int = 0) -> bool:
     return False
 
 
+def _shapes(d: dict) -> dict:
+    return {k: tuple(int(n) for n in a.shape) for k, a in d.items()}
+
+
 def damaged(path, what: str) -> InputError:
     """The one-line error for a run.pt field or size a load refuses (artifacts.checkpoint uses it too)."""
     return InputError(f"{path}: {what}; the checkpoint is damaged or was not written by vfpt-deploy")
@@ -199,9 +203,10 @@ def read_run_facts(path: str | os.PathLike) -> dict | None:
     Once everything else has passed, the family's torch-free size checks run as a load runs them
     (models/options.py check_backbone_kwargs, then the family's check_stored on the NumPy arrays) and raise
     the load's one-line InputError: the backbone options in range, and depth, width and tokens against the
-    stored tensors. Sizes against the architecture itself (tensor names and shapes against a meta-device
-    skeleton, the preprocess size against the model's) are checked where the run is loaded (export, verify,
-    bench)."""
+    stored tensors. Then what a load checks on the meta-device skeleton -- the timm name, every stored and
+    tuned tensor's name and shape, the preprocess size -- against the family's torch-free template
+    (FamilySizes.expected: a ViT of a known timm name and options); a name, an option or a family it does
+    not know, or any difference, returns None: the torch path builds the skeleton and refuses in one line."""
     from vfpt_deploy.artifacts.preprocess import Preprocess
     from vfpt_deploy.models.config import VFPTConfig
     from vfpt_deploy.models.families import family_of_name
@@ -239,11 +244,19 @@ def read_run_facts(path: str | os.PathLike) -> dict | None:
         return None
     # Everything a load parses before the backbone options is fine (or it was left to torch above), so a
     # refusal here is the one the load gives first: the same line, without torch.
+    sizes = family_of_name(name).sizes()
     try:
         check_backbone_kwargs(kwargs, name)
-        family_of_name(name).sizes().check_stored(kwargs, config, tuned, state)
+        sizes.check_stored(kwargs, config, tuned, state)
     except VFPTError as e:
         raise damaged(Path(path), str(e)) from None
+    # What the load checks next, on the meta-device skeleton (the name, the options timm takes, every tensor
+    # name and shape, the image size), torch-free where the family knows the architecture; anything it
+    # does not know, or any difference, is left to the torch path, which refuses it in its own words.
+    want = sizes.expected(name, kwargs, config, len(classes)) if sizes.expected else None
+    if want is None or not (_shapes(state) == want[0] and _shapes(tuned) == want[1]
+                            and tuple(preprocess.size) == tuple(want[2])):
+        return None
     return {"classes": classes, "preprocess": preprocess, "config": config, "meta": meta,
             "backbone": {"name": name, "kwargs": kwargs, "source": source, "sha256": sha,
                          "stored_sha256": arrays_sha256(state)},

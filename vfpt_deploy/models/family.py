@@ -46,10 +46,15 @@ class FamilySizes:
     check_kwargs      (kwargs) -> None: bound the timm options that size it, before anything is built
     check_stored      (kwargs, config, tuned, backbone_state or None) -> None: a run.pt's recorded sizes
                       against its tensors, before any skeleton is built (raises VFPTError)
+    expected          (name, kwargs, config, num_classes) -> ({name: shape} of the backbone_state,
+                      {name: shape} of the tuned tensors, (height, width) of its images) that the skeleton
+                      would have, or None where it cannot tell without timm; None (the default): never
+                      tells, so the torch-free run.pt reader leaves the family's runs to the torch path
     """
 
     check_kwargs: Callable[[dict], None]
     check_stored: Callable[..., None]
+    expected: Callable[..., "tuple[dict, dict, tuple[int, int]] | None"] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The Swin family's sizes, torch-free: bounds on the timm options that size a Swin (check_kwargs). A
 Swin's stored tensors are checked against its meta-device skeleton (artifacts/checkpoint.py), so there is
-nothing to check_stored before one is built."""
+nothing to check_stored before one is built; expected() is that skeleton's tensor shapes, torch-free, for
+the known timm names (the run.pt reader shows a run torch-free when they agree)."""
 from __future__ import annotations
 
 import math
@@ -68,4 +69,80 @@ def _nothing_stored_to_check(kwargs, config, tuned, state) -> None:
     """A Swin's sizes are bounded by check_swin_kwargs, then checked against its meta-device skeleton."""
 
 
-SIZES = FamilySizes(check_kwargs=check_swin_kwargs, check_stored=_nothing_stored_to_check)
+# -- the tensors a timm Swin has, torch-free (run_reader: a run.pt shown without building its skeleton) -----
+# timm names whose architecture is known here: name -> (image side, patch, width, depths, heads, window);
+# tests/test_swin.py checks every entry against timm. Any other name or option is left to timm.
+KNOWN_SWINS = {
+    "swin_tiny_patch4_window7_224": (224, 4, 96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+    "swin_small_patch4_window7_224": (224, 4, 96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+    "swin_base_patch4_window7_224": (224, 4, 128, (2, 2, 18, 2), (4, 8, 16, 32), 7),
+    "swin_base_patch4_window12_384": (384, 4, 128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+    "swin_large_patch4_window7_224": (224, 4, 192, (2, 2, 18, 2), (6, 12, 24, 48), 7),
+    "swin_large_patch4_window12_384": (384, 4, 192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
+}
+_SHAPING = ("img_size", "patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio")
+
+
+def _side_pair(v, default: int) -> tuple[int, int] | None:
+    if v is None:
+        return default, default
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v, v
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return v[0], v[1]
+    return None
+
+
+def expected(name: str, kwargs: dict, config, num_classes: int):
+    """The backbone_state and tuned shapes, and the image size, of the Swin `name` built with `kwargs`
+    (checked by check_swin_kwargs), as the meta-device skeleton has them and as check_swin_backbone and
+    check_swin_config accept them; None for anything not known here (the torch path decides)."""
+    known = KNOWN_SWINS.get(name)
+    if known is None or any(k not in _SHAPING for k in kwargs) or config.project \
+            or (config.location != "prepend" and config.num_fourier):
+        return None
+    side, patch, width, depths, heads, window = known
+    img, psize = _side_pair(kwargs.get("img_size"), side), _side_pair(kwargs.get("patch_size"), patch)
+    win = _side_pair(kwargs.get("window_size"), window)
+    width, depths, heads = kwargs.get("embed_dim", width), list(kwargs.get("depths", depths)), kwargs.get("num_heads", heads)
+    # (an int num_heads is not taken by timm's Swin: None, the torch path refuses it)
+    ratio = kwargs.get("mlp_ratio", 4.0)
+    if None in (img, psize, win) or not isinstance(width, int) or not isinstance(heads, (list, tuple)) \
+            or len(heads) != len(depths) or psize[0] != psize[1]:
+        return None
+    grid = [img[0] // psize[0], img[1] // psize[1]]
+    state = {"patch_embed.proj.weight": (width, 3, *psize), "patch_embed.proj.bias": (width,),
+             "patch_embed.norm.weight": (width,), "patch_embed.norm.bias": (width,)}
+    tuned = {"prompt_embeddings": (1, config.num_prompts, width)}
+    dim = width
+    for s, (depth, h) in enumerate(zip(depths, heads)):
+        if s:
+            if grid[0] % 2 or grid[1] % 2:
+                return None
+            grid = [grid[0] // 2, grid[1] // 2]
+            state.update({f"layers.{s}.downsample.norm.weight": (4 * dim,), f"layers.{s}.downsample.norm.bias": (4 * dim,),
+                          f"layers.{s}.downsample.reduction.weight": (2 * dim, 4 * dim)})
+            dim *= 2
+        wh, ww = min(grid[0], win[0]), min(grid[1], win[1])
+        hidden = int(dim * ratio)
+        if min(grid) < 1 or grid[0] % wh or grid[1] % ww or dim % h or hidden < 1:
+            return None
+        for i in range(depth):
+            b = f"layers.{s}.blocks.{i}."
+            state.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
+                          b + "attn.relative_position_bias_table": ((2 * wh - 1) * (2 * ww - 1), h),
+                          b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
+                          b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                          b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
+                          b + "mlp.fc1.weight": (hidden, dim), b + "mlp.fc1.bias": (hidden,),
+                          b + "mlp.fc2.weight": (dim, hidden), b + "mlp.fc2.bias": (dim,)})
+        if config.deep:
+            tuned[f"deep_prompt_embeddings_{s}"] = (depth - (s == 0), config.num_prompts, dim)
+    state.update({"norm.weight": (dim,), "norm.bias": (dim,)})
+    if sum(math.prod(v) for v in state.values()) > MAX_PARAMS:
+        return None
+    tuned.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
+    return state, tuned, (img[0], img[1])
+
+
+SIZES = FamilySizes(check_kwargs=check_swin_kwargs, check_stored=_nothing_stored_to_check, expected=expected)

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 from vfpt_deploy.errors import InputError, UsageError, VFPTError
 from vfpt_deploy.models.common import check_shapes_fit, check_tensors, load_state_strict, log, read_state_dict
 from vfpt_deploy.models.config import VFPTConfig
+from vfpt_deploy.models.vit.sizes import tuned_shapes  # torch-free (the run.pt reader uses it too)
 
 POOLS = ("token", "avg")
 
@@ -143,18 +144,6 @@ def load_npz_weights(model: VisionTransformer, path: Path) -> None:
         raise InputError(f"{path}: timm's .npz loader failed ({type(e).__name__}: {str(e)[:160]}); "
                          "is it a ViT .npz of this size?") from None
     check_tensors(model.state_dict(), str(path))
-
-
-def tuned_shapes(config: VFPTConfig, width: int, depth: int, num_classes: int) -> dict[str, tuple[int, ...]]:
-    """The tuned tensors a VFPTViT has, and their shapes (docs/model.md, section 1)."""
-    p = config.project or width
-    shapes = {"prompt_embeddings": (1, config.num_prompts, p)}
-    if config.deep:
-        shapes["deep_prompt_embeddings"] = (depth - 1, config.num_prompts, p)
-    if config.project:
-        shapes.update({"prompt_proj.weight": (width, config.project), "prompt_proj.bias": (width,)})
-    shapes.update({"head.weight": (num_classes, width), "head.bias": (num_classes,)})
-    return shapes
 
 
 def tuned_shapes_of(config: VFPTConfig, skeleton: VisionTransformer, num_classes: int) -> dict[str, tuple[int, ...]]:

@@ -134,4 +134,66 @@ def check_stored(kwargs: dict, config, tuned: dict, state: dict | None) -> None:
         _check_prompts_only(kwargs, config, tuned)
 
 
-SIZES = FamilySizes(check_kwargs=_check_sizes, check_stored=check_stored)
+# -- the tensors a timm ViT has, torch-free (run_reader: a run.pt shown without building its skeleton) ------
+# timm names whose architecture is known here: name -> (patch, image side, width, depth, heads); each a plain
+# class-token ViT (qkv bias, mlp_ratio 4, LayerNorm, 'token' pooling). tests/test_crafted_files.py checks
+# every entry against timm. Any other name, or a name with a pretrained tag, is left to timm.
+KNOWN_VITS = {
+    "vit_tiny_patch16_224": (16, 224, 192, 12, 3), "vit_tiny_patch16_384": (16, 384, 192, 12, 3),
+    "vit_small_patch32_224": (32, 224, 384, 12, 6), "vit_small_patch32_384": (32, 384, 384, 12, 6),
+    "vit_small_patch16_224": (16, 224, 384, 12, 6), "vit_small_patch16_384": (16, 384, 384, 12, 6),
+    "vit_small_patch8_224": (8, 224, 384, 12, 6),
+    "vit_base_patch32_224": (32, 224, 768, 12, 12), "vit_base_patch32_384": (32, 384, 768, 12, 12),
+    "vit_base_patch16_224": (16, 224, 768, 12, 12), "vit_base_patch16_384": (16, 384, 768, 12, 12),
+    "vit_base_patch8_224": (8, 224, 768, 12, 12),
+    "vit_large_patch32_384": (32, 384, 1024, 24, 16),
+    "vit_large_patch16_224": (16, 224, 1024, 24, 16), "vit_large_patch16_384": (16, 384, 1024, 24, 16),
+    "vit_huge_patch14_224": (14, 224, 1280, 32, 16),
+}
+# the options whose effect on the tensors is known here; any other option is left to timm
+_SHAPING = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+_BLOCK_TENSORS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                  "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                  "mlp.fc2.weight", "mlp.fc2.bias")
+
+
+def tuned_shapes(config, width: int, depth: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """The tuned tensors a VFPTViT has, and their shapes (docs/model.md, section 1; vit/backbone.py uses it)."""
+    p = config.project or width
+    shapes = {"prompt_embeddings": (1, config.num_prompts, p)}
+    if config.deep:
+        shapes["deep_prompt_embeddings"] = (depth - 1, config.num_prompts, p)
+    if config.project:
+        shapes.update({"prompt_proj.weight": (width, config.project), "prompt_proj.bias": (width,)})
+    shapes.update({"head.weight": (num_classes, width), "head.bias": (num_classes,)})
+    return shapes
+
+
+def expected(name: str, kwargs: dict, config, num_classes: int):
+    """The backbone_state and tuned shapes, and the image size, of `name` built with `kwargs` (options
+    already checked by _check_sizes), as the meta-device skeleton would have them; None for a name or an
+    option not known here (timm decides: the torch path builds the skeleton)."""
+    known = KNOWN_VITS.get(name)
+    if known is None or any(k not in _SHAPING for k in kwargs):
+        return None
+    patch, side, width, depth, heads = known
+    (h, w), (ph, pw) = (_pair(kwargs, "img_size", (MAX_IMG_SIDE,) * 2) or (side, side),
+                        _pair(kwargs, "patch_size", (MAX_IMG_SIDE,) * 2) or (patch, patch))
+    width, depth, heads = kwargs.get("embed_dim", width), kwargs.get("depth", depth), kwargs.get("num_heads", heads)
+    hidden = int(width * kwargs.get("mlp_ratio", 4.0))
+    patches = (h // ph) * (w // pw)
+    if width % heads or not 1 <= patches <= MAX_PATCHES or hidden < 1:
+        return None  # timm refuses it, or the skeleton's bounds do: the torch path says which
+    state = {"cls_token": (1, 1, width), "pos_embed": (1, 1 + patches, width),
+             "patch_embed.proj.weight": (width, 3, ph, pw), "patch_embed.proj.bias": (width,)}
+    block = dict(zip(_BLOCK_TENSORS, ((width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
+                                      (width,), (width,), (hidden, width), (hidden,), (width, hidden), (width,))))
+    for i in range(depth):
+        state.update({f"blocks.{i}.{k}": shape for k, shape in block.items()})
+    state.update({"norm.weight": (width,), "norm.bias": (width,)})
+    if sum(math.prod(s) for s in state.values()) > MAX_PARAMS:
+        return None
+    return state, tuned_shapes(config, width, depth, num_classes), (h, w)
+
+
+SIZES = FamilySizes(check_kwargs=_check_sizes, check_stored=check_stored, expected=expected)

@@ -272,6 +272,31 @@ def test_pack_size(packed, tmp_path):
     assert size < 0.1 * single
 
 
+def test_graph_facts_read_without_the_weights(packed, tmp_path):
+    """read_graph (PackSession and OnnxPredictor call it before their session) skips the initializers' data: the
+    same facts as the whole file parsed, none of the weight bytes held; a truncated file still gets the whole
+    parse's verdict."""
+    import onnx
+
+    from vfpt_deploy.artifacts.schema import _load_without_weights, graph_facts, load_onnx, read_graph
+
+    backbone = packed[0]
+    whole = load_onnx(backbone)
+    light = _load_without_weights(backbone)
+    assert read_graph(backbone) == graph_facts(whole)
+    assert [(t.name, t.data_type, list(t.dims)) for t in light.graph.initializer] == \
+        [(t.name, t.data_type, list(t.dims)) for t in whole.graph.initializer]
+    assert sum(len(t.raw_data) for t in whole.graph.initializer) > 10_000
+    assert not any(t.raw_data or t.float_data for t in light.graph.initializer)
+    assert onnx.helper.printable_graph(light.graph) == onnx.helper.printable_graph(whole.graph)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(backbone.read_bytes()[:-1000])
+    assert _load_without_weights(cut) is None
+    with pytest.raises(ArtifactError, match="not a readable ONNX model"):
+        read_graph(cut)
+    assert read_graph(cut, strict=False) is None
+
+
 def test_failed_verification_keeps_the_previous_pack(packed, tmp_path):
     backbone, packs, runs = packed
     out = tmp_path / "cars.pack.safetensors"

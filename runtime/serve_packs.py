@@ -268,6 +268,7 @@ class PackModel(serving.VFPTModel):
             from .selfcheck import describe_check
 
             log.info("model %s: %s", self.name, describe_check(self.self_check))
+        log.info("model %s: %s", self.name, pack_verification(path, backbone.session.path))
         steps = backbone.timings.get(self.name, {})
         log.info("model %s: pack %s on %s (%s)", self.name, Path(path).name, backbone.session.path.name,
                  ", ".join(f"{k} {v}" for k, v in steps.items()) or "loaded by serve")
@@ -416,6 +417,14 @@ def _backbone_item(items: list[str]) -> Path:
     return Path(items[0])
 
 
+def pack_verification(path: str | os.PathLike, backbone: str | os.PathLike) -> str:
+    """One line: which data and tolerances the pack's report beside it vouches for (LOOSENED flagged),
+    or that there is none and the command that writes one."""
+    from vfpt_deploy.artifacts.strength import serving_line
+
+    return serving_line(path, f"vfpt-deploy verify {Path(backbone).name} --pack {Path(path).name} --ckpt RUN.pt")
+
+
 def _packs_dir(packs: str | os.PathLike) -> Path:
     folder = Path(packs)
     if not folder.is_dir():
@@ -426,11 +435,14 @@ def _packs_dir(packs: str | os.PathLike) -> Path:
 def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str], None]) -> tuple[Backbone, dict]:
     """Open the backbone's session and load every pack in DIR into it (each checked as a load call checks
     it): one line for the first bad one, before anything listens."""
+    from vfpt_deploy.artifacts.strength import serving_line
+
     path = _backbone_item(items)
     on_status(f"opening backbone {path}")
     session = PackSession(path, list(opts.providers) if opts.providers else None,
                           threads=resolve_threads(opts.threads), allow_fallback=opts.allow_fallback)
     backbone = Backbone(path.name.split(".")[0], session)
+    on_status(f"backbone {path.name}: {serving_line(path)}")  # which data and tolerances, as for artifacts
     files = pack_files(packs)
     try:
         for name, f in files.items():
@@ -439,6 +451,7 @@ def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str]
             from .selfcheck import describe_check
 
             on_status(f"pack {name}: {f.name}" + (f", {describe_check(result)}" if opts.self_check else ""))
+            on_status(f"pack {name}: {pack_verification(f, path)}")
     except BaseException:
         session.close()
         raise

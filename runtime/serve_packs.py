@@ -46,6 +46,7 @@ from mlserver.utils import get_model_uri
 from vfpt_deploy.artifacts.pack import PACK_SUFFIX, Pack, assemble, check_fits, read_pack
 from vfpt_deploy.errors import OutputError, UsageError, VFPTError
 from vfpt_deploy.threads import resolve_threads
+from vfpt_deploy.text import printable
 
 from . import serve_limits, serve_triton, serving
 from .batcher import Batcher
@@ -88,8 +89,8 @@ def pack_files(folder: Path) -> dict[str, Path]:
         if name is None or not f.is_file():
             continue
         if not NAME_RE.fullmatch(name):
-            log.warning("pack %s: its model name %r is not 1-100 letters, digits, '_', '-', '.'; rename the file", f,
-                        name)
+            log.warning("pack %s: its model name %r is not 1-100 letters, digits, '_', '-', '.'; rename the file",
+                        printable(str(f)), name)  # the path as the name: escaped, never raw to a terminal
             continue
         found[name] = f
     return found

@@ -442,3 +442,17 @@ def test_serve_packs_says_how_the_backbone_and_each_pack_were_verified(packed, t
     assert [ln for ln in lines if ln.startswith("pack cars: verified (cars.pack.safetensors.verify.json)")], said
     assert (f"pack birds: NOT verified: no birds.pack.safetensors.verify.json beside it (run 'vfpt-deploy verify "
             f"{backbone.name} --pack birds.pack.safetensors --ckpt RUN.pt')") in lines, said
+
+
+def test_a_pack_file_name_with_escape_sequences_is_shown_escaped(tmp_path, caplog):
+    """A file in DIR named with an ESC sequence is skipped with a warning that shows the name escaped."""
+    import logging
+
+    from vfpt_deploy.runtime.serve_packs import pack_files
+
+    (tmp_path / "e\x1b[31mred.pack.safetensors").write_bytes(b"x")
+    (tmp_path / "ok.pack.safetensors").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="mlserver"):
+        assert list(pack_files(tmp_path)) == ["ok"]
+    said = [r.getMessage() for r in caplog.records if "red.pack" in r.getMessage()]
+    assert len(said) == 1 and "\x1b" not in said[0] and "e\\x1b[31mred.pack.safetensors" in said[0], said

@@ -342,3 +342,22 @@ def test_inspect_pack_and_backbone(packed):
     info = json.loads(r.stdout)
     assert info["pack_backbone"]["limits"]["prompts"] == 512 and info["problems"] == []
     assert [i["name"] for i in info["inputs"]][:3] == ["images", "task", "prompt_keys"]
+
+
+def test_cli_verify_pack_uses_the_runs_own_data_like_verify_of_an_artifact(tmp_path):
+    """verify B --pack P --ckpt RUN without --data compares on the run's own built-in data as the pack's
+    export did (else its report is weaker than the export's and goes to .verify.weaker.json)."""
+    from test_cli import TINY_ARGS
+
+    run, bb, out = tmp_path / "d.pt", tmp_path / "b.onnx", tmp_path / "d.pack.safetensors"
+    r = invoke("train", "--out", run, *TINY_ARGS, "--epochs", 1, "--prompts", 2, "--batch-size", 128,
+               "--warmup-epochs", 0)  # trained on builtin: the run records it
+    assert r.exit_code == 0, r.output
+    assert invoke("export", "--ckpt", run, "--format", "backbone", "--out", bb).exit_code == 0
+    r = invoke("export", "--ckpt", run, "--format", "pack", "--backbone-artifact", bb, "--out", out)
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", bb, "--pack", out, "--ckpt", run)
+    assert r.exit_code == 0 and "verified on the run's own data (builtin) too" in r.output, r.output
+    assert not (tmp_path / "d.pack.safetensors.verify.weaker.json").exists(), r.output
+    report = json.loads((tmp_path / "d.pack.safetensors.verify.json").read_text())
+    assert any(c["inputs"].startswith("builtin") for c in report["comparisons"]), report["comparisons"]

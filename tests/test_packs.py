@@ -248,6 +248,9 @@ def test_bad_pack_files_are_refused(packed, tmp_path):
     assert "does not exist" in one_line(e)
     r = invoke("predict", backbone, packs["birds"])  # a backbone artifact alone classifies nothing
     assert r.exit_code != 0 and "backbone artifact for prompt packs" in r.output
+    r = invoke("triton", backbone, "--out", tmp_path / "repo", "--kind", "cpu")  # not "no vfpt-deploy metadata"
+    assert r.exit_code == 1 and "backbone artifact for prompt packs" in r.output and "--packs DIR" in r.output, r.output
+    assert not (tmp_path / "repo").exists()
 
 
 def test_pack_beyond_the_backbone_limits_is_refused(packed, tmp_path):

@@ -7,6 +7,7 @@ export within conftest's float32 parity rule; padding changes nothing (bit-ident
 backbone, a bad pack and a pack beyond the backbone's limits are refused in one line.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +247,10 @@ def test_bad_pack_files_are_refused(packed, tmp_path):
     with pytest.raises(ArtifactError) as e:
         read_pack(tmp_path / "missing.pack.safetensors")
     assert "does not exist" in one_line(e)
+    os.mkfifo(tmp_path / "fifo.pack.safetensors")  # said as a FIFO (not "does not exist"), and never opened
+    with pytest.raises(ArtifactError) as e:
+        read_pack(tmp_path / "fifo.pack.safetensors")
+    assert "is a named pipe (FIFO), not a regular file" in one_line(e)
     r = invoke("predict", backbone, packs["birds"])  # a backbone artifact alone classifies nothing
     assert r.exit_code != 0 and "backbone artifact for prompt packs" in r.output
     r = invoke("triton", backbone, "--out", tmp_path / "repo", "--kind", "cpu")  # not "no vfpt-deploy metadata"

@@ -456,7 +456,7 @@ def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str]
     except BaseException:
         session.close()
         raise
-    on_status(f"{len(files)} packs in {packs} on one session and one batcher; load more while it runs with "
+    on_status(f"{len(files)} pack{'' if len(files) == 1 else 's'} in {packs} on one session and one batcher; load more while it runs with "
               "POST /v2/repository/models/NAME/load")
     return backbone, files
 

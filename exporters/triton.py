@@ -66,6 +66,10 @@ def _tensor(t: dict) -> Tensor:
 
 
 def _onnx_model(path: Path, info: dict) -> TritonModel:
+    if info["task"] is None and info.get("pack_backbone"):
+        raise ArtifactError(f"{path} is a backbone artifact for prompt packs: Triton cannot load packs into it; serve "
+                            "it with 'vfpt-deploy serve B.onnx --packs DIR', or give Triton a single-task export "
+                            "('vfpt-deploy export --ckpt RUN.pt --format onnx')")
     if info["task"] is None:
         raise ArtifactError(f"{path} has no vfpt-deploy metadata (class names); export it with 'vfpt-deploy export'")
     if len(info["inputs"]) != 1 or len(info["outputs"]) != 1:

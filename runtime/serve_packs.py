@@ -46,6 +46,7 @@ from mlserver.utils import get_model_uri
 from vfpt_deploy.artifacts.pack import PACK_SUFFIX, Pack, assemble, check_fits, read_pack
 from vfpt_deploy.errors import OutputError, UsageError, VFPTError
 from vfpt_deploy.threads import resolve_threads
+from vfpt_deploy.text import printable
 
 from . import serve_limits, serve_triton, serving
 from .batcher import Batcher
@@ -88,8 +89,8 @@ def pack_files(folder: Path) -> dict[str, Path]:
         if name is None or not f.is_file():
             continue
         if not NAME_RE.fullmatch(name):
-            log.warning("pack %s: its model name %r is not 1-100 letters, digits, '_', '-', '.'; rename the file", f,
-                        name)
+            log.warning("pack %s: its model name %r is not 1-100 letters, digits, '_', '-', '.'; rename the file",
+                        printable(str(f)), name)  # the path as the name: escaped, never raw to a terminal
             continue
         found[name] = f
     return found
@@ -257,6 +258,7 @@ class PackModel(serving.VFPTModel):
             from .selfcheck import describe_check
 
             log.info("model %s: %s", self.name, describe_check(self.self_check))
+        log.info("model %s: %s", self.name, pack_verification(path, backbone.session.path))
         steps = backbone.timings.get(self.name, {})
         log.info("model %s: pack %s on %s (%s)", self.name, Path(path).name, backbone.session.path.name,
                  ", ".join(f"{k} {v}" for k, v in steps.items()) or "loaded by serve")
@@ -405,6 +407,14 @@ def _backbone_item(items: list[str]) -> Path:
     return Path(items[0])
 
 
+def pack_verification(path: str | os.PathLike, backbone: str | os.PathLike) -> str:
+    """One line: which data and tolerances the pack's report beside it vouches for (LOOSENED flagged),
+    or that there is none and the command that writes one."""
+    from vfpt_deploy.artifacts.strength import serving_line
+
+    return serving_line(path, f"vfpt-deploy verify {Path(backbone).name} --pack {Path(path).name} --ckpt RUN.pt")
+
+
 def _packs_dir(packs: str | os.PathLike) -> Path:
     folder = Path(packs)
     if not folder.is_dir():
@@ -415,11 +425,14 @@ def _packs_dir(packs: str | os.PathLike) -> Path:
 def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str], None]) -> tuple[Backbone, dict]:
     """Open the backbone's session and load every pack in DIR into it (each checked as a load call checks
     it): one line for the first bad one, before anything listens."""
+    from vfpt_deploy.artifacts.strength import serving_line
+
     path = _backbone_item(items)
     on_status(f"opening backbone {path}")
     session = PackSession(path, list(opts.providers) if opts.providers else None,
                           threads=resolve_threads(opts.threads), allow_fallback=opts.allow_fallback)
     backbone = Backbone(path.name.split(".")[0], session)
+    on_status(f"backbone {path.name}: {serving_line(path)}")  # which data and tolerances, as for artifacts
     files = pack_files(packs)
     try:
         for name, f in files.items():
@@ -428,10 +441,11 @@ def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str]
             from .selfcheck import describe_check
 
             on_status(f"pack {name}: {f.name}" + (f", {describe_check(result)}" if opts.self_check else ""))
+            on_status(f"pack {name}: {pack_verification(f, path)}")
     except BaseException:
         session.close()
         raise
-    on_status(f"{len(files)} packs in {packs} on one session and one batcher; load more while it runs with "
+    on_status(f"{len(files)} pack{'' if len(files) == 1 else 's'} in {packs} on one session and one batcher; load more while it runs with "
               "POST /v2/repository/models/NAME/load")
     return backbone, files
 

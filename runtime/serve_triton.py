@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vfpt_deploy.text import printable
+
 log = logging.getLogger("mlserver.vfpt")
 
 HEADER = "inference-header-content-length"
@@ -301,8 +303,11 @@ class TritonLayer:
             elif message["type"] == "http.response.body" and state.get("body") is not None:
                 state["body"].append(message.get("body", b""))
                 if not message.get("more_body"):
-                    log.warning("request %s: HTTP %d %s %s: %s", info.id, state["status"], scope["method"],
-                                scope["path"][:200], _reason(b"".join(state["body"])))
+                    # the path and the reason carry what the client sent (a model name): printable, so
+                    # escape sequences in a URL cannot act on a terminal that shows the log
+                    log.warning("request %s: HTTP %d %s %s: %s", printable(info.id), state["status"],
+                                scope["method"], printable(scope["path"], 200),
+                                printable(_reason(b"".join(state["body"]))))
             await send(message)
 
         return wrapped
@@ -394,8 +399,8 @@ def grpc_handler():
             return make()
         except ClientError as e:
             rid = dict(context.invocation_metadata() or ()).get("x-request-id", "-")
-            log.warning("request %s: gRPC %s %s: %s", rid, codes.get(e.status, grpc.StatusCode.UNKNOWN).name,
-                        method, e)
+            log.warning("request %s: gRPC %s %s: %s", printable(rid), codes.get(e.status, grpc.StatusCode.UNKNOWN).name,
+                        method, printable(str(e)))
             await context.abort(codes.get(e.status, grpc.StatusCode.UNKNOWN), str(e))
         except Exception as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e).splitlines()[0][:300] if str(e) else type(e).__name__)

@@ -41,6 +41,7 @@ from mlserver.utils import get_model_uri
 from vfpt_deploy.errors import UsageError, VFPTError
 from vfpt_deploy.artifacts.schema import MAX_BATCH, is_engine
 from vfpt_deploy.threads import resolve_threads
+from vfpt_deploy.text import printable
 
 from . import serve_limits, serve_triton
 from .batcher import Batcher
@@ -272,8 +273,9 @@ class _OneLineClientErrors(logging.Filter):
 
             info = serve_triton.REQUEST.get()
             code = STATUS_CODE_MAPPING.get(exc.status_code)
-            record.msg = (f"request {info.id[:128] if info else '-'}: gRPC {code.name if code else exc.status_code}: "
-                          f"{' '.join(str(exc).split())[:400]}")
+            record.msg = (f"request {printable(info.id[:128]) if info else '-'}: gRPC "
+                          f"{code.name if code else exc.status_code}: {printable(' '.join(str(exc).split()), 400)}")
+            record.levelno, record.levelname = logging.WARNING, "WARNING"  # a client's fault, as REST logs it
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
 

@@ -1,6 +1,7 @@
 """`vfpt-deploy inspect` (and `info`): what a run.pt, an ONNX file and a TensorRT engine hold, read without
 running them; torch-free for ONNX and engines; hostile files are one ArtifactError line."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,9 @@ def test_a_folder_and_a_missing_file(tmp_path):
         inspect_artifact(tmp_path / "nope.pt")
     with pytest.raises(UsageError, match="names no file"):
         inspect_artifact("")
+    os.mkfifo(tmp_path / "pipe")  # no suffix: said as a FIFO at once, never opened (opening one blocks)
+    with pytest.raises(ArtifactError, match="is a named pipe"):
+        inspect_artifact(tmp_path / "pipe")
 
 
 # -- the command line -------------------------------------------------------------------------------------

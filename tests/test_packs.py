@@ -7,6 +7,7 @@ export within conftest's float32 parity rule; padding changes nothing (bit-ident
 backbone, a bad pack and a pack beyond the backbone's limits are refused in one line.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -246,8 +247,15 @@ def test_bad_pack_files_are_refused(packed, tmp_path):
     with pytest.raises(ArtifactError) as e:
         read_pack(tmp_path / "missing.pack.safetensors")
     assert "does not exist" in one_line(e)
+    os.mkfifo(tmp_path / "fifo.pack.safetensors")  # said as a FIFO (not "does not exist"), and never opened
+    with pytest.raises(ArtifactError) as e:
+        read_pack(tmp_path / "fifo.pack.safetensors")
+    assert "is a named pipe (FIFO), not a regular file" in one_line(e)
     r = invoke("predict", backbone, packs["birds"])  # a backbone artifact alone classifies nothing
     assert r.exit_code != 0 and "backbone artifact for prompt packs" in r.output
+    r = invoke("triton", backbone, "--out", tmp_path / "repo", "--kind", "cpu")  # not "no vfpt-deploy metadata"
+    assert r.exit_code == 1 and "backbone artifact for prompt packs" in r.output and "--packs DIR" in r.output, r.output
+    assert not (tmp_path / "repo").exists()
 
 
 def test_pack_beyond_the_backbone_limits_is_refused(packed, tmp_path):
@@ -367,3 +375,22 @@ def test_inspect_pack_and_backbone(packed):
     info = json.loads(r.stdout)
     assert info["pack_backbone"]["limits"]["prompts"] == 512 and info["problems"] == []
     assert [i["name"] for i in info["inputs"]][:3] == ["images", "task", "prompt_keys"]
+
+
+def test_cli_verify_pack_uses_the_runs_own_data_like_verify_of_an_artifact(tmp_path):
+    """verify B --pack P --ckpt RUN without --data compares on the run's own built-in data as the pack's
+    export did (else its report is weaker than the export's and goes to .verify.weaker.json)."""
+    from test_cli import TINY_ARGS
+
+    run, bb, out = tmp_path / "d.pt", tmp_path / "b.onnx", tmp_path / "d.pack.safetensors"
+    r = invoke("train", "--out", run, *TINY_ARGS, "--epochs", 1, "--prompts", 2, "--batch-size", 128,
+               "--warmup-epochs", 0)  # trained on builtin: the run records it
+    assert r.exit_code == 0, r.output
+    assert invoke("export", "--ckpt", run, "--format", "backbone", "--out", bb).exit_code == 0
+    r = invoke("export", "--ckpt", run, "--format", "pack", "--backbone-artifact", bb, "--out", out)
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", bb, "--pack", out, "--ckpt", run)
+    assert r.exit_code == 0 and "verified on the run's own data (builtin) too" in r.output, r.output
+    assert not (tmp_path / "d.pack.safetensors.verify.weaker.json").exists(), r.output
+    report = json.loads((tmp_path / "d.pack.safetensors.verify.json").read_text())
+    assert any(c["inputs"].startswith("builtin") for c in report["comparisons"]), report["comparisons"]

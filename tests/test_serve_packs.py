@@ -419,3 +419,40 @@ def test_new_user_workflow_train_pack_serve_load_query(tmp_path):
                 assert_logits_close(query(name), single.infer(x), f"{name}: served pack vs its single-task export")
         client.unload_model("digits2")
         assert not client.is_model_ready("digits2") and client.is_model_ready("digits")
+
+
+def test_serve_packs_says_how_the_backbone_and_each_pack_were_verified(packed, tmp_path):
+    """As serve does for artifacts: the backbone's and each pack's report (data, tolerances), and for a pack
+    copied into DIR without its report, NOT verified with the pack's own verify command."""
+    from vfpt_deploy.runtime.serve_packs import open_backbone
+    from vfpt_deploy.runtime.serve_settings import ServeOptions
+
+    backbone, packs = packed
+    d = tmp_path / "packs"
+    d.mkdir()
+    for name in ("cars", "birds"):
+        shutil.copyfile(packs[name], d / f"{name}.pack.safetensors")
+    report = packs["cars"].parent / (packs["cars"].name + ".verify.json")
+    shutil.copyfile(report, d / report.name)  # cars comes with its report, birds without
+    lines: list[str] = []
+    bb, _ = open_backbone([str(backbone)], d, ServeOptions(threads=1, self_check=False), lines.append)
+    bb.session.close()
+    said = "\n".join(lines)
+    assert f"backbone {backbone.name}: verified (" in said, said
+    assert [ln for ln in lines if ln.startswith("pack cars: verified (cars.pack.safetensors.verify.json)")], said
+    assert (f"pack birds: NOT verified: no birds.pack.safetensors.verify.json beside it (run 'vfpt-deploy verify "
+            f"{backbone.name} --pack birds.pack.safetensors --ckpt RUN.pt')") in lines, said
+
+
+def test_a_pack_file_name_with_escape_sequences_is_shown_escaped(tmp_path, caplog):
+    """A file in DIR named with an ESC sequence is skipped with a warning that shows the name escaped."""
+    import logging
+
+    from vfpt_deploy.runtime.serve_packs import pack_files
+
+    (tmp_path / "e\x1b[31mred.pack.safetensors").write_bytes(b"x")
+    (tmp_path / "ok.pack.safetensors").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="mlserver"):
+        assert list(pack_files(tmp_path)) == ["ok"]
+    said = [r.getMessage() for r in caplog.records if "red.pack" in r.getMessage()]
+    assert len(said) == 1 and "\x1b" not in said[0] and "e\\x1b[31mred.pack.safetensors" in said[0], said

@@ -354,3 +354,43 @@ def test_the_layer_is_there_under_mlserver_start(exported_run, predictor, tmp_pa
     np.testing.assert_array_equal(np.frombuffer(body[size:], np.float32).reshape(2, 4), predictor.infer(x))
     assert config["name"] == NAME and config["instance_group"][0]["kind"] == "KIND_CPU"
     assert [m["name"] for m in index] == [NAME]
+
+
+def test_4xx_log_lines_show_control_characters_escaped(caplog):
+    """A client's URL or model name reaches the log: an ESC or NUL in it is shown escaped, never raw
+    (it would act on the terminal that shows the log), for REST and for gRPC."""
+    import asyncio
+    import logging
+
+    from mlserver.errors import MLServerError
+
+    from vfpt_deploy.runtime import serve_triton, serving
+
+    evil = "e\x1b[2Jx\x00y"
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def answer():
+        wrapped = serve_triton.TritonLayer._logging({"method": "POST", "path": f"/v2/models/{evil}/load"},
+                                                    serve_triton.RequestInfo(id="rid-1"), send)
+        await wrapped({"type": "http.response.start", "status": 404, "headers": []})
+        await wrapped({"type": "http.response.body", "body": json.dumps({"error": f"model {evil}: no pack"}).encode()})
+
+    with caplog.at_level(logging.WARNING, logger="mlserver.vfpt"):
+        asyncio.run(answer())
+    line = [r.getMessage() for r in caplog.records if "rid-1" in r.getMessage()]
+    assert len(line) == 1 and "\x1b" not in line[0] and "\x00" not in line[0], line
+    assert "HTTP 404 POST /v2/models/e\\x1b[2Jx\\x00y/load" in line[0] and "model e\\x1b[2Jx\\x00y: no pack" in line[0]
+
+    try:
+        raise MLServerError(f"model {evil}: no pack file", 404)
+    except MLServerError:
+        import sys as _sys
+
+        record = logging.LogRecord("mlserver.grpc", logging.ERROR, __file__, 1, "boom", (), _sys.exc_info())
+    serving._OneLineClientErrors().filter(record)
+    msg = record.getMessage()
+    assert "\x1b" not in msg and "\x00" not in msg and "model e\\x1b[2Jx\\x00y: no pack file" in msg, msg
+    assert record.levelno == logging.WARNING and record.exc_info is None  # a client's fault: a warning, one line

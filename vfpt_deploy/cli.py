@@ -646,7 +646,14 @@ def verify_pack_cli(artifact: Path, pack: Path, ckpts: list[Path], tasks: list[s
     except BaseException:
         predictor.close()
         raise
-    finish_verify(verify_artifact(pack, run, data=data, num_random=num_random, overrides=overrides, report_path=out,
+    from .pipeline import ExportSettings, verification_inputs
+
+    try:  # the run's own data when --data is not given, as verify of an artifact and the pack's export do
+        sets, notes = verification_inputs(run, ExportSettings(data=data, num_random=num_random))
+    except BaseException:
+        predictor.close()
+        raise
+    finish_verify(verify_artifact(pack, run, inputs=sets, notes=notes, overrides=overrides, report_path=out,
                                   predictor=predictor))
 
 

@@ -47,6 +47,8 @@ def inspect_artifact(path: str | os.PathLike, *, backbone_weights: str | None = 
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         raise UsageError(f"{str(path)!r} names no file; pass a run.pt, an .onnx or an .engine/.plan")
+    if os.path.exists(path) and not regular_file(path) and not path.is_dir():  # a FIFO: never opened (it blocks)
+        _existing(path, "file", "pass a run.pt, an .onnx, an .engine/.plan or a .pack.safetensors")
     if is_engine(path):
         return inspect_engine(path)
     if path.suffix.lower() in ONNX_SUFFIXES:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vfpt_deploy.artifacts.files import not_a_file, regular_file
 from vfpt_deploy.artifacts.schema import MAX_CLASSES, MAX_TASKS, TASK_NAME, decode_metadata, encode_metadata
 from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
 
@@ -120,9 +121,8 @@ def read_pack(path: str | os.PathLike) -> Pack:
     from vfpt_deploy.artifacts.preprocess import Preprocess
 
     path, source = Path(path), str(path)
-    if not path.is_file():
-        what = "is a folder, not a pack file" if path.is_dir() else "does not exist"
-        raise ArtifactError(f"pack {path} {what}; export one with 'vfpt-deploy export --format pack'")
+    if not regular_file(path):  # a FIFO, socket or device is said as such (never opened: a FIFO would block)
+        raise ArtifactError(f"pack {path} {not_a_file(path, 'export one with ' + repr('vfpt-deploy export --format pack'))}")
     if path.stat().st_size > MAX_PACK_BYTES:
         raise _bad(source, f"it is over {MAX_PACK_BYTES // 2**30} GiB")
     try:

@@ -377,7 +377,7 @@ def refuse_pack_backbone(meta: dict, source: str) -> None:
     """A backbone artifact for prompt packs (artifacts/pack.py) classifies nothing alone: say what it needs."""
     if isinstance(meta, dict) and "pack_backbone" in meta and "classes" not in meta and "tasks" not in meta:
         raise ArtifactError(f"{source} is a backbone artifact for prompt packs: it classifies nothing alone; pass the "
-                            "pack to run on it with --pack NAME.pack.safetensors")
+                            "pack to run on it with --pack NAME.pack.safetensors (serve: --packs DIR)")
 
 
 def _check_classes(classes, what: str, source: str) -> list:

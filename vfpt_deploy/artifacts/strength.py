@@ -248,7 +248,7 @@ def read_beside(artifact, sha256: str) -> tuple[str, dict | None, bool | None]:
     return state, data, matches
 
 
-def serving_line(artifact) -> str:
+def serving_line(artifact, verify_cmd: str = "vfpt-deploy verify ARTIFACT --ckpt RUN.pt") -> str:
     """One line for `serve` as it opens an artifact: which data and tolerances its report beside it vouches
     with, LOOSENED where they are looser than the precision's default, or why there is no such report."""
     name = report_path(artifact).name
@@ -258,7 +258,7 @@ def serving_line(artifact) -> str:
         head = "verified" if s["loosened"] == [] else "verified with LOOSENED tolerances"
         unhashed = "" if state == "passed" else ", but the report does not record the file's sha256"
         return f"{head} ({name}{unhashed}) {s['line']}"
-    return {"missing": f"NOT verified: no {name} beside it (run 'vfpt-deploy verify ARTIFACT --ckpt RUN.pt')",
+    return {"missing": f"NOT verified: no {name} beside it (run '{verify_cmd}')",
             "failed": f"its verification FAILED ({name})",
             "stale": f"NOT verified: {name} is about another file (sha256 differs)",
             "unreadable": f"NOT verified: {name} is unreadable"}[state]

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from vfpt_deploy import __version__
 from vfpt_deploy.artifacts.checkpoint import Run
-from vfpt_deploy.artifacts.pack import BACKBONE_KEY, DEFAULT_LIMITS, PackTables, backbone_geometry, write_pack
+from vfpt_deploy.artifacts.pack import (BACKBONE_KEY, DEFAULT_LIMITS, IDENTITY_KEY, PackTables, backbone_geometry,
+                                        computation_identity, write_pack)
 from vfpt_deploy.errors import UsageError
 
-from .onnx import DEFAULT_OPSET, ExportResult, export_module, run_metadata
+from .onnx import DEFAULT_OPSET, ExportResult, add_metadata, export_module, run_metadata
 
 
 def backbone_identity(run: Run) -> dict:
@@ -31,7 +32,24 @@ def export_backbone(run: Run, path: str | os.PathLike, *, opset: int = DEFAULT_O
     module = PackBackbone(run.model.eval())
     meta = {"backbone": backbone_identity(run), "preprocess": run.preprocess.to_dict(),
             BACKBONE_KEY: {**module.geometry, "limits": limits}}
-    return export_module(module, path, image_size=run.model.img_size, opset=opset, metadata=meta)
+    result = export_module(module, path, image_size=run.model.img_size, opset=opset, metadata=meta)
+    # What a pack's numbers depend on (artifacts/pack.py, computation_identity): recorded after the export, as
+    # it covers the written graph; the limits are left out, so a re-export with other limits keeps it.
+    graph = graph_sha256(path)
+    add_metadata(path, {BACKBONE_KEY: {**meta[BACKBONE_KEY], "identity": computation_identity(
+        backbone_identity(run), module.geometry, opset, graph)}})
+    result.size_bytes = Path(path).stat().st_size
+    return result
+
+
+def graph_sha256(path: str | os.PathLike) -> str:
+    """sha256 of an ONNX file's graph alone (nodes, weights, inputs and outputs), without its metadata: the
+    limits a backbone artifact records are metadata (the table dimensions are symbolic), so they do not change it."""
+    import hashlib
+
+    import onnx
+
+    return hashlib.sha256(onnx.load(str(path)).graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 def check_same_backbone(run: Run, meta: dict, source: str) -> dict:
@@ -55,17 +73,20 @@ def check_same_backbone(run: Run, meta: dict, source: str) -> dict:
     return g
 
 
-def pack_metadata(run: Run, name: str, tables: PackTables, backbone_sha256: str) -> dict:
-    """What a pack records besides its tables (artifacts/pack.py's module docstring)."""
+def pack_metadata(run: Run, name: str, tables: PackTables, backbone_sha256: str,
+                  identity: dict | None = None) -> dict:
+    """What a pack records besides its tables (artifacts/pack.py's module docstring); `identity`: the backbone
+    artifact's computation identity (its vfpt.pack_backbone.identity), which the pack then fits by."""
     own = run_metadata(run)
     return {"name": name, "classes": own["classes"], "preprocess": own["preprocess"], "config": own["config"],
             "num_prompts": run.config.num_prompts, "backbone": own["backbone"],
             "backbone_artifact_sha256": backbone_sha256, "checkpoint_sha256": own["checkpoint_sha256"],
-            "checkpoint": own["checkpoint"], "tool_version": __version__, "precision": "fp32"}
+            "checkpoint": own["checkpoint"], "tool_version": __version__, "precision": "fp32",
+            **({IDENTITY_KEY: identity} if identity is not None else {})}
 
 
 def write_run_pack(run: Run, path: Path, tables: PackTables, name: str, backbone_sha256: str,
-                   extra: dict | None = None) -> int:
+                   extra: dict | None = None, identity: dict | None = None) -> int:
     """Write the pack file (the caller stages and verifies it); returns its size in bytes."""
-    write_pack(path, tables, {**pack_metadata(run, name, tables, backbone_sha256), **(extra or {})})
+    write_pack(path, tables, {**pack_metadata(run, name, tables, backbone_sha256, identity), **(extra or {})})
     return Path(path).stat().st_size

@@ -116,8 +116,7 @@ class PackSession:
         """add() for several packs with one table rebuild (a server starting on a folder of packs): all are
         loaded, or none (the first refusal is raised)."""
         packs = [p if isinstance(p, Pack) else read_pack(p) for p in packs]
-        for p in packs:
-            check_fits(p, self.geometry, self.sha256, str(p.path or p.name))
+        fits = [check_fits(p, self.geometry, self.sha256, str(p.path or p.name)) for p in packs]
         with self._lock:
             old = self._tables
             new = {p.name.lower(): p for p in packs}
@@ -131,7 +130,11 @@ class PackSession:
             if len(kept) > self.geometry["limits"]["tasks"]:
                 raise UsageError(f"{len(kept)} packs; this backbone artifact takes at most "
                                  f"{self.geometry['limits']['tasks']}: remove one first")
-            self._tables = self._build(kept)
+            tables = self._build(kept)
+            for p, how in zip(packs, fits):  # made on another file of the same identity: its golden set first
+                if how == "identity" and p.replayed_on != self.sha256:
+                    replay_golden(self, p, tables, str(p.path or p.name))
+            self._tables = tables
         return packs
 
     def remove(self, name: str) -> Pack:
@@ -221,6 +224,42 @@ class PackPredictor(Predictor):
     def close(self) -> None:
         if self.owns_session:
             self.packs.close()
+
+
+class StagedPack(PackPredictor):
+    """A pack on given tables of its session (not necessarily the ones served): the golden replay before a
+    pack is served."""
+
+    def __init__(self, packs: PackSession, pack: Pack, staged: Tables) -> None:
+        self.packs, self.owns_session, self.staged = packs, False, staged
+        self.name, self.pack_path = pack.name, pack.path
+        self.metadata = {k: v for k, v in pack.metadata.items() if k not in ("tasks",)}
+        self.preprocess = pack.preprocess
+        self.graph_precision = packs.graph_precision
+        self.notes = ()
+
+    def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
+        self.check_task_ids(batch, task_ids)
+        return self.packs.infer(batch, self.name, tables=self.staged)[:, :len(self.classes)]
+
+    def close(self) -> None:
+        pass
+
+
+def replay_golden(session: PackSession, pack: Pack, tables: Tables, source: str):
+    """A pack made on another backbone artifact file with the same computation identity (check_fits: "identity")
+    is served only once its golden set reproduces on this one (the proof that it computes the same); one line
+    otherwise. Returns the self-check result."""
+    from .selfcheck import check_on_load
+
+    result = check_on_load(StagedPack(session, pack, tables), source)
+    if result is None:
+        raise ArtifactError(f"{source} was made on another backbone artifact file (sha256 "
+                            f"{pack.metadata['backbone_artifact_sha256'][:12]}) and carries no golden set to show that "
+                            f"{session.path.name} computes the same; load it with the file it was made on, or re-export "
+                            "the pack with --backbone-artifact THIS.onnx")
+    pack.replayed_on = session.sha256
+    return result
 
 
 def open_pack_predictor(backbone: str | os.PathLike, packs: list[str | os.PathLike], task: str | None = None,

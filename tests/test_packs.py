@@ -222,9 +222,52 @@ def test_pack_for_another_backbone_is_refused(packed, tmp_path):
     other_bb = export(other_run, "backbone", tmp_path / "other.backbone.onnx")
     with PackSession(other_bb, ["cpu"]) as s, pytest.raises(ArtifactError) as e:  # load: made for another artifact
         s.add(packs["cars"])
-    assert "made for another backbone artifact" in one_line(e)
+    assert "made for another backbone artifact" in one_line(e) and "backbone weights sha256" in str(e.value)
     r = invoke("export", "--ckpt", other, "--format", "pack", "--backbone-artifact", backbone)
     assert r.exit_code != 0 and "holds another backbone" in r.output and "Traceback" not in r.output
+
+
+def test_pack_fits_the_backbone_reexported_with_larger_limits(packed, tmp_path):
+    """A pack is tied to the backbone's computation (its identity), not the file: re-exporting the backbone with
+    --max-classes (a new file sha256) keeps every pack, whose golden set is replayed there before it is served.
+    An old pack (no identity) still needs its very file; a pack whose numbers do not reproduce is refused."""
+    from vfpt_deploy.artifacts.files import file_sha256
+
+    backbone, packs, runs = packed
+    big = export(runs["cars"], "backbone", tmp_path / "big.backbone.onnx", limits={"classes": 20000})
+    assert file_sha256(big) != file_sha256(backbone)
+    x, _ = mixed_batch(1, 5)
+    with PackSession(backbone, ["cpu"]) as a, PackSession(big, ["cpu"]) as b:
+        assert b.geometry["limits"]["classes"] == 20000 and b.geometry["identity"] == a.geometry["identity"]
+        for name in ("birds", "flat"):
+            a.add(packs[name])
+            loaded = b.add(packs[name])
+            assert loaded.replayed_on == b.sha256  # its golden set ran on the new file before it was served
+            np.testing.assert_array_equal(b.infer(x, name), a.infer(x, name))
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "img0.png")
+    r = invoke("predict", big, tmp_path / "img0.png", "--pack", packs["birds"], "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["task"] == "birds"
+    pack = read_pack(packs["birds"])  # an old-style pack: no identity, so only its own file
+    old = tmp_path / "old.pack.safetensors"
+    keep = {k: v for k, v in pack.metadata.items() if k not in ("format", "version", "fold", "backbone_identity")}
+    write_pack(old, pack.tables, keep)
+    with PackSession(backbone, ["cpu"]) as a:
+        a.add(old)
+    with PackSession(big, ["cpu"]) as b, pytest.raises(ArtifactError) as e:
+        b.add(old)
+    assert "made for another backbone artifact" in one_line(e) and "--backbone-artifact THIS.onnx" in str(e.value)
+    r = invoke("predict", big, tmp_path / "img0.png", "--pack", old)
+    assert r.exit_code == 1 and "made for another backbone artifact" in r.output and "Traceback" not in r.output
+    wrong = tmp_path / "wrong.pack.safetensors"  # same identity, numbers that do not match its golden set
+    pack = read_pack(packs["birds"])
+    pack.tables.head_bias = pack.tables.head_bias + 1.0
+    write_pack(wrong, pack.tables, {k: v for k, v in pack.metadata.items() if k not in ("format", "version", "fold")})
+    with PackSession(big, ["cpu"]) as b, pytest.raises(ArtifactError) as e:
+        b.add(wrong)
+    assert "does not reproduce its golden set" in one_line(e)
 
 
 def test_bad_pack_files_are_refused(packed, tmp_path):

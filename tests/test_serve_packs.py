@@ -295,7 +295,9 @@ def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp
     meta = {k: v for k, v in pack.metadata.items() if k not in ("format", "version", "fold")}
     cut = server.packs["birds"].read_bytes()
     (server.folder / "corrupt.pack.safetensors").write_bytes(cut[: len(cut) // 2])
-    write_pack(server.folder / "other.pack.safetensors", pack.tables, {**meta, "backbone_artifact_sha256": "0" * 64})
+    ident = meta["backbone_identity"]  # made on another file, and another backbone's weights
+    write_pack(server.folder / "other.pack.safetensors", pack.tables, {**meta, "backbone_artifact_sha256": "0" * 64,
+               "backbone_identity": {**ident, "backbone": {**ident["backbone"], "sha256": "1" * 64}}})
     tables = pack.tables
     wide = type(tables)(**{**vars(tables), "head_weight": np.zeros((10_001, tables.head_weight.shape[1]), np.float32),
                            "head_bias": np.zeros(10_001, np.float32)})

@@ -127,15 +127,16 @@ def export_pack_run(run: Run, settings: ExportSettings, plan: PackPlan,
             export_backbone(run, staged, opset=settings.opset, limits=plan.limits)
             session = PackSession(staged, ["cpu"], threads=settings.threads)
             pack = Pack(tables, pack_metadata(run, name if TASK_NAME.fullmatch(name) else "run", tables,
-                                              session.sha256), run.preprocess)
+                                              session.sha256, session.geometry.get("identity")), run.preprocess)
             session.add(pack)
         else:
-            check_fits(Pack(tables, pack_metadata(run, name, tables, backbone_sha), run.preprocess), geometry,
-                       backbone_sha, str(plan.out))
+            identity = geometry.get("identity")  # the pack fits any backbone artifact with this identity
+            check_fits(Pack(tables, pack_metadata(run, name, tables, backbone_sha, identity), run.preprocess),
+                       geometry, backbone_sha, str(plan.out))
             step("recording the golden set")
             tol = Tolerances.for_precision("fp32").override(**settings.tolerances)
             golden = encode(make_golden(run, sets, tol, "fp32", rows=GOLDEN_ROWS))
-            write_run_pack(run, staged, tables, name, backbone_sha, {KEY: golden})
+            write_run_pack(run, staged, tables, name, backbone_sha, {KEY: golden}, identity)
             session = PackSession(plan.backbone, ["cpu"], threads=settings.threads)
             pack = session.add(staged)
         step(f"verifying through {'it' if settings.format == 'backbone' else plan.backbone} against PyTorch")

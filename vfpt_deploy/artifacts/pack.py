@@ -9,8 +9,14 @@ Pack tensors (float32 unless said; a part the task does not use is absent):
   head.weight [C, D], head.bias [C]
 Pack metadata (safetensors __metadata__, JSON values under vfpt.* keys as in an ONNX artifact): format,
 version, name, classes, preprocess, fold, num_prompts, config, backbone (the run's frozen backbone: name,
-kwargs, sha256), backbone_artifact_sha256 (the ONNX file it was verified through), checkpoint_sha256,
-checkpoint, tool_version and golden (artifacts/golden.py's record).
+kwargs, sha256), backbone_artifact_sha256 (the ONNX file it was verified through), backbone_identity (that
+file's computation identity: computation_identity), checkpoint_sha256, checkpoint, tool_version and golden
+(artifacts/golden.py's record).
+
+A pack fits a backbone artifact with the same computation identity (the frozen weights, model, geometry, opset
+and graph: what its numbers depend on, not the limits), so re-exporting the backbone with other --max-* limits
+keeps every pack; the runtime then replays the pack's golden set on that artifact before serving it. A pack
+without backbone_identity (older) fits only the very file it was made on (backbone_artifact_sha256).
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
 PACK_FORMAT = "vfpt-deploy.pack"
 PACK_VERSION = 1
 PACK_SUFFIX = ".safetensors"
-BACKBONE_KEY = "pack_backbone"  # a backbone artifact's metadata: its geometry and limits
+BACKBONE_KEY = "pack_backbone"  # a backbone artifact's metadata: its geometry, limits and identity
+IDENTITY_KEY = "backbone_identity"  # a pack's metadata: the identity of the backbone artifact it was made on
 MAX_PACK_BYTES = 2 * 2**30
 # Limits a backbone artifact records (export options; the graph's table dimensions are symbolic, so these
 # bound memory and a TensorRT profile, not the graph): a pack beyond them is refused in one line.
@@ -90,6 +97,7 @@ class Pack:
     metadata: dict  # decoded, as stored (format, name, classes, preprocess, golden, ...)
     preprocess: object  # artifacts.preprocess.Preprocess, checked
     path: Path | None = None
+    replayed_on: str | None = None  # the backbone artifact sha256 its golden set was last replayed on
 
     @property
     def name(self) -> str:
@@ -202,12 +210,42 @@ def backbone_geometry(meta: dict, source: str) -> dict:
     return g
 
 
-def check_fits(pack: Pack, geometry: dict, backbone_sha256: str, source: str) -> None:
+def computation_identity(backbone: dict, geometry: dict, opset: int, graph_sha256: str) -> dict:
+    """What a backbone artifact computes, as a pack sees it: the frozen backbone (model name, keyword arguments,
+    weights sha256), its geometry without the limits, the opset and the graph's sha256 without the metadata."""
+    return {"backbone": {k: backbone.get(k) for k in ("name", "kwargs", "sha256")},
+            "geometry": {k: v for k, v in geometry.items() if k != "limits"}, "opset": opset,
+            "graph_sha256": graph_sha256}
+
+
+def _identity_difference(mine: dict, theirs: dict) -> str:
+    """The first thing two computation identities differ in, in words."""
+    pairs = [("backbone weights sha256", lambda i: str((i.get("backbone") or {}).get("sha256"))[:12]),
+             ("backbone model", lambda i: str((i.get("backbone") or {}).get("name"))[:40]),
+             ("backbone keyword arguments", lambda i: json.dumps((i.get("backbone") or {}).get("kwargs"))[:60]),
+             ("geometry", lambda i: json.dumps(i.get("geometry"))[:80]), ("opset", lambda i: str(i.get("opset"))),
+             ("graph sha256", lambda i: str(i.get("graph_sha256"))[:12])]
+    for what, get in pairs:
+        if get(mine) != get(theirs):
+            return f"{what} {get(mine)}, this one {get(theirs)}"
+    return "identity recorded differently"
+
+
+def check_fits(pack: Pack, geometry: dict, backbone_sha256: str, source: str) -> str:
     """One line when a pack cannot run on this backbone artifact: made for another one, or shaped for another
-    backbone, or beyond the limits the artifact records."""
+    backbone, or beyond the limits the artifact records. Returns how it fits: "file" (the very file it was made
+    on) or "identity" (another file with the same computation identity, whose limits it is within: the caller
+    replays its golden set there before serving it)."""
     t, g, lim = pack.tables, geometry, geometry["limits"]
     recorded = pack.metadata["backbone_artifact_sha256"]
-    if recorded != backbone_sha256:
+    mine, theirs = pack.metadata.get(IDENTITY_KEY), g.get("identity")
+    fits = "file" if recorded == backbone_sha256 else "identity"
+    if fits == "identity" and isinstance(mine, dict) and isinstance(theirs, dict):
+        if mine != theirs:
+            raise ArtifactError(f"{source} was made for another backbone artifact (its {_identity_difference(mine, theirs)}"
+                                "); load it with a backbone artifact exported from the backbone it was made on, or "
+                                "re-export the pack with --backbone-artifact THIS.onnx")
+    elif fits == "identity":
         raise ArtifactError(f"{source} was made for another backbone artifact (sha256 {recorded[:12]}, this one is "
                             f"{backbone_sha256[:12]}); load it with the backbone it was exported for, or re-export "
                             "the pack with --backbone-artifact THIS.onnx")
@@ -229,6 +267,7 @@ def check_fits(pack: Pack, geometry: dict, backbone_sha256: str, source: str) ->
         if n > lim[key]:
             raise UsageError(f"{source} has {n} {what}; this backbone artifact takes at most {lim[key]} (re-export the "
                              f"backbone with --max-{what} {n} or more)")
+    return fits
 
 
 def assemble(tables: list[PackTables], geometry: dict) -> dict[str, np.ndarray]:

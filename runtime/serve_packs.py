@@ -43,7 +43,7 @@ from mlserver.errors import MLServerError
 from mlserver.settings import ModelSettings
 from mlserver.utils import get_model_uri
 
-from vfpt_deploy.artifacts.pack import PACK_SUFFIX, Pack, assemble, check_fits, read_pack
+from vfpt_deploy.artifacts.pack import PACK_SUFFIX, Pack, assemble, check_fits, read_pack, served_on_line
 from vfpt_deploy.errors import OutputError, UsageError, VFPTError
 from vfpt_deploy.threads import resolve_threads
 from vfpt_deploy.text import printable
@@ -263,6 +263,8 @@ class PackModel(serving.VFPTModel):
 
             log.info("model %s: %s", self.name, describe_check(self.self_check))
         log.info("model %s: %s", self.name, pack_verification(path, backbone.session.path))
+        if served_on_line(pack, backbone.session.sha256):
+            log.info("model %s: %s", self.name, served_on_line(pack, backbone.session.sha256))
         steps = backbone.timings.get(self.name, {})
         log.info("model %s: pack %s on %s (%s)", self.name, Path(path).name, backbone.session.path.name,
                  ", ".join(f"{k} {v}" for k, v in steps.items()) or "loaded by serve")
@@ -445,6 +447,8 @@ def open_backbone(items: list[str], packs: Path, opts, on_status: Callable[[str]
             from .selfcheck import describe_check
 
             on_status(f"pack {name}: {f.name}" + (f", {describe_check(result)}" if opts.self_check else ""))
+            if served_on_line(pack, session.sha256):
+                on_status(f"pack {name}: {served_on_line(pack, session.sha256)}")
             on_status(f"pack {name}: {pack_verification(f, path)}")
     except BaseException:
         session.close()

@@ -256,6 +256,8 @@ def test_pack_fits_the_backbone_reexported_with_larger_limits(packed, tmp_path):
     write_pack(old, pack.tables, keep)
     with PackSession(backbone, ["cpu"]) as a:
         a.add(old)
+    r = invoke("inspect", old, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["runs_on"].startswith("only the backbone artifact with sha256")
     with PackSession(big, ["cpu"]) as b, pytest.raises(ArtifactError) as e:
         b.add(old)
     assert "made for another backbone artifact" in one_line(e) and "--backbone-artifact THIS.onnx" in str(e.value)
@@ -413,6 +415,8 @@ def test_inspect_pack_and_backbone(packed):
     info = json.loads(r.stdout)
     assert (info["kind"], info["name"], info["fold"], len(info["classes"])) == ("pack", "birds", "kv", 7)
     assert info["tables"]["kv.keys"] == [3, 2, 3, 16] and info["verification"]["state"] == "passed"
+    assert info["runs_on"].startswith("any backbone artifact with its backbone identity")
+    assert info["backbone_identity"]["backbone"]["sha256"] == info["backbone"]["sha256"]
     r = invoke("inspect", backbone, "--json")
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)

@@ -458,3 +458,39 @@ def test_a_pack_file_name_with_escape_sequences_is_shown_escaped(tmp_path, caplo
         assert list(pack_files(tmp_path)) == ["ok"]
     said = [r.getMessage() for r in caplog.records if "red.pack" in r.getMessage()]
     assert len(said) == 1 and "\x1b" not in said[0] and "e\\x1b[31mred.pack.safetensors" in said[0], said
+
+
+def test_packs_on_another_file_of_the_same_backbone_are_replayed_or_refused(packed, tmp_path):
+    """A backbone artifact re-exported with other limits (another file sha256, the same backbone identity) serves
+    the packs made on the first one; serve replays each one's golden set there even with --no-self-check, says
+    where the pack was made, and refuses (one line) a pack whose numbers do not reproduce."""
+    from vfpt_deploy.artifacts.pack import BACKBONE_KEY
+    from vfpt_deploy.artifacts.schema import read_graph
+    from vfpt_deploy.errors import ArtifactError
+    from vfpt_deploy.exporters.onnx import add_metadata
+    from vfpt_deploy.runtime.serve_packs import open_backbone
+    from vfpt_deploy.runtime.serve_settings import ServeOptions
+
+    backbone, packs = packed
+    big = tmp_path / "big.backbone.onnx"
+    shutil.copyfile(backbone, big)
+    g = read_graph(big).metadata[BACKBONE_KEY]
+    add_metadata(big, {BACKBONE_KEY: {**g, "limits": {**g["limits"], "classes": 20_000}}})  # as --max-classes does
+    d = tmp_path / "packs"
+    d.mkdir()
+    shutil.copyfile(packs["birds"], d / "birds.pack.safetensors")
+    lines: list[str] = []
+    bb, _ = open_backbone([str(big)], d, ServeOptions(threads=1, self_check=False), lines.append)
+    try:
+        assert bb.session.pack("birds@1").replayed_on == bb.session.sha256
+        assert [ln for ln in lines if ln.startswith("pack birds: made on backbone artifact sha256")], lines
+        pack = read_pack(packs["cars"])
+        moved = type(pack.tables)(**{**vars(pack.tables), "head_bias": pack.tables.head_bias + 1.0})
+        write_pack(d / "cars.pack.safetensors", moved,
+                   {k: v for k, v in pack.metadata.items() if k not in ("format", "version", "fold")})
+        with pytest.raises(ArtifactError) as e:
+            bb.load("cars", d / "cars.pack.safetensors", False)
+        assert "does not reproduce its golden set" in str(e.value) and "\n" not in str(e.value)
+        assert bb.session.names == ["birds@1"]
+    finally:
+        bb.session.close()

@@ -29,7 +29,8 @@ from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
 from vfpt_deploy.artifacts import strength
 from vfpt_deploy.artifacts.files import file_sha256, not_a_file, regular_file
 from vfpt_deploy.text import printable as _printable
-from vfpt_deploy.artifacts.pack import BACKBONE_KEY, PACK_SUFFIX, backbone_geometry, read_pack
+from vfpt_deploy.artifacts.pack import (BACKBONE_KEY, IDENTITY_KEY, PACK_SUFFIX, backbone_geometry, fits_line,
+                                        read_pack)
 from vfpt_deploy.artifacts.schema import (INPUT_NAME, ONNX_SUFFIXES, OUTPUT_NAME, TASK_INPUT, check_metadata, graph_facts,
                      graph_problems, is_engine,
                      load_onnx, op_histogram, output_classes, report_path, sidecar_path)
@@ -273,6 +274,7 @@ def inspect_pack(path: str | os.PathLike) -> dict:
             "tables": {k: list(v.shape) for k, v in t.arrays().items()}, "table_bytes": t.nbytes,
             "preprocess": pack.preprocess.to_dict(), "backbone_artifact_sha256": meta["backbone_artifact_sha256"],
             "backbone": plain(meta.get("backbone")), "checkpoint_sha256": plain(meta.get("checkpoint_sha256")),
+            "backbone_identity": plain(meta.get(IDENTITY_KEY)), "runs_on": fits_line(meta),
             "golden": summary(meta), "verification": verification(path, sha)}
 
 
@@ -284,7 +286,7 @@ def _pack_rows(info: dict) -> list[tuple[str, str]]:
             ("task", info["name"]), ("classes", f"{len(classes)}: {shown}"),
             ("fold / prompts", f"{info['fold']} / {info['num_prompts']}"),
             ("tables", "; ".join(f"{k} {v}" for k, v in info["tables"].items()) + f" ({_mib(info['table_bytes'])})"),
-            ("backbone artifact sha256", info["backbone_artifact_sha256"]),
+            ("backbone artifact sha256", info["backbone_artifact_sha256"]), ("runs on", info["runs_on"]),
             ("golden set", "none" if not golden else f"{len(golden['sets'])} sets, {golden['bytes']} bytes")]
 
 

@@ -231,6 +231,27 @@ def _identity_difference(mine: dict, theirs: dict) -> str:
     return "identity recorded differently"
 
 
+def fits_line(meta: dict) -> str:
+    """Which backbone artifacts a pack (its metadata) runs on, in words (inspect)."""
+    ident = meta.get(IDENTITY_KEY)
+    if not isinstance(ident, dict):
+        return (f"only the backbone artifact with sha256 {str(meta.get('backbone_artifact_sha256'))[:12]} (made before "
+                "packs recorded a backbone identity)")
+    bb = ident.get("backbone") if isinstance(ident.get("backbone"), dict) else {}
+    return (f"any backbone artifact with its backbone identity ({str(bb.get('name'))[:40]}, weights sha256 "
+            f"{str(bb.get('sha256'))[:12]}, graph sha256 {str(ident.get('graph_sha256'))[:12]}) within its limits; made "
+            f"on sha256 {str(meta.get('backbone_artifact_sha256'))[:12]}")
+
+
+def served_on_line(pack: Pack, backbone_sha256: str) -> str | None:
+    """None when a pack runs on the very file it was made on; else one line saying so (serve's status)."""
+    made = pack.metadata["backbone_artifact_sha256"]
+    if made == backbone_sha256:
+        return None
+    return (f"made on backbone artifact sha256 {made[:12]}, served on {backbone_sha256[:12]} with the same backbone "
+            "identity (its golden set replayed here)")
+
+
 def check_fits(pack: Pack, geometry: dict, backbone_sha256: str, source: str) -> str:
     """One line when a pack cannot run on this backbone artifact: made for another one, or shaped for another
     backbone, or beyond the limits the artifact records. Returns how it fits: "file" (the very file it was made

@@ -204,9 +204,11 @@ class PackPredictor(Predictor):
     """One pack on a PackSession behind the single-task Predictor interface (predict, verify and the golden
     replay use it as they use an ONNX artifact): its classes, preprocessing and golden set."""
 
-    def __init__(self, session: PackSession, name: str, *, owns_session: bool = False) -> None:
-        self.packs, self.owns_session = session, owns_session
-        pack = session.pack(name)
+    def __init__(self, session: PackSession, name: str | None = None, *, owns_session: bool = False,
+                 pack: Pack | None = None, tables: Tables | None = None) -> None:
+        """The pack `name` of the session, or `pack` run on `tables` (staged ones, not yet served)."""
+        self.packs, self.owns_session, self.staged = session, owns_session, tables
+        pack = pack if pack is not None else session.pack(name)
         self.name, self.pack_path = pack.name, pack.path
         self.metadata = {k: v for k, v in pack.metadata.items() if k not in ("tasks",)}
         self.preprocess = pack.preprocess
@@ -219,7 +221,7 @@ class PackPredictor(Predictor):
 
     def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
         self.check_task_ids(batch, task_ids)
-        return self.packs.infer(batch, self.name)[:, :len(self.classes)]
+        return self.packs.infer(batch, self.name, tables=self.staged)[:, :len(self.classes)]
 
     def close(self) -> None:
         if self.owns_session:

@@ -106,23 +106,11 @@ class ServedPack(PackPredictor):
     on the backbone's session, optionally on staged tables (the load-time self-check, before it is served)."""
 
     def __init__(self, packs: PackSession, pack: Pack, staged: Tables | None = None) -> None:
-        self.packs, self.owns_session, self.staged = packs, False, staged
-        self.name, self.pack_path = pack.name, pack.path
-        self.metadata = {k: v for k, v in pack.metadata.items() if k not in ("tasks",)}
-        self.preprocess = pack.preprocess
-        self.graph_precision = packs.graph_precision
-        self.notes = ()
+        super().__init__(packs, pack=pack, tables=staged)
 
     @property
     def session(self):  # the onnxruntime session (runtime/serving.py's Triton config reads its inputs)
         return self.packs.session
-
-    def infer(self, batch: np.ndarray, task_ids: np.ndarray | None = None) -> np.ndarray:
-        self.check_task_ids(batch, task_ids)
-        return self.packs.infer(batch, self.name, tables=self.staged)[:, :len(self.classes)]
-
-    def close(self) -> None:  # the session is the backbone's
-        pass
 
 
 @dataclass(eq=False)

@@ -43,13 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+from multitask import _vm  # noqa: E402  (VmHWM / VmRSS of this process; multitask imports no torch at load)
 
 
 def rss_child(spec: dict) -> dict:

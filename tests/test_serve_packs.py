@@ -5,6 +5,7 @@ repository extension while clients run (no failed request, the first answer afte
 unloaded pack answers 404 in one line while the others keep serving, and its requests in flight are answered;
 a bad pack is refused in one line with a 400 and changes nothing; `mlserver start` runs a --write-settings
 folder; and a new user's workflow (train, pack, serve, load, query with tritonclient) runs end to end."""
+import contextlib
 import json
 import shutil
 import threading
@@ -239,15 +240,22 @@ def test_load_again_replaces_a_changed_pack(server, expected, tmp_path):
     """A new file under a loaded name: the load call swaps it in (here birds' file becomes flat's tables, 2
     classes), and the original again after."""
     c, x = server.client, tensors(2, seed=11)
-    target = server.folder / "birds.pack.safetensors"
-    try:
-        shutil.copyfile(server.packs["flat"], target)
+    with birds_replaced_by_flat(server, expected, x):
         status, body = c.repo("birds", "load")
         assert status == 200, body
         assert_logits_close(c.logits("birds", x), expected("flat", x), "birds replaced by flat's pack")
         status, meta = c.call("/v2/models/birds", method="GET")
         assert meta["parameters"]["num_classes"] == 2
         assert_logits_close(c.logits("cars", x), expected("cars", x), "cars beside the replacement")
+
+
+@contextlib.contextmanager
+def birds_replaced_by_flat(server, expected, x):
+    """birds' file in DIR holds flat's pack inside the block; after it, the original is loaded back and checked."""
+    c, target = server.client, server.folder / "birds.pack.safetensors"
+    try:
+        shutil.copyfile(server.packs["flat"], target)
+        yield
     finally:
         shutil.copyfile(server.packs["birds"], target)
         status, body = c.repo("birds", "load")
@@ -259,14 +267,12 @@ def test_reload_answers_in_flight_requests_with_the_old_pack(server, expected):
     """Requests waiting in the batcher when a reload swaps birds' file for flat's: each is answered by the
     pack its model had (birds, 7 classes), never by the new one cut to the old width."""
     c, x = server.client, tensors(1, seed=5)
-    target = server.folder / "birds.pack.safetensors"
     results = []
     threads = [threading.Thread(target=lambda: results.append(c.infer("birds", x))) for _ in range(3)]
-    try:
-        for t in threads:
-            t.start()
-        time.sleep(DELAY_MS / 1000 / 3)  # they wait in the batcher for DELAY_MS
-        shutil.copyfile(server.packs["flat"], target)
+    for t in threads:
+        t.start()
+    time.sleep(DELAY_MS / 1000 / 3)  # they wait in the batcher for DELAY_MS
+    with birds_replaced_by_flat(server, expected, x):
         status, body = c.repo("birds", "load")
         for t in threads:
             t.join()
@@ -282,11 +288,6 @@ def test_reload_answers_in_flight_requests_with_the_old_pack(server, expected):
                 assert_logits_close(got, expected("flat", x), "birds after its reload")
         assert any(b["outputs"][0]["shape"][1] == WIDTH["birds"] for b in answered)
         assert_logits_close(c.logits("birds", x), expected("flat", x), "birds after its reload")
-    finally:
-        shutil.copyfile(server.packs["birds"], target)
-        status, body = c.repo("birds", "load")
-    assert status == 200, body
-    assert_logits_close(c.logits("birds", x), expected("birds", x), "birds back")
 
 
 def test_bad_packs_are_refused_and_the_others_keep_serving(server, expected, tmp_path):

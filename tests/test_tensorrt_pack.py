@@ -11,20 +11,12 @@ import pytest
 from vfpt_deploy.artifacts.checkpoint import load_run
 from vfpt_deploy.artifacts.pack import PackTables, assemble, backbone_geometry, check_engine_ranges, table_dims
 from vfpt_deploy.artifacts.schema import read_graph
-from vfpt_deploy.errors import ArtifactError, UsageError, VFPTError
+from vfpt_deploy.errors import ArtifactError, UsageError
 from vfpt_deploy.exporters.pack import export_backbone
 from vfpt_deploy.exporters.tensorrt import BuildSettings
 from vfpt_deploy.exporters.tensorrt_pack import build_backbone_engine, pack_ranges
-from vfpt_deploy.runtime import tensorrt_runner as runner
 from vfpt_deploy.runtime.tensorrt_runner import file_sha256, read_sidecar
-
-
-@pytest.fixture(scope="module")
-def rtx():
-    try:
-        return runner.import_tensorrt("trt-rtx")
-    except VFPTError as e:
-        pytest.skip(f"TensorRT-RTX builder unavailable, no engine can be built: {e}")
+from test_tensorrt import rtx  # noqa: F401, E402  (the shared TensorRT-RTX fixture: skips where it is absent)
 
 
 @pytest.fixture(scope="module")
